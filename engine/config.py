@@ -1,0 +1,233 @@
+"""Typed configs: pydantic models loaded from YAML, `--set a.b=c` overrides, unknown keys are errors.
+
+Every model is a `ModelRef` (hub id or local path, plus a pinned revision). Every model stage carries a
+`StageSpec` saying how Ray schedules it; what the stage computes lives in the actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+TINY_MODELS_HINT = "build the offline tiny models with `synthray tiny-models --out .cache/tiny-models`"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelRef(Strict):
+    id: str = Field(description="Hugging Face hub id, or a local directory/file path")
+    revision: str | None = Field(
+        default=None, description="Pinned hub revision (commit sha or tag); ignored for local paths"
+    )
+
+    def is_local(self) -> bool:
+        return self.id.startswith((".", "/", "~")) or Path(self.id).expanduser().exists()
+
+    @model_validator(mode="after")
+    def _hub_ids_are_pinned(self) -> ModelRef:
+        if not self.is_local() and not self.revision:
+            raise ValueError(f"model {self.id!r} is a hub id: pin it with `revision:`")
+        return self
+
+    def tag(self) -> str:
+        """`id@revision` for provenance; local paths record their directory name."""
+        return f"{self.id}@{self.revision or 'local'}"
+
+
+class StageSpec(Strict):
+    """How Ray schedules one stage (from config, never from probing the driver's hardware)."""
+
+    batch_size: int = Field(default=4, ge=1, description="Rows per map_batches call")
+    concurrency: int = Field(default=1, ge=1, description="Actors in the pool")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per actor")
+    num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per actor")
+    max_restarts: int = Field(default=2, ge=0, description="Times Ray restarts a dead actor of this pool")
+    max_task_retries: int = Field(default=2, ge=0, description="Times a batch on a dead actor is retried")
+
+
+class DataConfig(Strict):
+    format: Literal["image_folder", "parquet"] = Field(
+        default="image_folder", description="image_folder: <path>/<split>/<class>/<file>; parquet: rows"
+    )
+    path: str = Field(description="Dataset root (local path or pyarrow/fsspec URI)")
+    splits: list[str] = Field(default=["train"], description="Splits to read (all are written as real rows)")
+    expand_splits: list[str] | None = Field(
+        default=None, description="Splits that get synthetic variants (None: all read splits)"
+    )
+    masks_path: str | None = Field(
+        default=None, description="Parallel folder of PNG masks with the same relative names"
+    )
+    groups_file: str | None = Field(
+        default=None, description="Optional CSV `source_id,group` (image folders); default <path>/groups.csv"
+    )
+    max_images: int | None = Field(default=None, ge=1, description="Read at most this many images")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb guard per image")
+    min_side: int = Field(default=8, ge=1, description="Images smaller than this on a side are errors")
+    image_column: str = Field(default="image", description="parquet: column of encoded image bytes")
+    label_column: str = Field(default="label", description="parquet: column of int labels")
+    class_names: list[str] | None = Field(
+        default=None, description="parquet: class names by label (image folders take folder names)"
+    )
+
+
+class OutputConfig(Strict):
+    path: str = Field(description="Output root: data/, errors.parquet, run.json, gallery/ go here")
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality")
+    include_real: bool = Field(default=True, description="Write the real rows too (recipe 'real')")
+    gallery_classes: int = Field(default=8, ge=0, description="Classes shown in the gallery")
+    overwrite: bool = Field(default=False, description="Replace existing shards under <path>/data")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(default=None, description="None: start/attach a local Ray; else a cluster")
+    num_cpus: int | None = Field(
+        default=None, description="Logical CPUs for a local Ray (None: the machine's)"
+    )
+    progress_bars: bool = True
+    task_num_cpus: float = Field(default=0.5, gt=0, description="CPUs per CPU task (read/decode/encode)")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Set on every Ray worker")
+
+
+class SegmentConfig(Strict):
+    backend: Literal["transformers", "segment_anything"] = Field(
+        default="transformers",
+        description="SAM through transformers (SamModel) or the segment-anything package",
+    )
+    detector: ModelRef = Field(description="GroundingDINO checkpoint")
+    sam: ModelRef = Field(description="SAM: a transformers directory, or a segment-anything .pth file")
+    sam_model_type: str = Field(default="vit_h", description="segment-anything registry key (vit_h/l/b)")
+    box_threshold: float = Field(default=0.35, ge=0, le=1)
+    text_threshold: float = Field(default=0.25, ge=0, le=1)
+    superclasses: dict[str, str] = Field(
+        default_factory=dict, description="class name -> detection prompt; default the class name"
+    )
+    use_dataset_masks: bool = Field(
+        default=False, description="Use the dataset's masks instead of the models"
+    )
+    device: str = Field(default="auto", description="auto, cpu or cuda[:n]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    stage: StageSpec = Field(default_factory=StageSpec)
+
+
+class PromptConfig(Strict):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: ModelRef = Field(description="Instruction LLM")
+    num_instructions: int = Field(default=3, ge=1, description="Instruction templates used")
+    num_scenes: int = Field(default=18, ge=1, description="Scene templates used")
+    num_times: int = Field(default=13, ge=1, description="Time-of-day/season templates used")
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.8, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    extra_forbidden_words: list[str] = Field(default_factory=list)
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    stage: StageSpec = Field(default_factory=StageSpec)
+
+
+class BackgroundConfig(Strict):
+    model: ModelRef = Field(description="SDXL text-to-image pipeline")
+    height: int = Field(default=1024, ge=8)
+    width: int = Field(default=1024, ge=8)
+    num_inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0)
+    negative_prompt: str = "people, person, animal, text, watermark, blurry"
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    stage: StageSpec = Field(default_factory=StageSpec)
+
+
+class CompositeConfig(Strict):
+    flip_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip")
+    rotation_deg: tuple[float, float] = Field(default=(-15.0, 15.0), description="Rotation range, degrees")
+    scale: tuple[float, float] = Field(default=(0.8, 1.2), description="Subject scale range")
+    feather_px: float = Field(default=1.5, ge=0, description="Gaussian edge feathering of the mask, px")
+    stage: StageSpec = Field(default_factory=lambda: StageSpec(batch_size=8))
+
+
+class GenerateConfig(Strict):
+    recipe: str = Field(default="aga", description="Recipe name (see engine.recipes.RECIPES)")
+    seed: int = 0
+    num_variants: int = Field(default=2, ge=1, description="K: synthetic rows per real image")
+    max_error_fraction: float = Field(default=1.0, ge=0, le=1, description="Fail the job above this")
+    data: DataConfig
+    output: OutputConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+    segment: SegmentConfig | None = None
+    prompt: PromptConfig | None = None
+    background: BackgroundConfig | None = None
+    composite: CompositeConfig | None = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], yaml-parsed c)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.path=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {key!r}")
+        else:
+            lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    cls: type[ConfigT], path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None
+) -> ConfigT:
+    """Load `cls` from YAML (or `base` when no path), apply overrides; errors name the bad keys."""
+    raw: dict = dict(base or {})
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, str(path or "<embedded>"))) from None
+
+
+def config_hash(config: BaseModel) -> str:
+    """Hash of what determines the rows (not where they go or how they are scheduled)."""
+    data = config.model_dump(mode="json")
+    data.pop("output", None)
+    data.pop("ray", None)
+    for section in data.values():
+        if isinstance(section, dict):
+            section.pop("stage", None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_resolved(config: BaseModel, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,103 @@
+"""The gallery: per class, a real image, its mask and its synthetic variants with their prompts.
+
+Writes `<gallery>/contact_sheet.png` (one row per class) and `<gallery>/index.html` (the same with
+prompts), reading the shards back with pyarrow, as a user would.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+import pyarrow.dataset as pads
+from PIL import Image, ImageDraw
+
+from engine import schema
+
+THUMB = 128
+
+
+def write_gallery(data_dir: Path, gallery_dir: Path, max_classes: int) -> Path | None:
+    files = sorted(str(p) for p in data_dir.glob("*.parquet"))
+    if not files:
+        return None
+    columns = [
+        schema.SOURCE_ID,
+        schema.CLASS_NAME,
+        schema.RECIPE,
+        schema.IMAGE,
+        schema.MASK,
+        schema.PROMPT,
+        schema.PARAMS,
+        schema.ID,
+    ]
+    rows = pads.dataset(files, format="parquet").to_table(columns=columns).to_pylist()
+    groups = _pick_sources(rows, max_classes)
+    if not groups:
+        return None
+    gallery_dir.mkdir(parents=True, exist_ok=True)
+    (gallery_dir / "img").mkdir(exist_ok=True)
+
+    width = max(len(g) for g in groups) + 1  # +1: the mask column
+    sheet = Image.new("RGB", (width * THUMB, len(groups) * (THUMB + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    sections = []
+    for r, group in enumerate(groups):
+        real = next(row for row in group if row[schema.RECIPE] == schema.RECIPE_REAL)
+        synthetic = [row for row in group if row is not real]
+        tiles = [("real", real[schema.IMAGE], "")]
+        tiles.append(("mask", real[schema.MASK], ""))
+        tiles += [(f"{row[schema.RECIPE]}", row[schema.IMAGE], row[schema.PROMPT] or "") for row in synthetic]
+        y = r * (THUMB + 14)
+        draw.text((2, y), real[schema.CLASS_NAME], fill="black")
+        cells = []
+        for c, (kind, data, prompt) in enumerate(tiles):
+            if data is None:
+                continue
+            thumb = _thumbnail(data)
+            sheet.paste(thumb, (c * THUMB, y + 14))
+            name = f"{real[schema.CLASS_NAME]}_{c}.png"
+            thumb.save(gallery_dir / "img" / name)
+            cells.append(
+                f'<figure><img src="img/{name}" width="{THUMB}"><figcaption><b>{kind}</b> '
+                f"{html.escape(prompt)}</figcaption></figure>"
+            )
+        sections.append(
+            f"<h2>{html.escape(real[schema.CLASS_NAME])}</h2><p>source: {html.escape(real[schema.SOURCE_ID])}</p>"
+            f'<div class="row">{"".join(cells)}</div>'
+        )
+    sheet.save(gallery_dir / "contact_sheet.png")
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>synthray gallery</title>"
+        "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0;width:" + str(THUMB) + "px;font-size:11px}img{image-rendering:pixelated}</style>"
+        "<h1>synthray gallery</h1><p>Per class: the real image, its subject mask, and its synthetic variants "
+        "with the background prompt that drew them.</p>" + "".join(sections)
+    )
+    (gallery_dir / "index.html").write_text(page)
+    return gallery_dir / "index.html"
+
+
+def _pick_sources(rows: list[dict], max_classes: int) -> list[list[dict]]:
+    """The first source (by id) of each class that has a real row and at least one synthetic row."""
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row[schema.SOURCE_ID], []).append(row)
+    picked: dict[str, list[dict]] = {}
+    for source in sorted(by_source):
+        group = sorted(
+            by_source[source], key=lambda row: (row[schema.RECIPE] != schema.RECIPE_REAL, row[schema.ID])
+        )
+        has_real = group[0][schema.RECIPE] == schema.RECIPE_REAL
+        class_name = group[0][schema.CLASS_NAME]
+        if has_real and len(group) > 1 and class_name not in picked:
+            picked[class_name] = group
+    return [picked[name] for name in sorted(picked)[:max_classes]]
+
+
+def _thumbnail(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return img.resize(
+        (THUMB, THUMB), Image.Resampling.NEAREST if img.width < THUMB else Image.Resampling.LANCZOS
+    )

@@ -1,0 +1,42 @@
+"""The run ledger: one small Ray actor that every stage reports to (rows in/out, busy time, row errors).
+
+Why an actor: Ray Data has one output stream, but a run has two results, the rows and the errors. Stages
+hand failed rows to the ledger and drop them from the stream; the driver reads the ledger at the end to
+write `errors.parquet` and `run.json`. Calls are synchronous (ray.get) so nothing is in flight when a pool
+shuts down.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import ray
+
+
+class RunLedger:
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"rows_in": 0, "rows_out": 0, "synthetic_out": 0, "batches": 0, "busy_s": 0.0}
+        )
+        self.errors: list[dict[str, str]] = []
+
+    def record_batch(
+        self, stage: str, rows_in: int, rows_out: int, synthetic_out: int, seconds: float
+    ) -> None:
+        entry = self.stages[stage]
+        entry["rows_in"] += rows_in
+        entry["rows_out"] += rows_out
+        entry["synthetic_out"] += synthetic_out
+        entry["batches"] += 1
+        entry["busy_s"] += seconds
+
+    def record_errors(self, errors: list[dict[str, str]]) -> None:
+        self.errors.extend(errors)
+
+    def snapshot(self) -> dict:
+        return {"stages": dict(self.stages), "errors": list(self.errors)}
+
+
+def start_ledger():
+    """A ledger actor owned by this driver; it reserves no CPU so it never competes with the stages."""
+    return ray.remote(num_cpus=0, max_restarts=0)(RunLedger).remote()

@@ -1,0 +1,38 @@
+"""Recipe registry: name -> function building the recipe's stage list from the config.
+
+A recipe adds a file here and one line to `RECIPES`; the engine (read, stage loop, encode, write, report)
+is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engine.config import GenerateConfig
+from engine.recipes.aga import aga_stages
+from engine.stages import Stage
+
+RecipeBuilder = Callable[[GenerateConfig, list[str], str], list[Stage]]
+
+RECIPES: dict[str, RecipeBuilder] = {
+    "aga": aga_stages,
+}
+
+
+def build_stages(config: GenerateConfig, class_names: list[str], config_hash: str) -> list[Stage]:
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}; available: {', '.join(sorted(RECIPES))}")
+    return RECIPES[config.recipe](config, class_names, config_hash)
+
+
+def model_tags(config: GenerateConfig) -> dict[str, str]:
+    """role -> id@revision of every model the config uses, for each row's provenance."""
+    tags = {}
+    if config.segment and not config.segment.use_dataset_masks:
+        tags["detector"] = config.segment.detector.tag()
+        tags["sam"] = config.segment.sam.tag()
+    if config.prompt:
+        tags["prompt_llm"] = config.prompt.model.tag()
+    if config.background:
+        tags["background"] = config.background.model.tag()
+    return tags

@@ -1,0 +1,99 @@
+"""AGA (Automated Generative Data Augmentation): keep the subject, replace the background.
+
+decode -> detect+segment (GroundingDINO + SAM, or dataset masks) -> expand x K -> background prompt (LLM)
+-> background (SDXL) -> composite (subject pasted back with flip/rotate/scale).
+"""
+
+from __future__ import annotations
+
+from actors.background import BackgroundGenerator
+from actors.compositor import Compositor
+from actors.prompt_writer import PromptWriter
+from actors.segmenter import Segmenter
+from engine import schema
+from engine.config import GenerateConfig
+from engine.decode import decode_images
+from engine.expand import expand_variants
+from engine.stages import Stage
+
+
+def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str) -> list[Stage]:
+    missing = [
+        name for name in ("segment", "prompt", "background", "composite") if getattr(config, name) is None
+    ]
+    if missing:
+        raise ValueError(f"recipe 'aga' needs config sections {missing}")
+    seg = config.segment
+    expand_splits = tuple(config.data.expand_splits) if config.data.expand_splits is not None else None
+    stages = [
+        Stage(
+            "decode",
+            decode_images,
+            kwargs={
+                "max_pixels": config.data.max_pixels,
+                "min_side": config.data.min_side,
+                "require_masks": seg.use_dataset_masks,
+            },
+        )
+    ]
+    # 1. The subject mask: from the dataset when it ships masks (and the config says so), else the models.
+    if not seg.use_dataset_masks:
+        stages.append(
+            Stage(
+                "segment",
+                Segmenter,
+                seg.stage,
+                {"config": seg},
+                reads=(schema.IMAGE, schema.CLASS_NAME),
+                only_splits=expand_splits,
+            )
+        )
+    # 2. K synthetic rows per real image, each with its own seed.
+    stages.append(
+        Stage(
+            "expand",
+            expand_variants,
+            kwargs={
+                "recipe": config.recipe,
+                "num_variants": config.num_variants,
+                "base_seed": config.seed,
+                "config_hash": config_hash,
+                "include_real": config.output.include_real,
+                "expand_splits": config.data.expand_splits,
+            },
+            reads=(schema.SOURCE_ID, schema.SPLIT),
+        )
+    )
+    # 3. A background description per synthetic row, free of class words.
+    stages.append(
+        Stage(
+            "prompt",
+            PromptWriter,
+            config.prompt.stage,
+            {"config": config.prompt, "class_names": class_names, "superclasses": seg.superclasses},
+            reads=(schema.SEED, schema.CLASS_NAME),
+            only_synthetic=True,
+        )
+    )
+    # 4. The background image, 5. the subject pasted onto it.
+    stages.append(
+        Stage(
+            "background",
+            BackgroundGenerator,
+            config.background.stage,
+            {"config": config.background},
+            reads=(schema.PROMPT, schema.SEED),
+            only_synthetic=True,
+        )
+    )
+    stages.append(
+        Stage(
+            "composite",
+            Compositor,
+            config.composite.stage,
+            {"config": config.composite},
+            reads=(schema.IMAGE, schema.MASK, schema.BACKGROUND, schema.SEED),
+            only_synthetic=True,
+        )
+    )
+    return stages

@@ -1,0 +1,113 @@
+"""Run reporting: errors.parquet, run.json (rows per stage, errors by reason, rates) and the summary table."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from engine import schema
+from engine.config import GenerateConfig
+
+
+@dataclass
+class RunReport:
+    data: dict
+
+    @property
+    def error_fraction(self) -> float:
+        real_in = self.data["rows"]["real_in"]
+        return self.data["errors"]["total"] / real_in if real_in else 0.0
+
+
+def write_errors(errors: list[dict], path: Path) -> None:
+    table = pa.Table.from_pylist(errors, schema=schema.ERRORS_SCHEMA)
+    pq.write_table(table.sort_by([(schema.SOURCE_ID, "ascending"), ("stage", "ascending")]), path)
+
+
+def count_rows(data_dir: Path) -> dict[str, int]:
+    """Rows written per recipe, read from the shards themselves (only the recipe column)."""
+    files = sorted(str(p) for p in data_dir.glob("*.parquet"))
+    if not files:
+        return {}
+    table = pads.dataset(files, format="parquet").to_table(columns=[schema.RECIPE])
+    counts = pc.value_counts(table[schema.RECIPE]).to_pylist()
+    return {item["values"]: item["counts"] for item in counts}
+
+
+def build_report(
+    config: GenerateConfig, snapshot: dict, data_dir: Path, class_names: list[str], digest: str, wall_s: float
+) -> RunReport:
+    stages = {}
+    for name, s in snapshot["stages"].items():
+        stages[name] = {
+            "rows_in": int(s["rows_in"]),
+            "rows_out": int(s["rows_out"]),
+            "synthetic_out": int(s["synthetic_out"]),
+            "batches": int(s["batches"]),
+            "busy_s": round(s["busy_s"], 3),
+            "rows_per_busy_s": round(s["rows_in"] / s["busy_s"], 3) if s["busy_s"] > 0 else None,
+        }
+    errors = snapshot["errors"]
+    written = count_rows(data_dir)
+    real_in = stages.get("decode", {}).get("rows_in", 0)
+    # Expansion emits the synthetic rows (K per expandable source); each later error costs one of them.
+    synthetic_emitted = stages.get("expand", {}).get("synthetic_out", 0)
+    later_errors = sum(1 for e in errors if e["stage"] not in ("decode", "segment", "expand"))
+    synthetic_written = sum(v for k, v in written.items() if k != schema.RECIPE_REAL)
+    data = {
+        "recipe": config.recipe,
+        "config_hash": digest,
+        "schema_version": schema.SCHEMA_VERSION,
+        "num_variants": config.num_variants,
+        "classes": class_names,
+        "wall_s": round(wall_s, 2),
+        "rows": {
+            "real_in": real_in,
+            "real_written": written.get(schema.RECIPE_REAL, 0),
+            "synthetic_expected": synthetic_emitted - later_errors,
+            "synthetic_written": synthetic_written,
+            "synthetic_per_s": round(synthetic_written / wall_s, 3) if wall_s > 0 else None,
+        },
+        "stages": stages,
+        "errors": {
+            "total": len(errors),
+            "by_reason": dict(Counter(e["reason"] for e in errors)),
+            "by_stage": dict(Counter(e["stage"] for e in errors)),
+        },
+        "output": {
+            "data": str(data_dir),
+            "errors": str(data_dir.parent / "errors.parquet"),
+            "gallery": str(data_dir.parent / "gallery" / "index.html"),
+        },
+    }
+    return RunReport(data)
+
+
+def print_summary(report: RunReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    data = report.data
+    table = Table(title=f"synthray {data['recipe']}: {data['wall_s']} s")
+    for column in ("stage", "rows in", "rows out", "busy s", "rows / busy s"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for name, s in data["stages"].items():
+        table.add_row(
+            name, str(s["rows_in"]), str(s["rows_out"]), f"{s['busy_s']:.1f}", str(s["rows_per_busy_s"])
+        )
+    console = Console()
+    console.print(table)
+    rows = data["rows"]
+    console.print(
+        f"real in {rows['real_in']}, real written {rows['real_written']}, synthetic written "
+        f"{rows['synthetic_written']} (expected {rows['synthetic_expected']}), "
+        f"errors {data['errors']['total']} {data['errors']['by_reason']}"
+    )
+    for name, path in data["output"].items():
+        console.print(f"{name:>8}: {path}")

@@ -1,0 +1,97 @@
+"""The data contract: column names, the versioned output schema and the column checks stages use.
+
+Two kinds of columns exist:
+- output columns (`OUTPUT_SCHEMA`): what lands in `<out>/data/*.parquet`, one schema for real and synthetic rows;
+- working columns: carried between stages as numpy values (decoded images, masks) and dropped or encoded
+  by the final encode step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Output columns.
+ID = "id"
+IMAGE = "image"  # working: HxWx3 uint8 array; output: encoded bytes
+WIDTH = "width"
+HEIGHT = "height"
+LABEL = "label"
+CLASS_NAME = "class_name"
+SPLIT = "split"
+SOURCE_ID = "source_id"
+RECIPE = "recipe"
+MASK = "mask"  # working: HxW uint8 array (0/255) or None; output: PNG bytes or null
+BBOX = "bbox"  # [x0, y0, x1, y1] in pixels of this row's image, or null
+PROMPT = "prompt"
+SEED = "seed"
+MODELS = "models"  # JSON: role -> "id@revision"
+PARAMS = "params"  # JSON: recipe parameters of this row
+GROUP = "group"  # optional group label (e.g. background group) for worst-group accuracy; -1 if unknown
+SCHEMA_VERSION_COLUMN = "schema_version"
+
+# Working columns.
+IMAGE_BYTES = "image_bytes"  # raw encoded source bytes, as read
+MASK_BYTES = "mask_bytes"  # raw encoded source mask bytes, as read (optional)
+VARIANT = "variant"  # 0 for the real row, 1..K for synthetic variants
+BACKGROUND = "background"  # HxWx3 uint8 array drawn by the background stage
+ERROR = "error"  # "" when the row is fine, else a short reason ("no_detection", "decode", ...)
+ERROR_MESSAGE = "error_message"  # free text detail for ERROR
+
+RECIPE_REAL = "real"
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(IMAGE, pa.binary(), nullable=False),
+        pa.field(WIDTH, pa.int32(), nullable=False),
+        pa.field(HEIGHT, pa.int32(), nullable=False),
+        pa.field(LABEL, pa.int64(), nullable=False),
+        pa.field(CLASS_NAME, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(SOURCE_ID, pa.string(), nullable=False),
+        pa.field(RECIPE, pa.string(), nullable=False),
+        pa.field(MASK, pa.binary()),
+        pa.field(BBOX, pa.list_(pa.float32(), 4)),
+        pa.field(PROMPT, pa.string()),
+        pa.field(SEED, pa.int64()),
+        pa.field(MODELS, pa.string()),
+        pa.field(PARAMS, pa.string()),
+        pa.field(GROUP, pa.int64()),
+        pa.field(SCHEMA_VERSION_COLUMN, pa.int32(), nullable=False),
+    ],
+    metadata={"synthray.schema_version": str(SCHEMA_VERSION)},
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field(SOURCE_ID, pa.string()),
+        pa.field(ID, pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+
+
+def require_columns(batch: dict[str, np.ndarray], columns: tuple[str, ...] | list[str], stage: str) -> None:
+    """Raise a ValueError naming the columns `stage` needs that `batch` lacks."""
+    missing = [c for c in columns if c not in batch]
+    if missing:
+        raise ValueError(f"stage {stage!r} needs columns {missing}; the batch has {sorted(batch)}")
+
+
+def row_id(source_id: str, recipe: str, variant: int, config_hash: str) -> str:
+    """Deterministic row id: the same source, recipe, variant and config always give the same id."""
+    key = f"{source_id}\x1f{recipe}\x1f{variant}\x1f{config_hash}"
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+def row_seed(base_seed: int, source_id: str, variant: int) -> int:
+    """Per-row seed derived from the run seed, so a row draws the same randomness wherever it runs."""
+    digest = hashlib.sha1(f"{base_seed}\x1f{source_id}\x1f{variant}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

@@ -1,0 +1,192 @@
+"""Stages and the one loop that applies them.
+
+A `Stage` says what runs (a callable class for a model, a plain function for a stateless CPU step) and,
+for classes, how Ray schedules it (`StageSpec` from config). `apply_stages` is the visible loop of
+`map_batches` calls; `run_batch` is what every stage does around its own work: skip rows it does not apply
+to, time the call, hand failed rows to the run ledger and drop them from the stream.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine import schema
+from engine.batch import Batch, concat, num_rows, pack, take, unpack
+from engine.config import StageSpec
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable[..., Any]  # a class (actor pool: built once per actor) or a function (CPU tasks)
+    spec: StageSpec | None = None  # scheduling for classes; None for functions
+    kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # constructor kwargs (class) / call kwargs (function)
+    reads: tuple[str, ...] = ()  # columns the stage needs; checked before each call
+    only_synthetic: bool = False  # real rows (recipe "real") pass through untouched
+    only_splits: tuple[str, ...] | None = None  # rows of other splits pass through untouched
+
+    @property
+    def is_actor(self) -> bool:
+        return inspect.isclass(self.fn)
+
+
+class StageRunner:
+    """The callable class Ray Data builds per actor: the stage's model, loaded once, plus `run_batch`."""
+
+    def __init__(self, stage: Stage, ledger) -> None:
+        self.stage = stage
+        self.ledger = ledger
+        self.fn = stage.fn(**stage.kwargs)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return run_batch(self.fn, self.stage, self.ledger, batch)
+
+
+def run_function_stage(batch: Batch, stage: Stage, ledger) -> Batch:
+    """Task-side entry for function stages (no state to load)."""
+
+    def fn(b: Batch) -> Batch:
+        return stage.fn(b, **stage.kwargs)
+
+    return run_batch(fn, stage, ledger, batch)
+
+
+def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) -> Batch:
+    import ray
+
+    batch = unpack(dict(batch))
+    n = num_rows(batch)
+    applies = np.ones(n, dtype=bool)
+    if stage.only_synthetic and schema.RECIPE in batch:
+        applies &= batch[schema.RECIPE] != schema.RECIPE_REAL
+    if stage.only_splits is not None:
+        applies &= np.isin(batch[schema.SPLIT].astype(str), stage.only_splits)
+    live = take(batch, np.flatnonzero(applies))
+    if not num_rows(live):
+        return pack(batch)
+    schema.require_columns(live, stage.reads, stage.name)
+
+    start = time.perf_counter()
+    out = _call_with_row_fallback(fn, live, stage.name)
+    seconds = time.perf_counter() - start
+
+    failed = out[schema.ERROR] != ""
+    if failed.any():
+        ray.get(ledger.record_errors.remote(_error_records(take(out, np.flatnonzero(failed)), stage.name)))
+    kept = take(out, np.flatnonzero(~failed))
+    synthetic = int((kept[schema.RECIPE] != schema.RECIPE_REAL).sum()) if schema.RECIPE in kept else 0
+    ray.get(ledger.record_batch.remote(stage.name, num_rows(live), num_rows(kept), synthetic, seconds))
+    return pack(concat([take(batch, np.flatnonzero(~applies)), kept]))
+
+
+def _call_with_row_fallback(fn: Callable[[Batch], Batch], live: Batch, stage_name: str) -> Batch:
+    """Run the batch; if it raises, run it row by row so one bad row costs that row, not the batch."""
+    try:
+        return _with_error_columns(fn(live))
+    except Exception as exc:  # noqa: BLE001 - any model error becomes a row error, never a lost batch
+        if num_rows(live) == 1:
+            return _mark_failed(live, exc)
+    parts = []
+    for i in range(num_rows(live)):
+        row = take(live, np.array([i]))
+        try:
+            parts.append(_with_error_columns(fn(row)))
+        except Exception as exc:  # noqa: BLE001
+            parts.append(_mark_failed(row, exc))
+    return concat(parts)
+
+
+def _with_error_columns(batch: Batch) -> Batch:
+    n = num_rows(batch)
+    if schema.ERROR not in batch:
+        batch[schema.ERROR] = np.full(n, "", dtype=object)
+    if schema.ERROR_MESSAGE not in batch:
+        batch[schema.ERROR_MESSAGE] = np.full(n, "", dtype=object)
+    return batch
+
+
+def _mark_failed(row: Batch, exc: Exception) -> Batch:
+    row = dict(row)
+    row[schema.ERROR] = np.array(["exception"], dtype=object)
+    detail = traceback.format_exception_only(exc)[-1].strip()
+    row[schema.ERROR_MESSAGE] = np.array([detail[:500]], dtype=object)
+    return row
+
+
+def _error_records(failed: Batch, stage_name: str) -> list[dict[str, str]]:
+    n = num_rows(failed)
+    sources = failed.get(schema.SOURCE_ID, np.full(n, ""))
+    ids = failed.get(schema.ID, np.full(n, ""))
+    return [
+        {
+            schema.SOURCE_ID: str(sources[i]),
+            schema.ID: str(ids[i] or ""),
+            "stage": stage_name,
+            "reason": str(failed[schema.ERROR][i]),
+            "message": str(failed[schema.ERROR_MESSAGE][i]),
+        }
+        for i in range(n)
+    ]
+
+
+def check_resource_budget(stages: list[Stage], cluster: dict[str, float], task_num_cpus: float) -> None:
+    """Fail before running when actor pools cannot all be scheduled (Ray Data would wait forever)."""
+    cpus = sum(s.spec.num_cpus * s.spec.concurrency for s in stages if s.is_actor)
+    gpus = sum(s.spec.num_gpus * s.spec.concurrency for s in stages if s.is_actor)
+    have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if cpus + task_num_cpus > have_cpus + 1e-9:
+        pools = ", ".join(f"{s.name}={s.spec.num_cpus}x{s.spec.concurrency}" for s in stages if s.is_actor)
+        raise ValueError(
+            f"actor pools reserve {cpus:g} CPUs ({pools}) plus {task_num_cpus:g} for CPU tasks, but the "
+            f"cluster has {have_cpus:g}: lower <stage>.stage.num_cpus/concurrency or add CPUs (ray.num_cpus)"
+        )
+    if gpus > have_gpus + 1e-9:
+        raise ValueError(f"actor pools reserve {gpus:g} GPUs but the cluster has {have_gpus:g}")
+
+
+def apply_stages(ds, stages: list[Stage], ledger, task_num_cpus: float):
+    """The stage loop: one `map_batches` per stage, scheduled from its spec."""
+    from ray.data import ActorPoolStrategy
+
+    for stage in stages:
+        if stage.is_actor:
+            spec = stage.spec
+            # A subclass per stage only so that Ray Data's progress bars show the stage's name.
+            runner = type(stage.name, (StageRunner,), {})
+            ds = ds.map_batches(
+                runner,
+                fn_constructor_kwargs={"stage": stage, "ledger": ledger},
+                compute=ActorPoolStrategy(size=spec.concurrency),
+                batch_size=spec.batch_size,
+                batch_format="numpy",
+                num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus,
+                max_restarts=spec.max_restarts,
+                max_task_retries=spec.max_task_retries,
+            )
+        else:
+            ds = ds.map_batches(
+                _named_function(stage.name),
+                fn_kwargs={"stage": stage, "ledger": ledger},
+                batch_format="numpy",
+                batch_size=32,
+                num_cpus=task_num_cpus,
+            )
+    return ds
+
+
+def _named_function(name: str) -> Callable[..., Batch]:
+    def fn(batch: Batch, stage: Stage, ledger) -> Batch:
+        return run_function_stage(batch, stage, ledger)
+
+    fn.__name__ = fn.__qualname__ = name
+    return fn

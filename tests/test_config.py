@@ -1,0 +1,78 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import GenerateConfig, ModelRef, config_hash, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate_and_say_how_to_run(path):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), "each YAML starts with a comment saying what runs it"
+    raw = yaml.safe_load(path.read_text())
+    if "data" in raw and "output" in raw and "recipe" in raw:
+        load_config(GenerateConfig, path)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match="unknown key 'background.num_stepz'"):
+        load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["background.num_stepz=3"])
+
+
+def test_unknown_top_level_key_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("recipe: aga\ndata: {path: x}\noutput: {path: y}\nnum_variantz: 3\n")
+    with pytest.raises(ValueError, match="unknown key 'num_variantz'"):
+        load_config(GenerateConfig, cfg)
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(
+        GenerateConfig,
+        ROOT / "configs" / "aga_tiny_cpu.yaml",
+        ["num_variants=5", "background.guidance_scale=7.5", "composite.rotation_deg=[-5, 5]"],
+    )
+    assert cfg.num_variants == 5
+    assert cfg.background.guidance_scale == 7.5
+    assert cfg.composite.rotation_deg == (-5.0, 5.0)
+
+
+def test_bad_value_names_key():
+    with pytest.raises(ValueError, match="num_variants"):
+        load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["num_variants=0"])
+
+
+def test_hub_ids_must_be_pinned():
+    with pytest.raises(ValueError, match="pin it with `revision:`"):
+        ModelRef(id="stabilityai/stable-diffusion-xl-base-1.0")
+    assert ModelRef(id="org/model", revision="abc123").tag() == "org/model@abc123"
+
+
+def test_config_hash_ignores_output_and_scheduling():
+    base = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml")
+    moved = load_config(
+        GenerateConfig,
+        ROOT / "configs" / "aga_tiny_cpu.yaml",
+        ["output.path=/tmp/elsewhere", "background.stage.batch_size=2"],
+    )
+    changed = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["seed=7"])
+    assert config_hash(base) == config_hash(moved)
+    assert config_hash(base) != config_hash(changed)
+
+
+def test_driver_modules_do_not_import_the_gpu_stack():
+    code = (
+        "import sys, engine, engine.pipeline, engine.recipes, engine.tiny_models, jobs.cli, jobs.generate, "
+        "jobs.demo, jobs.tiny_models\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'vllm', 'timm') if m in sys.modules]\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

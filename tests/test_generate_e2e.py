@@ -1,0 +1,116 @@
+"""End to end: the AGA recipe on a local Ray cluster, tiny models, the toy dataset; shards read back."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine import schema
+from engine.config import GenerateConfig, load_config
+from engine.toy_dataset import make_toy_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(out, num_classes=3, train_per_class=4, val_per_class=2, test_per_class=2, size=48)
+    return out
+
+
+def tiny_config(toy, tiny_models_dir, out, *overrides):
+    from tests.conftest import ROOT
+
+    return load_config(
+        GenerateConfig,
+        ROOT / "configs" / "aga_tiny_cpu.yaml",
+        [
+            f"data.path={toy}",
+            f"data.masks_path={toy / 'masks'}",
+            f"output.path={out}",
+            f"segment.detector.id={tiny_models_dir / 'grounding-dino'}",
+            f"segment.sam.id={tiny_models_dir / 'sam'}",
+            f"prompt.model.id={tiny_models_dir / 'llm'}",
+            f"background.model.id={tiny_models_dir / 'sdxl'}",
+            "background.height=32",
+            "background.width=32",
+            "background.num_inference_steps=2",
+            *overrides,
+        ],
+    )
+
+
+def test_aga_end_to_end(ray_local, toy, tiny_models_dir, tmp_path):
+    from engine.pipeline import run_generate
+
+    # A corrupt file in the train split must become an error row, not a crash.
+    (toy / "train" / "circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    config = tiny_config(toy, tiny_models_dir, tmp_path / "out")
+    report = run_generate(config)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run == report.data
+
+    real_train = 3 * 4 + 1
+    assert run["rows"]["real_in"] == real_train + 3 * 2 * 2
+    assert run["errors"]["by_reason"].get("decode") == 1
+    # Every synthetic row the run owed is either written or accounted for as an error.
+    pre_expansion_errors = sum(
+        1
+        for r in pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
+        if r["stage"] in ("decode", "segment")
+    )
+    train_errors = pre_expansion_errors  # the only pre-expansion errors here are in train
+    assert run["rows"]["synthetic_written"] == run["rows"]["synthetic_expected"]
+    later = run["errors"]["total"] - pre_expansion_errors
+    assert run["rows"]["synthetic_written"] == (real_train - train_errors) * 2 - later
+
+    # The shards: one schema, read back by pyarrow and by Hugging Face datasets.
+    table = pq.read_table(tmp_path / "out" / "data")
+    assert table.schema.field(schema.IMAGE).type == schema.OUTPUT_SCHEMA.field(schema.IMAGE).type
+    rows = table.to_pylist()
+    synthetic = [r for r in rows if r[schema.RECIPE] == "aga"]
+    assert len(synthetic) == run["rows"]["synthetic_written"] > 0
+    assert all(r[schema.SPLIT] == "train" for r in synthetic)
+    assert len({r[schema.ID] for r in rows}) == len(rows)
+    real_ids = {r[schema.SOURCE_ID] for r in rows if r[schema.RECIPE] == "real"}
+    for r in synthetic:
+        assert r[schema.SOURCE_ID] in real_ids
+        assert r[schema.MASK] is not None and r[schema.PROMPT]
+        assert json.loads(r[schema.MODELS])["background"].endswith("@local")
+        assert "composite_params" in json.loads(r[schema.PARAMS])
+
+    from datasets import load_dataset
+
+    hf = load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert len(hf) == len(rows)
+    first = hf[0]
+    assert isinstance(first[schema.LABEL], int) and first[schema.CLASS_NAME]
+    assert set(schema.OUTPUT_SCHEMA.names) <= set(hf.column_names)
+
+    # Images decode and match their recorded size; masks align with images.
+    import io
+
+    from PIL import Image
+
+    r = synthetic[0]
+    img = Image.open(io.BytesIO(r[schema.IMAGE]))
+    mask = np.asarray(Image.open(io.BytesIO(r[schema.MASK])))
+    assert img.size == (r[schema.WIDTH], r[schema.HEIGHT]) and mask.shape == (
+        r[schema.HEIGHT],
+        r[schema.WIDTH],
+    )
+
+    assert (tmp_path / "out" / "gallery" / "index.html").exists()
+    assert (tmp_path / "out" / "gallery" / "contact_sheet.png").exists()
+    assert (tmp_path / "out" / "config.yaml").exists()

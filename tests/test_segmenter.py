@@ -1,0 +1,161 @@
+import numpy as np
+import pytest
+
+from actors.segmenter import DETECT_SCORE, Segmenter, build_segment_anything
+from engine.config import SegmentConfig
+from engine.schema import BBOX, CLASS_NAME, ERROR, ERROR_MESSAGE, ID, IMAGE, MASK, SEED
+
+SIZES = [(64, 64), (80, 96), (96, 72), (64, 90)]  # (height, width): mixed sizes and aspect ratios
+CLASSES = ["dog", "cat", "golden_retriever", "zebra"]
+BACKENDS = ["transformers", "segment_anything"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two threads spin-wait when other processes share the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def segment_config(models, backend="transformers", **kwargs) -> SegmentConfig:
+    sam = models / ("sam" if backend == "transformers" else "sam-tiny.pth")
+    return SegmentConfig(
+        backend=backend,
+        detector={"id": str(models / "grounding-dino")},
+        sam={"id": str(sam)},
+        sam_model_type="vit_tiny",
+        box_threshold=kwargs.pop("box_threshold", 0.3),
+        text_threshold=0.25,
+        device="cpu",
+        **kwargs,
+    )
+
+
+def objects(arrays) -> np.ndarray:
+    """An object column as Ray Data hands over variable-shaped images."""
+    column = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        column[i] = array
+    return column
+
+
+def make_batch(classes=CLASSES) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES[: len(classes)]]
+    return {
+        ID: np.array([f"row{i}" for i in range(len(classes))]),
+        IMAGE: objects(images),
+        CLASS_NAME: np.array(classes),
+        SEED: np.arange(len(classes), dtype=np.int64),
+        ERROR: np.array([""] * len(classes), dtype=object),
+    }
+
+
+def rows(batch: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    return {key: column[index : index + 1] for key, column in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def segmenters(tiny_models_dir) -> dict[str, Segmenter]:
+    return {backend: Segmenter(segment_config(tiny_models_dir, backend)) for backend in BACKENDS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_contract(segmenters, backend):
+    batch = make_batch()
+    out = segmenters[backend](dict(batch))
+
+    for key in batch:
+        assert out[key] is batch[key] or np.array_equal(out[key], batch[key])
+    assert list(out[ERROR]) == [""] * len(SIZES), list(out[ERROR_MESSAGE])
+    assert out[DETECT_SCORE].dtype == np.float32 and (out[DETECT_SCORE] > 0.3).all()
+    for (height, width), mask, box in zip(SIZES, out[MASK], out[BBOX], strict=True):
+        assert mask.shape == (height, width) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255} and mask.any()
+        assert box.dtype == np.float32 and box.shape == (4,)
+        x0, y0, x1, y1 = box
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_and_independent_of_batch(segmenters, backend):
+    batch = make_batch()
+    first = segmenters[backend](dict(batch))
+    second = segmenters[backend](dict(batch))
+    for i in range(len(SIZES)):
+        assert np.array_equal(first[MASK][i], second[MASK][i])
+        assert np.array_equal(first[BBOX][i], second[BBOX][i])
+        # The tiny detector pads to a fixed size, so a row alone gives what it gave in the batch.
+        alone = segmenters[backend](rows(batch, i))
+        np.testing.assert_allclose(alone[BBOX][0], first[BBOX][i], atol=1e-3)
+        assert (alone[MASK][0] == first[MASK][i]).mean() > 0.99
+
+
+def test_backends_share_the_detector_but_not_the_masks(segmenters):
+    batch = make_batch()
+    by_backend = {backend: segmenters[backend](dict(batch)) for backend in BACKENDS}
+    a, b = (by_backend[backend] for backend in BACKENDS)
+    for i in range(len(SIZES)):
+        np.testing.assert_allclose(a[BBOX][i], b[BBOX][i])
+    assert any(not np.array_equal(a[MASK][i], b[MASK][i]) for i in range(len(SIZES)))
+
+
+def test_no_detection_above_threshold(tiny_models_dir):
+    segmenter = Segmenter(segment_config(tiny_models_dir, box_threshold=1.0))
+    out = segmenter(make_batch())
+    assert list(out[ERROR]) == ["no_detection"] * len(SIZES)
+    assert all(mask is None for mask in out[MASK]) and all(box is None for box in out[BBOX])
+    assert "'dog.'" in out[ERROR_MESSAGE][0] and "box_threshold=1.0" in out[ERROR_MESSAGE][0]
+    assert ((out[DETECT_SCORE] > 0) & (out[DETECT_SCORE] <= 1)).all()
+
+
+def test_superclass_prompt(tiny_models_dir, segmenters):
+    mapped = Segmenter(segment_config(tiny_models_dir, superclasses={"golden_retriever": "Dog"}))
+    plain = segmenters["transformers"]
+    assert mapped.prompt_for("golden_retriever") == "dog."
+    assert plain.prompt_for("golden_retriever") == "golden retriever."
+    assert plain.prompt_for("Red Car.") == "red car."
+    # Prompt words are in the tiny vocabulary, and unknown words spell out instead of becoming [UNK].
+    tokenizer = plain.detector_processor.tokenizer
+    assert tokenizer.tokenize("dog.") == ["dog", "."]
+    assert tokenizer.unk_token not in tokenizer.tokenize("golden retriever.")
+
+    batch = make_batch(["golden_retriever", "dog"])
+    with_map, without_map = mapped(dict(batch)), plain(dict(batch))
+    # Mapped to "dog", the retriever row is detected exactly like a row of class "dog" on the same image.
+    single_dog = plain({**rows(batch, 0), CLASS_NAME: np.array(["dog"])})
+    np.testing.assert_allclose(with_map[DETECT_SCORE][0], single_dog[DETECT_SCORE][0], rtol=1e-6)
+    np.testing.assert_allclose(with_map[BBOX][0], single_dog[BBOX][0], atol=1e-3)
+    assert not np.isclose(with_map[DETECT_SCORE][0], without_map[DETECT_SCORE][0], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(with_map[DETECT_SCORE][1], without_map[DETECT_SCORE][1], rtol=1e-6)
+
+
+def test_missing_model_path_names_path_and_command(tmp_path, tiny_models_dir):
+    missing = tmp_path / "no-such-detector"
+    config = segment_config(tiny_models_dir)
+    config.detector = {"id": str(missing)}
+    with pytest.raises(FileNotFoundError, match="synthray tiny-models") as info:
+        Segmenter(config)
+    assert str(missing) in str(info.value)
+
+    config = segment_config(tiny_models_dir, "segment_anything")
+    config.sam = {"id": str(tmp_path / "no-such-sam.pth")}
+    with pytest.raises(FileNotFoundError, match="no-such-sam.pth"):
+        Segmenter(config)
+
+
+def test_missing_columns_and_empty_batch(segmenters):
+    segmenter = segmenters["transformers"]
+    with pytest.raises(ValueError, match="class_name"):
+        segmenter({IMAGE: make_batch()[IMAGE]})
+    out = segmenter({IMAGE: objects([]), CLASS_NAME: np.array([], dtype=str)})
+    assert len(out[MASK]) == len(out[BBOX]) == len(out[DETECT_SCORE]) == len(out[ERROR]) == 0
+
+
+def test_unknown_sam_model_type_lists_available():
+    with pytest.raises(ValueError, match="available: .*vit_tiny"):
+        build_segment_anything("vit_huge")
