@@ -31,6 +31,7 @@ class Stage:
         default_factory=dict
     )  # constructor kwargs (class) / call kwargs (function)
     reads: tuple[str, ...] = ()  # columns the stage needs; checked before each call
+    writes: tuple[str, ...] = ()  # columns it adds: present (None-filled) even when no row applies
     only_synthetic: bool = False  # real rows (recipe "real") pass through untouched
     only_splits: tuple[str, ...] | None = None  # rows of other splits pass through untouched
 
@@ -72,6 +73,9 @@ def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) 
         applies &= np.isin(batch[schema.SPLIT].astype(str), stage.only_splits)
     live = take(batch, np.flatnonzero(applies))
     if not num_rows(live):
+        # Every block leaving a stage has the same columns, or Ray fails to concatenate tensor columns.
+        for name in stage.writes:
+            batch.setdefault(name, np.full(n, None, dtype=object))
         return pack(batch)
     schema.require_columns(live, stage.reads, stage.name)
 
@@ -170,6 +174,7 @@ def apply_stages(ds, stages: list[Stage], ledger, task_num_cpus: float):
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
+                # Passed through as Ray remote args (deprecated for removal in Ray 2.64; pinned 2.60 here).
                 max_restarts=spec.max_restarts,
                 max_task_retries=spec.max_task_retries,
             )

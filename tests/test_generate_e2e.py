@@ -56,7 +56,7 @@ def test_aga_end_to_end(ray_local, toy, tiny_models_dir, tmp_path):
 
     # A corrupt file in the train split must become an error row, not a crash.
     (toy / "train" / "circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    config = tiny_config(toy, tiny_models_dir, tmp_path / "out")
+    config = tiny_config(toy, tiny_models_dir, tmp_path / "out", "segment.use_dataset_masks=false")
     report = run_generate(config)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run == report.data
@@ -114,3 +114,30 @@ def test_aga_end_to_end(ray_local, toy, tiny_models_dir, tmp_path):
     assert (tmp_path / "out" / "gallery" / "index.html").exists()
     assert (tmp_path / "out" / "gallery" / "contact_sheet.png").exists()
     assert (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_dataset_masks_subject_is_pasted_intact(ray_local, toy, tiny_models_dir, tmp_path):
+    """With the dataset's masks, each synthetic row's mask covers the real subject's colour."""
+    import io
+
+    from PIL import Image
+
+    from engine.pipeline import run_generate
+
+    config = tiny_config(toy, tiny_models_dir, tmp_path / "out", "data.splits=[train]", "composite.feather_px=0")
+    run = run_generate(config).data
+    # Only the corrupt file planted by the test above fails.
+    assert "segment" not in run["stages"] and run["errors"]["by_reason"] == {"decode": 1}
+    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    real = {r[schema.SOURCE_ID]: r for r in rows if r[schema.RECIPE] == "real"}
+    synthetic = [r for r in rows if r[schema.RECIPE] == "aga"]
+    assert len(synthetic) == 2 * len(real)
+
+    def pixels(row, key):
+        return np.asarray(Image.open(io.BytesIO(row[key])))
+
+    for row in synthetic[:6]:
+        src = real[row[schema.SOURCE_ID]]
+        subject_colour = pixels(src, schema.IMAGE)[pixels(src, schema.MASK) > 0].mean(axis=0)
+        pasted = pixels(row, schema.IMAGE)[pixels(row, schema.MASK) > 0].mean(axis=0)
+        assert np.abs(subject_colour - pasted).max() < 25, (subject_colour, pasted)

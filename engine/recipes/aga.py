@@ -7,9 +7,9 @@ decode -> detect+segment (GroundingDINO + SAM, or dataset masks) -> expand x K -
 from __future__ import annotations
 
 from actors.background import BackgroundGenerator
-from actors.compositor import Compositor
-from actors.prompt_writer import PromptWriter
-from actors.segmenter import Segmenter
+from actors.compositor import COMPOSITE_PARAMS, Compositor
+from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
+from actors.segmenter import DETECT_SCORE, Segmenter
 from engine import schema
 from engine.config import GenerateConfig
 from engine.decode import decode_images
@@ -45,6 +45,7 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
                 seg.stage,
                 {"config": seg},
                 reads=(schema.IMAGE, schema.CLASS_NAME),
+                writes=(schema.MASK, schema.BBOX, DETECT_SCORE),
                 only_splits=expand_splits,
             )
         )
@@ -72,6 +73,7 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
             config.prompt.stage,
             {"config": config.prompt, "class_names": class_names, "superclasses": seg.superclasses},
             reads=(schema.SEED, schema.CLASS_NAME),
+            writes=(schema.PROMPT, PROMPT_SOURCE, INSTRUCTION),
             only_synthetic=True,
         )
     )
@@ -83,6 +85,7 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
             config.background.stage,
             {"config": config.background},
             reads=(schema.PROMPT, schema.SEED),
+            writes=(schema.BACKGROUND,),
             only_synthetic=True,
         )
     )
@@ -93,6 +96,7 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
             config.composite.stage,
             {"config": config.composite},
             reads=(schema.IMAGE, schema.MASK, schema.BACKGROUND, schema.SEED),
+            writes=(schema.BBOX, COMPOSITE_PARAMS),
             only_synthetic=True,
         )
     )
