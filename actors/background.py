@@ -11,7 +11,7 @@ import numpy as np
 
 from engine import schema
 from engine.config import BackgroundConfig
-from engine.models import resolve_device, resolve_model, torch_dtype
+from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
 STAGE = "background"
 NONFINITE = "background_nonfinite"
@@ -28,7 +28,7 @@ class BackgroundGenerator:
         path, revision = resolve_model(config.model, STAGE)
         self.device = resolve_device(config.device)
         self.pipe = DiffusionPipeline.from_pretrained(
-            path, revision=revision, dtype=torch_dtype(config.dtype, self.device), use_safetensors=True
+            path, dtype=torch_dtype(config.dtype, self.device), **pretrained_kwargs(config.model, revision)
         ).to(self.device)
         # Ray Data reports progress; a tqdm bar per batch per actor would only flood the logs.
         self.pipe.set_progress_bar_config(disable=True)

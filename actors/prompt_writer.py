@@ -15,7 +15,7 @@ import numpy as np
 from engine import schema
 from engine.background_prompts import BackgroundPromptEngine, ComposedInstruction, dataset_forbidden_words
 from engine.config import PromptConfig
-from engine.models import resolve_device, resolve_model, torch_dtype
+from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
 PROMPT_SOURCE = "prompt_source"
 INSTRUCTION = "instruction"
@@ -84,7 +84,9 @@ class PromptWriter:
 
         path, revision = resolve_model(config.model, "prompt LLM")
         self.device = resolve_device(config.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            path, **pretrained_kwargs(config.model, revision, False)
+        )
         if not self.tokenizer.chat_template:
             raise ValueError(f"prompt LLM {config.model.id!r} has no chat_template: use an instruction model")
         # Decoder-only batches pad on the left so every row's last position is its real last token.
@@ -92,7 +94,7 @@ class PromptWriter:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=torch_dtype(config.dtype, self.device)
+            path, dtype=torch_dtype(config.dtype, self.device), **pretrained_kwargs(config.model, revision)
         )
         self.model.to(self.device).eval()
 

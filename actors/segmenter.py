@@ -22,7 +22,7 @@ import numpy as np
 
 from engine import schema
 from engine.config import SegmentConfig
-from engine.models import resolve_device, resolve_model, torch_dtype
+from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
 DETECT_SCORE = "detect_score"
 TINY_SAM_TYPE = "vit_tiny"
@@ -105,16 +105,26 @@ class Segmenter:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         path, revision = resolve_model(self.config.detector, "detector (GroundingDINO)")
-        self.detector_processor = AutoProcessor.from_pretrained(path, revision=revision)
-        self.detector = AutoModelForZeroShotObjectDetection.from_pretrained(path, revision=revision)
+        ref = self.config.detector
+        self.detector_processor = AutoProcessor.from_pretrained(
+            path, **pretrained_kwargs(ref, revision, False)
+        )
+        self.detector = AutoModelForZeroShotObjectDetection.from_pretrained(
+            path, **pretrained_kwargs(ref, revision)
+        )
         self.detector.to(self.device, self.dtype).eval()
 
     def _load_sam_transformers(self) -> None:
         from transformers import SamModel, SamProcessor
 
         path, revision = resolve_model(self.config.sam, "SAM (transformers)")
-        self.sam_processor = SamProcessor.from_pretrained(path, revision=revision)
-        self.sam = SamModel.from_pretrained(path, revision=revision).to(self.device, self.dtype).eval()
+        ref = self.config.sam
+        self.sam_processor = SamProcessor.from_pretrained(path, **pretrained_kwargs(ref, revision, False))
+        self.sam = (
+            SamModel.from_pretrained(path, **pretrained_kwargs(ref, revision))
+            .to(self.device, self.dtype)
+            .eval()
+        )
 
     def _load_sam_package(self) -> None:
         import torch
@@ -122,8 +132,18 @@ class Segmenter:
 
         path, _ = resolve_model(self.config.sam, "SAM (segment-anything checkpoint)")
         sam = build_segment_anything(self.config.sam_model_type)
-        # weights_only: a checkpoint is data, never code to unpickle.
-        sam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        elif self.config.sam.allow_pickle:
+            # weights_only: even an allowed pickle is loaded as tensors only, never as code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(
+                f"{path} is a pickled checkpoint; convert it to .safetensors or set segment.sam.allow_pickle: true"
+            )
+        sam.load_state_dict(state)
         # segment-anything builds its prompt tensors in float32, so weights stay float32 and half precision
         # comes from autocast (on CUDA only).
         self.sam = sam.to(self.device).eval()

@@ -28,13 +28,21 @@ class ModelRef(Strict):
     revision: str | None = Field(
         default=None, description="Pinned hub revision (commit sha or tag); ignored for local paths"
     )
+    allow_pickle: bool = Field(
+        default=False, description="Also load pickled weights (.bin/.pth); default safetensors only"
+    )
+    trust_remote_code: bool = Field(default=False, description="Run code shipped with the checkpoint")
 
     def is_local(self) -> bool:
         return self.id.startswith((".", "/", "~")) or Path(self.id).expanduser().exists()
 
+    def is_uri(self) -> bool:
+        """A checkpoint on shared storage (s3://, gs://, ...): fetched once per node, see engine.storage."""
+        return "://" in self.id
+
     @model_validator(mode="after")
     def _hub_ids_are_pinned(self) -> ModelRef:
-        if not self.is_local() and not self.revision:
+        if not self.is_local() and not self.is_uri() and not self.revision:
             raise ValueError(f"model {self.id!r} is a hub id: pin it with `revision:`")
         return self
 
@@ -52,6 +60,9 @@ class StageSpec(Strict):
     num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per actor")
     max_restarts: int = Field(default=2, ge=0, description="Times Ray restarts a dead actor of this pool")
     max_task_retries: int = Field(default=2, ge=0, description="Times a batch on a dead actor is retried")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {sdxl_node: 1} to pin nodes"
+    )
 
 
 class DataConfig(Strict):
@@ -70,6 +81,9 @@ class DataConfig(Strict):
         default=None, description="Optional CSV `source_id,group` (image folders); default <path>/groups.csv"
     )
     max_images: int | None = Field(default=None, ge=1, description="Read at most this many images")
+    rows_per_block: int = Field(
+        default=16, ge=1, description="Source rows per Ray Data block: the unit of streaming and of resume"
+    )
     max_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb guard per image")
     min_side: int = Field(default=8, ge=1, description="Images smaller than this on a side are errors")
     image_column: str = Field(default="image", description="parquet: column of encoded image bytes")
@@ -85,7 +99,13 @@ class OutputConfig(Strict):
     quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality")
     include_real: bool = Field(default=True, description="Write the real rows too (recipe 'real')")
     gallery_classes: int = Field(default=8, ge=0, description="Classes shown in the gallery")
-    overwrite: bool = Field(default=False, description="Replace existing shards under <path>/data")
+    overwrite: bool = Field(
+        default=False, description="Replace existing shards; otherwise a re-run resumes (same config only)"
+    )
+    rows_per_shard: int = Field(default=64, ge=1, description="Rows per Parquet shard (one batch each)")
+
+
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
 
 class RayConfig(Strict):
@@ -94,8 +114,30 @@ class RayConfig(Strict):
         default=None, description="Logical CPUs for a local Ray (None: the machine's)"
     )
     progress_bars: bool = True
+    preserve_order: bool = Field(
+        default=True,
+        description="Rows reach the writer in input order, so shards are byte-identical across runs; "
+        "false lets fast rows overtake slow ones (more throughput, same rows, other shard grouping)",
+    )
     task_num_cpus: float = Field(default=0.5, gt=0, description="CPUs per CPU task (read/decode/encode)")
-    env_vars: dict[str, str] = Field(default_factory=dict, description="Set on every Ray worker")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Set on every Ray worker (no secrets: configs are saved in outputs)"
+    )
+    check_resources: bool = Field(
+        default=True,
+        description="Fail fast when actor pools exceed the cluster's current resources; false for "
+        "autoscaling clusters (e.g. KubeRay GPU groups from 0 replicas) that add nodes on demand",
+    )
+
+    @model_validator(mode="after")
+    def _no_secrets_in_config(self) -> RayConfig:
+        secret = [k for k in self.env_vars if any(m in k.upper() for m in SECRET_MARKERS)]
+        if secret:
+            raise ValueError(
+                f"ray.env_vars {secret} look like secrets; the resolved config is saved beside the outputs, so "
+                "pass tokens through the environment (e.g. HF_TOKEN, a Kubernetes Secret), never the config"
+            )
+        return self
 
 
 class SegmentConfig(Strict):
@@ -119,8 +161,39 @@ class SegmentConfig(Strict):
     stage: StageSpec = Field(default_factory=StageSpec)
 
 
+class VLLMConfig(Strict):
+    """vLLM engine settings for a stage whose `backend` is `vllm` (it runs through `ray.data.llm`).
+
+    The stage's `stage:` spec keeps its meaning: batch_size = rows per engine call, concurrency = engine
+    replicas (data parallel), num_gpus / num_cpus = per engine worker (one per tensor-parallel rank).
+    """
+
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine shards the model over")
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, description="Sequences one engine decodes at once (None: vLLM's default)"
+    )
+    max_model_len: int | None = Field(default=None, ge=1, description="Context length (None: the model's)")
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory for weights and KV cache; on vLLM's CPU backend a fraction of "
+        "host memory (keep it small there)",
+    )
+    enforce_eager: bool = Field(default=False, description="No CUDA graphs / compilation: faster start-up")
+    template_num_cpus: float = Field(
+        default=0.25, ge=0, description="CPUs per ray.data.llm chat-template (and image-prep) actor"
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments, passed through as they are"
+    )
+
+
 class PromptConfig(Strict):
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
+    )
     model: ModelRef = Field(description="Instruction LLM")
     num_instructions: int = Field(default=3, ge=1, description="Instruction templates used")
     num_scenes: int = Field(default=18, ge=1, description="Scene templates used")
@@ -131,7 +204,40 @@ class PromptConfig(Strict):
     extra_forbidden_words: list[str] = Field(default_factory=list)
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
     stage: StageSpec = Field(default_factory=StageSpec)
+
+
+class CaptionConfig(Strict):
+    """Image captions from a VLM, with a class prefix (MVC: "This is an image of <class>. <caption>")."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
+    )
+    model: ModelRef = Field(description="Vision-language chat model (image + text in, text out)")
+    instruction: str = Field(
+        default="Describe this image in one sentence.", description="The user message sent with the image"
+    )
+    prefix: str = Field(
+        default="This is an image of {class_name}. ",
+        description="Put before every caption; {class_name} is replaced by the row's class ('' for none)",
+    )
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy; else sampled with the row's seed")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
+    stage: StageSpec = Field(default_factory=StageSpec)
+
+    @model_validator(mode="after")
+    def _prefix_names_only_the_class(self) -> CaptionConfig:
+        try:
+            self.prefix.format(class_name="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"caption.prefix may only use {{class_name}}: {err!r}") from None
+        return self
 
 
 class BackgroundConfig(Strict):
@@ -164,6 +270,7 @@ class GenerateConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     segment: SegmentConfig | None = None
     prompt: PromptConfig | None = None
+    caption: CaptionConfig | None = None
     background: BackgroundConfig | None = None
     composite: CompositeConfig | None = None
 
@@ -228,6 +335,8 @@ def config_hash(config: BaseModel) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_resolved(config: BaseModel, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+def save_resolved(config: BaseModel, path: str | Path) -> None:
+    """Write the resolved config (a local path or a URI, see engine.storage)."""
+    from engine.storage import write_text
+
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

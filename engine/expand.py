@@ -1,52 +1,76 @@
 """Expansion (a stateless CPU stage): each real row -> its real row (variant 0) + K synthetic rows.
 
-Reads: source_id, split. Writes: id, recipe, variant, seed. Synthetic rows share the real row's image and mask
-arrays (the recipe's stages replace them); ids and seeds are derived, so a re-run makes the same rows.
+Reads: source_id, split. Writes: id, recipe, variant, seed. Synthetic rows share the real row's image and
+mask arrays (the recipe's stages replace them); ids and seeds are derived, so a re-run makes the same rows
+and a resumed run can drop the ones already written (`done_ids`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from engine import schema
-from engine.batch import Batch, object_array
+from engine.batch import Batch, object_array, take
 
 
-def expand_variants(
-    batch: Batch,
-    recipe: str,
-    num_variants: int,
-    base_seed: int,
-    config_hash: str,
-    include_real: bool,
-    expand_splits: list[str] | None,
-) -> Batch:
-    """Rows of splits outside `expand_splits` (e.g. val/test) pass as real rows only, never expanded."""
+@dataclass(frozen=True)
+class Expansion:
+    """Which rows each source owes: the identity of every output row."""
+
+    recipe: str
+    num_variants: int
+    base_seed: int
+    config_hash: str
+    include_real: bool
+    expand_splits: tuple[str, ...] | None  # None: every split; others (e.g. val/test) stay real-only
+
+    def variants(self, split: str) -> list[int]:
+        expand = self.expand_splits is None or split in self.expand_splits
+        if not expand:
+            return [0]
+        return list(range(0 if self.include_real else 1, self.num_variants + 1))
+
+    def recipe_of(self, variant: int) -> str:
+        return schema.RECIPE_REAL if variant == 0 else self.recipe
+
+    def row_id(self, source_id: str, variant: int) -> str:
+        return schema.row_id(source_id, self.recipe_of(variant), variant, self.config_hash)
+
+    def expected_ids(self, source_id: str, split: str) -> list[str]:
+        return [self.row_id(source_id, v) for v in self.variants(split)]
+
+
+def expand_variants(batch: Batch, expansion: Expansion, done_ids: frozenset[str] = frozenset()) -> Batch:
     index, variants = [], []
     for i, split in enumerate(batch[schema.SPLIT]):
-        expand = expand_splits is None or str(split) in expand_splits
-        first = 0 if (include_real or not expand) else 1
-        last = num_variants if expand else 0
-        index += [i] * (last + 1 - first)
-        variants += list(range(first, last + 1))
-    index, variants = np.array(index, dtype=np.int64), np.array(variants, dtype=np.int64)
+        for v in expansion.variants(str(split)):
+            index.append(i)
+            variants.append(v)
     out = {
         name: (object_array([column[i] for i in index]) if column.dtype == object else column[index])
         for name, column in batch.items()
     }
-    sources = out[schema.SOURCE_ID]
-    recipes = [schema.RECIPE_REAL if v == 0 else recipe for v in variants]
-    out[schema.VARIANT] = variants.astype(np.int64)
-    out[schema.RECIPE] = np.array(recipes, dtype=object)
+    sources = [str(s) for s in out[schema.SOURCE_ID]]
+    out[schema.VARIANT] = np.array(variants, dtype=np.int64)
+    out[schema.RECIPE] = np.array([expansion.recipe_of(v) for v in variants], dtype=object)
     out[schema.ID] = np.array(
-        [
-            schema.row_id(str(s), r, int(v), config_hash)
-            for s, r, v in zip(sources, recipes, variants, strict=True)
-        ],
-        dtype=object,
+        [expansion.row_id(s, v) for s, v in zip(sources, variants, strict=True)], dtype=object
     )
     out[schema.SEED] = np.array(
-        [schema.row_seed(base_seed, str(s), int(v)) for s, v in zip(sources, variants, strict=True)],
+        [schema.row_seed(expansion.base_seed, s, v) for s, v in zip(sources, variants, strict=True)],
         dtype=np.int64,
     )
+    if done_ids:
+        out = take(out, np.array([i not in done_ids for i in out[schema.ID]], dtype=bool))
     return out
+
+
+def skip_completed_sources(batch: Batch, expansion: Expansion, done_ids: frozenset[str]) -> Batch:
+    """Before decoding: drop sources whose every output row is already written (a resumed run)."""
+    keep = [
+        not all(i in done_ids for i in expansion.expected_ids(str(s), str(sp)))
+        for s, sp in zip(batch[schema.SOURCE_ID], batch[schema.SPLIT], strict=True)
+    ]
+    return take(batch, np.array(keep, dtype=bool))

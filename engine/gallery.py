@@ -1,7 +1,7 @@
 """The gallery: per class, a real image, its mask and its synthetic variants with their prompts.
 
 Writes `<gallery>/contact_sheet.png` (one row per class) and `<gallery>/index.html` (the same with
-prompts), reading the shards back with pyarrow, as a user would.
+prompts), reading the shards back with pyarrow, as a user would. Both directories may be URIs.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from pathlib import Path
 import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 
-from engine import schema
+from engine import schema, storage
+from engine.shards import shard_files
 
 THUMB = 128
 
 
-def write_gallery(data_dir: Path, gallery_dir: Path, max_classes: int) -> Path | None:
-    files = sorted(str(p) for p in data_dir.glob("*.parquet"))
+def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: int) -> str | None:
+    files = shard_files(str(data_dir))
     if not files:
         return None
     columns = [
@@ -32,12 +33,11 @@ def write_gallery(data_dir: Path, gallery_dir: Path, max_classes: int) -> Path |
         schema.PARAMS,
         schema.ID,
     ]
-    rows = pads.dataset(files, format="parquet").to_table(columns=columns).to_pylist()
+    fs, _ = storage.filesystem(data_dir)
+    rows = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns).to_pylist()
     groups = _pick_sources(rows, max_classes)
     if not groups:
         return None
-    gallery_dir.mkdir(parents=True, exist_ok=True)
-    (gallery_dir / "img").mkdir(exist_ok=True)
 
     width = max(len(g) for g in groups) + 1  # +1: the mask column
     sheet = Image.new("RGB", (width * THUMB, len(groups) * (THUMB + 14)), "white")
@@ -57,8 +57,8 @@ def write_gallery(data_dir: Path, gallery_dir: Path, max_classes: int) -> Path |
                 continue
             thumb = _thumbnail(data)
             sheet.paste(thumb, (c * THUMB, y + 14))
-            name = f"{real[schema.CLASS_NAME]}_{c}.png"
-            thumb.save(gallery_dir / "img" / name)
+            name = f"{r:03d}_{c:02d}.png"  # never a class name: output paths stay inside the gallery
+            storage.write_bytes(storage.join(gallery_dir, "img", name), _png(thumb))
             cells.append(
                 f'<figure><img src="img/{name}" width="{THUMB}"><figcaption><b>{kind}</b> '
                 f"{html.escape(prompt)}</figcaption></figure>"
@@ -67,7 +67,7 @@ def write_gallery(data_dir: Path, gallery_dir: Path, max_classes: int) -> Path |
             f"<h2>{html.escape(real[schema.CLASS_NAME])}</h2><p>source: {html.escape(real[schema.SOURCE_ID])}</p>"
             f'<div class="row">{"".join(cells)}</div>'
         )
-    sheet.save(gallery_dir / "contact_sheet.png")
+    storage.write_bytes(storage.join(gallery_dir, "contact_sheet.png"), _png(sheet))
     page = (
         "<!doctype html><meta charset='utf-8'><title>synthray gallery</title>"
         "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}"
@@ -75,8 +75,14 @@ def write_gallery(data_dir: Path, gallery_dir: Path, max_classes: int) -> Path |
         "<h1>synthray gallery</h1><p>Per class: the real image, its subject mask, and its synthetic variants "
         "with the background prompt that drew them.</p>" + "".join(sections)
     )
-    (gallery_dir / "index.html").write_text(page)
-    return gallery_dir / "index.html"
+    storage.write_text(storage.join(gallery_dir, "index.html"), page)
+    return storage.join(gallery_dir, "index.html")
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _pick_sources(rows: list[dict], max_classes: int) -> list[list[dict]]:

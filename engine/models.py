@@ -11,7 +11,14 @@ from engine.config import TINY_MODELS_HINT, ModelRef
 
 
 def resolve_model(ref: ModelRef, role: str) -> tuple[str, str | None]:
-    """Return (path_or_id, revision) for `from_pretrained`; a missing local path is a clear error."""
+    """Return (path_or_id, revision) for `from_pretrained`; a missing local path is a clear error.
+
+    A URI (s3://, gs://, ...) is copied once into this node's model cache and loaded from there.
+    """
+    if ref.is_uri():
+        from engine.storage import fetch
+
+        return str(fetch(ref.id)), None
     if ref.is_local():
         path = Path(ref.id).expanduser().resolve()
         if not path.exists():
@@ -21,6 +28,19 @@ def resolve_model(ref: ModelRef, role: str) -> tuple[str, str | None]:
             )
         return str(path), None
     return ref.id, ref.revision
+
+
+def pretrained_kwargs(ref: ModelRef, revision: str | None, weights: bool = True) -> dict:
+    """Keyword arguments for every `from_pretrained`: pinned revision, no remote code, safetensors only.
+
+    `weights=False` for tokenizers and processors, which have no weights to restrict. Hub tokens are read
+    by huggingface_hub from the HF_TOKEN environment variable and never pass through configs.
+    """
+    kwargs = {"revision": revision, "trust_remote_code": ref.trust_remote_code}
+    if weights:
+        # True refuses pickled weights outright; None lets the library take either format.
+        kwargs["use_safetensors"] = None if ref.allow_pickle else True
+    return kwargs
 
 
 def resolve_device(device: str) -> str:
@@ -46,7 +66,12 @@ def check_local_models(config, role: str = "") -> None:
     from pydantic import BaseModel
 
     if isinstance(config, ModelRef):
-        if config.is_local() or config.id.startswith((".", "/", "~")):
+        if config.is_uri():
+            from engine.storage import exists
+
+            if not exists(config.id):
+                raise FileNotFoundError(f"{role} model not found at {config.id}")
+        elif config.is_local() or config.id.startswith((".", "/", "~")):
             resolve_model(config, role)
         return
     if isinstance(config, BaseModel):

@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from engine import schema
 from engine.batch import Batch
 from engine.config import DataConfig
+from engine.storage import filesystem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -32,7 +33,12 @@ def read_source(data: DataConfig, ray_data):
         rows, class_names = list_image_folder(data)
         if not rows:
             raise ValueError(f"no images found under {data.path} for splits {data.splits}")
-        ds = ray_data.from_items(rows).map_batches(read_file_bytes, batch_format="numpy", batch_size=64)
+        # Small blocks stream through the stages (and land as shards) as they finish; one big block
+        # would hold every row until the last one is done.
+        num_blocks = -(-len(rows) // data.rows_per_block)
+        ds = ray_data.from_items(rows, override_num_blocks=num_blocks).map_batches(
+            read_file_bytes, batch_format="numpy", batch_size=data.rows_per_block
+        )
         return ds, class_names
     if data.format == "parquet":
         return read_parquet_source(data, ray_data)
@@ -40,7 +46,7 @@ def read_source(data: DataConfig, ray_data):
 
 
 def list_image_folder(data: DataConfig) -> tuple[list[dict], list[str]]:
-    fs, root = pafs.FileSystem.from_uri(_as_uri(data.path))
+    fs, root = filesystem(data.path)
     classes: set[str] = set()
     files: list[tuple[str, str, str]] = []  # (split, class, relative path)
     for split in data.splits:
@@ -57,7 +63,7 @@ def list_image_folder(data: DataConfig) -> tuple[list[dict], list[str]]:
     class_names = sorted(classes)
     label_of = {name: i for i, name in enumerate(class_names)}
     groups = _read_groups(fs, data.groups_file or posixpath.join(root, "groups.csv"))
-    masks_root = pafs.FileSystem.from_uri(_as_uri(data.masks_path))[1] if data.masks_path else None
+    masks_root = filesystem(data.masks_path)[1] if data.masks_path else None
     files.sort()
     if data.max_images:
         files = files[: data.max_images]
@@ -139,7 +145,7 @@ def _image_bytes(value) -> bytes | None:
 
 def _read_bytes(path: str) -> bytes | None:
     try:
-        fs, inner = pafs.FileSystem.from_uri(_as_uri(path))
+        fs, inner = filesystem(path)
         with fs.open_input_stream(inner) as stream:
             return stream.read()
     except (FileNotFoundError, OSError):
@@ -155,17 +161,9 @@ def _read_groups(fs, path: str) -> dict[str, int]:
     return {row["source_id"]: int(row["group"]) for row in csv.DictReader(io.StringIO(text))}
 
 
-def _as_uri(path: str) -> str:
-    """pyarrow wants absolute local paths; URIs pass through."""
-    if "://" in path:
-        return path
-    import os
-
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def _with_scheme(original: str | None, inner_path: str) -> str:
-    """Re-attach the URI scheme that `FileSystem.from_uri` strips, so workers can open the path."""
+    """Re-attach the URI scheme (and query) that `FileSystem.from_uri` strips, so workers can open the path."""
     if original and "://" in original:
-        return f"{original.split('://', 1)[0]}://{inner_path}"
+        query = original.partition("?")[2]
+        return f"{original.split('://', 1)[0]}://{inner_path}" + (f"?{query}" if query else "")
     return inner_path

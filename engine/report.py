@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from engine import schema
+from engine import schema, storage
 from engine.config import GenerateConfig
+from engine.shards import read_column
 
 
 @dataclass
@@ -25,24 +25,32 @@ class RunReport:
         return self.data["errors"]["total"] / real_in if real_in else 0.0
 
 
-def write_errors(errors: list[dict], path: Path) -> None:
+def write_errors(errors: list[dict], path: str | Path) -> None:
     table = pa.Table.from_pylist(errors, schema=schema.ERRORS_SCHEMA)
-    pq.write_table(table.sort_by([(schema.SOURCE_ID, "ascending"), ("stage", "ascending")]), path)
+    fs, inner = storage.filesystem(path)
+    pq.write_table(
+        table.sort_by([(schema.SOURCE_ID, "ascending"), ("stage", "ascending")]), inner, filesystem=fs
+    )
 
 
-def count_rows(data_dir: Path) -> dict[str, int]:
-    """Rows written per recipe, read from the shards themselves (only the recipe column)."""
-    files = sorted(str(p) for p in data_dir.glob("*.parquet"))
-    if not files:
-        return {}
-    table = pads.dataset(files, format="parquet").to_table(columns=[schema.RECIPE])
-    counts = pc.value_counts(table[schema.RECIPE]).to_pylist()
-    return {item["values"]: item["counts"] for item in counts}
+def count_rows(data_dir: Path) -> tuple[dict[str, int], int]:
+    """Rows in the shards per recipe, and how many ids appear more than once (must be 0)."""
+    table = read_column(str(data_dir), [schema.ID, schema.RECIPE])
+    counts = pc.value_counts(table[schema.RECIPE]).to_pylist() if table.num_rows else []
+    duplicates = table.num_rows - len(pc.unique(table[schema.ID])) if table.num_rows else 0
+    return {item["values"]: item["counts"] for item in counts}, duplicates
 
 
 def build_report(
-    config: GenerateConfig, snapshot: dict, data_dir: Path, class_names: list[str], digest: str, wall_s: float
+    config: GenerateConfig,
+    snapshot: dict,
+    data_dir: Path,
+    class_names: list[str],
+    digest: str,
+    wall_s: float,
+    synthetic_before: int = 0,
 ) -> RunReport:
+    """`synthetic_before`: synthetic rows already in the shards when this run started (a resumed run)."""
     stages = {}
     for name, s in snapshot["stages"].items():
         stages[name] = {
@@ -54,8 +62,9 @@ def build_report(
             "rows_per_busy_s": round(s["rows_in"] / s["busy_s"], 3) if s["busy_s"] > 0 else None,
         }
     errors = snapshot["errors"]
-    written = count_rows(data_dir)
+    written, duplicates = count_rows(data_dir)
     real_in = stages.get("decode", {}).get("rows_in", 0)
+    skip = stages.get("skip_done", {"rows_in": real_in, "rows_out": real_in})
     # Expansion emits the synthetic rows (K per expandable source); each later error costs one of them.
     synthetic_emitted = stages.get("expand", {}).get("synthetic_out", 0)
     later_errors = sum(1 for e in errors if e["stage"] not in ("decode", "segment", "expand"))
@@ -68,10 +77,14 @@ def build_report(
         "classes": class_names,
         "wall_s": round(wall_s, 2),
         "rows": {
+            "sources_in": skip["rows_in"],
+            "sources_already_done": skip["rows_in"] - skip["rows_out"],
             "real_in": real_in,
             "real_written": written.get(schema.RECIPE_REAL, 0),
-            "synthetic_expected": synthetic_emitted - later_errors,
+            "synthetic_expected": synthetic_before + synthetic_emitted - later_errors,
             "synthetic_written": synthetic_written,
+            "synthetic_generated_this_run": stages.get("expand", {}).get("synthetic_out", 0),
+            "duplicate_ids": duplicates,
             "synthetic_per_s": round(synthetic_written / wall_s, 3) if wall_s > 0 else None,
         },
         "stages": stages,
@@ -81,9 +94,9 @@ def build_report(
             "by_stage": dict(Counter(e["stage"] for e in errors)),
         },
         "output": {
-            "data": str(data_dir),
-            "errors": str(data_dir.parent / "errors.parquet"),
-            "gallery": str(data_dir.parent / "gallery" / "index.html"),
+            "data": storage.resolve(data_dir),
+            "errors": storage.join(storage.parent(data_dir), "errors.parquet"),
+            "gallery": storage.join(storage.parent(data_dir), "gallery", "index.html"),
         },
     }
     return RunReport(data)

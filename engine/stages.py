@@ -34,10 +34,15 @@ class Stage:
     writes: tuple[str, ...] = ()  # columns it adds: present (None-filled) even when no row applies
     only_synthetic: bool = False  # real rows (recipe "real") pass through untouched
     only_splits: tuple[str, ...] | None = None  # rows of other splits pass through untouched
+    # A stage made of several Ray Data operators rather than one map_batches callable (a `ray.data.llm`
+    # Processor): `fn(ds, stage=, ledger=, task_num_cpus=)` returns the new dataset and records rows, errors
+    # and busy time in the ledger itself; `reserves` is what its actor pools hold ({"CPU": n, "GPU": n}).
+    on_dataset: bool = False
+    reserves: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_actor(self) -> bool:
-        return inspect.isclass(self.fn)
+        return inspect.isclass(self.fn) and not self.on_dataset
 
 
 class StageRunner:
@@ -93,20 +98,36 @@ def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) 
 
 
 def _call_with_row_fallback(fn: Callable[[Batch], Batch], live: Batch, stage_name: str) -> Batch:
-    """Run the batch; if it raises, run it row by row so one bad row costs that row, not the batch."""
+    """Run the batch; on failure, retry so that one bad row costs that row, not its batch.
+
+    Out of memory: split the batch in half and retry each half, down to single rows (reason "oom").
+    Any other error: retry row by row (reason "exception" for the rows that still fail).
+    """
     try:
         return _with_error_columns(fn(live))
     except Exception as exc:  # noqa: BLE001 - any model error becomes a row error, never a lost batch
-        if num_rows(live) == 1:
+        n = num_rows(live)
+        if n == 1:
             return _mark_failed(live, exc)
-    parts = []
-    for i in range(num_rows(live)):
-        row = take(live, np.array([i]))
-        try:
-            parts.append(_with_error_columns(fn(row)))
-        except Exception as exc:  # noqa: BLE001
-            parts.append(_mark_failed(row, exc))
-    return concat(parts)
+        if _is_out_of_memory(exc):
+            _release_cached_memory()
+            halves = np.array_split(np.arange(n), 2)
+        else:
+            halves = [np.array([i]) for i in range(n)]
+        return concat([_call_with_row_fallback(fn, take(live, part), stage_name) for part in halves])
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # By name and message: the driver and CPU stages never import torch to get the exception class.
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _release_cached_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _with_error_columns(batch: Batch) -> Batch:
@@ -120,7 +141,7 @@ def _with_error_columns(batch: Batch) -> Batch:
 
 def _mark_failed(row: Batch, exc: Exception) -> Batch:
     row = dict(row)
-    row[schema.ERROR] = np.array(["exception"], dtype=object)
+    row[schema.ERROR] = np.array(["oom" if _is_out_of_memory(exc) else "exception"], dtype=object)
     detail = traceback.format_exception_only(exc)[-1].strip()
     row[schema.ERROR_MESSAGE] = np.array([detail[:500]], dtype=object)
     return row
@@ -146,23 +167,45 @@ def check_resource_budget(stages: list[Stage], cluster: dict[str, float], task_n
     """Fail before running when actor pools cannot all be scheduled (Ray Data would wait forever)."""
     cpus = sum(s.spec.num_cpus * s.spec.concurrency for s in stages if s.is_actor)
     gpus = sum(s.spec.num_gpus * s.spec.concurrency for s in stages if s.is_actor)
+    cpus += sum(s.reserves.get("CPU", 0.0) for s in stages if s.on_dataset)
+    gpus += sum(s.reserves.get("GPU", 0.0) for s in stages if s.on_dataset)
     have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if cpus + task_num_cpus > have_cpus + 1e-9:
-        pools = ", ".join(f"{s.name}={s.spec.num_cpus}x{s.spec.concurrency}" for s in stages if s.is_actor)
+        pools = ", ".join(
+            f"{s.name}={s.spec.num_cpus}x{s.spec.concurrency}"
+            if s.is_actor
+            else f"{s.name}={s.reserves.get('CPU', 0.0):g}"
+            for s in stages
+            if s.is_actor or s.on_dataset
+        )
         raise ValueError(
             f"actor pools reserve {cpus:g} CPUs ({pools}) plus {task_num_cpus:g} for CPU tasks, but the "
             f"cluster has {have_cpus:g}: lower <stage>.stage.num_cpus/concurrency or add CPUs (ray.num_cpus)"
         )
     if gpus > have_gpus + 1e-9:
         raise ValueError(f"actor pools reserve {gpus:g} GPUs but the cluster has {have_gpus:g}")
+    custom: dict[str, float] = {}
+    for s in stages:
+        for name, amount in (s.spec.resources if s.is_actor else {}).items():
+            custom[name] = custom.get(name, 0.0) + amount * s.spec.concurrency
+    for name, amount in sorted(custom.items()):
+        if amount > cluster.get(name, 0.0) + 1e-9:
+            raise ValueError(
+                f"actor pools reserve {amount:g} of resource {name!r} but the cluster has "
+                f"{cluster.get(name, 0.0):g}: give nodes that resource (ray start --resources) "
+                "or change <stage>.stage.resources"
+            )
 
 
 def apply_stages(ds, stages: list[Stage], ledger, task_num_cpus: float):
-    """The stage loop: one `map_batches` per stage, scheduled from its spec."""
+    """The stage loop: one `map_batches` per stage, scheduled from its spec (`on_dataset` stages add
+    their own operators)."""
     from ray.data import ActorPoolStrategy
 
     for stage in stages:
-        if stage.is_actor:
+        if stage.on_dataset:
+            ds = stage.fn(ds, stage=stage, ledger=ledger, task_num_cpus=task_num_cpus)
+        elif stage.is_actor:
             spec = stage.spec
             # A subclass per stage only so that Ray Data's progress bars show the stage's name.
             runner = type(stage.name, (StageRunner,), {})
@@ -174,6 +217,7 @@ def apply_stages(ds, stages: list[Stage], ledger, task_num_cpus: float):
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
+                resources=spec.resources or None,
                 # Passed through as Ray remote args (deprecated for removal in Ray 2.64; pinned 2.60 here).
                 max_restarts=spec.max_restarts,
                 max_task_retries=spec.max_task_retries,

@@ -7,30 +7,39 @@ configs point at.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from engine.tiny.llm import build_llm
 from engine.tiny.sdxl import build_sdxl
 from engine.tiny.segmentation import build_grounding_dino, build_sam, build_sam_checkpoint
+from engine.tiny.vlm import build_vlm
 
 # name -> builder(out_path) -> path written. Order is build order.
 TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "grounding-dino": build_grounding_dino,
     "sam": build_sam,
-    "sam-tiny.pth": build_sam_checkpoint,
+    "sam-tiny.safetensors": build_sam_checkpoint,
     "sdxl": build_sdxl,
     "llm": build_llm,
+    "vlm": build_vlm,
 }
 
 DEFAULT_DIR = Path(".cache/tiny-models")
 
 
-def build_tiny_models(out_dir: Path = DEFAULT_DIR, force: bool = False) -> dict[str, Path]:
-    """Build every tiny model missing under `out_dir` (all of them with `force`)."""
+def build_tiny_models(
+    out_dir: Path = DEFAULT_DIR, force: bool = False, names: Collection[str] | None = None
+) -> dict[str, Path]:
+    """Build every tiny model missing under `out_dir` (all of them with `force`; only `names` if given)."""
+    unknown = sorted(set(names or ()) - set(TINY_MODELS))
+    if unknown:
+        raise ValueError(f"unknown tiny models {unknown}; available: {', '.join(TINY_MODELS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     built = {}
     for name, builder in TINY_MODELS.items():
+        if names is not None and name not in names:
+            continue
         target = out_dir / name
         if force or not target.exists():
             # Build into a temporary sibling and rename, so an interrupted build never looks complete.

@@ -76,3 +76,8 @@ def test_driver_modules_do_not_import_the_gpu_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_secrets_never_go_into_configs():
+    with pytest.raises(ValueError, match="look like secrets"):
+        load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["ray.env_vars={HF_TOKEN: hf_abc}"])

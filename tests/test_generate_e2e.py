@@ -51,8 +51,10 @@ def tiny_config(toy, tiny_models_dir, out, *overrides):
     )
 
 
-def test_aga_end_to_end(ray_local, toy, tiny_models_dir, tmp_path):
+def test_aga_end_to_end(ray_local, toy, tiny_models_dir, tmp_path, monkeypatch):
     from engine.pipeline import run_generate
+
+    monkeypatch.setenv("HF_TOKEN", "hf_canary_token_value")
 
     # A corrupt file in the train split must become an error row, not a crash.
     (toy / "train" / "circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
@@ -114,6 +116,10 @@ def test_aga_end_to_end(ray_local, toy, tiny_models_dir, tmp_path):
     assert (tmp_path / "out" / "gallery" / "index.html").exists()
     assert (tmp_path / "out" / "gallery" / "contact_sheet.png").exists()
     assert (tmp_path / "out" / "config.yaml").exists()
+    # The hub token in the environment appears in no output file.
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert b"hf_canary_token_value" not in path.read_bytes(), path
 
 
 def test_dataset_masks_subject_is_pasted_intact(ray_local, toy, tiny_models_dir, tmp_path):
@@ -141,3 +147,17 @@ def test_dataset_masks_subject_is_pasted_intact(ray_local, toy, tiny_models_dir,
         subject_colour = pixels(src, schema.IMAGE)[pixels(src, schema.MASK) > 0].mean(axis=0)
         pasted = pixels(row, schema.IMAGE)[pixels(row, schema.MASK) > 0].mean(axis=0)
         assert np.abs(subject_colour - pasted).max() < 25, (subject_colour, pasted)
+
+
+def test_same_config_and_seed_give_byte_identical_shards(ray_local, toy, tiny_models_dir, tmp_path):
+    from engine.pipeline import run_generate
+
+    def shards(out):
+        return {p.name: p.read_bytes() for p in sorted((out / "data").glob("*.parquet"))}
+
+    overrides = ("data.splits=[train]", "output.rows_per_shard=8", "data.rows_per_block=4")
+    for name in ("a", "b"):
+        run_generate(tiny_config(toy, tiny_models_dir, tmp_path / name, *overrides))
+    first, second = shards(tmp_path / "a"), shards(tmp_path / "b")
+    assert len(first) > 2
+    assert first == second

@@ -22,7 +22,7 @@ def one_torch_thread():
 
 
 def segment_config(models, backend="transformers", **kwargs) -> SegmentConfig:
-    sam = models / ("sam" if backend == "transformers" else "sam-tiny.pth")
+    sam = models / ("sam" if backend == "transformers" else "sam-tiny.safetensors")
     return SegmentConfig(
         backend=backend,
         detector={"id": str(models / "grounding-dino")},
@@ -159,3 +159,41 @@ def test_missing_columns_and_empty_batch(segmenters):
 def test_unknown_sam_model_type_lists_available():
     with pytest.raises(ValueError, match="available: .*vit_tiny"):
         build_segment_anything("vit_huge")
+
+
+def test_pickled_checkpoints_are_refused_unless_allowed(tiny_models_dir, tmp_path):
+    """Weights load from safetensors only unless `allow_pickle: true` (then still as tensors only)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from actors.segmenter import Segmenter
+    from engine.config import ModelRef, SegmentConfig
+
+    pickled = tmp_path / "sam.pth"
+    torch.save(load_file(str(tiny_models_dir / "sam-tiny.safetensors")), pickled)
+    base = {
+        "backend": "segment_anything",
+        "detector": ModelRef(id=str(tiny_models_dir / "grounding-dino")),
+        "sam_model_type": "vit_tiny",
+        "device": "cpu",
+    }
+    with pytest.raises(ValueError, match="allow_pickle"):
+        Segmenter(SegmentConfig(sam=ModelRef(id=str(pickled)), **base))
+    Segmenter(SegmentConfig(sam=ModelRef(id=str(pickled), allow_pickle=True), **base))
+
+    # A transformers checkpoint saved as pytorch_model.bin only is refused the same way.
+    from transformers import SamModel
+
+    bin_dir = tmp_path / "sam-bin"
+    model = SamModel.from_pretrained(tiny_models_dir / "sam")
+    model.save_pretrained(bin_dir)
+    (bin_dir / "model.safetensors").unlink()  # transformers 5 saves safetensors only: make the .bin by hand
+    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (tiny_models_dir / "sam" / name).exists():
+            (bin_dir / name).write_bytes((tiny_models_dir / "sam" / name).read_bytes())
+    assert not list(bin_dir.glob("*.safetensors"))
+    transformers_base = {**base, "backend": "transformers"}
+    with pytest.raises(Exception, match="safetensors"):
+        Segmenter(SegmentConfig(sam=ModelRef(id=str(bin_dir)), **transformers_base))
+    Segmenter(SegmentConfig(sam=ModelRef(id=str(bin_dir), allow_pickle=True), **transformers_base))

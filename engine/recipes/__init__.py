@@ -12,17 +12,20 @@ from engine.config import GenerateConfig
 from engine.recipes.aga import aga_stages
 from engine.stages import Stage
 
-RecipeBuilder = Callable[[GenerateConfig, list[str], str], list[Stage]]
+# (config, class names, config hash, ids already written) -> stages
+RecipeBuilder = Callable[[GenerateConfig, list[str], str, frozenset[str]], list[Stage]]
 
 RECIPES: dict[str, RecipeBuilder] = {
     "aga": aga_stages,
 }
 
 
-def build_stages(config: GenerateConfig, class_names: list[str], config_hash: str) -> list[Stage]:
+def build_stages(
+    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: frozenset[str] = frozenset()
+) -> list[Stage]:
     if config.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {config.recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    return RECIPES[config.recipe](config, class_names, config_hash)
+    return RECIPES[config.recipe](config, class_names, config_hash, done_ids)
 
 
 def model_tags(config: GenerateConfig) -> dict[str, str]:

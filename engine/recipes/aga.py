@@ -10,14 +10,17 @@ from actors.background import BackgroundGenerator
 from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
 from actors.segmenter import DETECT_SCORE, Segmenter
+from actors.vllm_prompts import vllm_prompt_stage
 from engine import schema
 from engine.config import GenerateConfig
 from engine.decode import decode_images
-from engine.expand import expand_variants
+from engine.expand import Expansion, expand_variants, skip_completed_sources
 from engine.stages import Stage
 
 
-def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str) -> list[Stage]:
+def aga_stages(
+    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: frozenset[str]
+) -> list[Stage]:
     missing = [
         name for name in ("segment", "prompt", "background", "composite") if getattr(config, name) is None
     ]
@@ -25,7 +28,16 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
         raise ValueError(f"recipe 'aga' needs config sections {missing}")
     seg = config.segment
     expand_splits = tuple(config.data.expand_splits) if config.data.expand_splits is not None else None
+    expansion = Expansion(
+        recipe=config.recipe,
+        num_variants=config.num_variants,
+        base_seed=config.seed,
+        config_hash=config_hash,
+        include_real=config.output.include_real,
+        expand_splits=expand_splits,
+    )
     stages = [
+        Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
         Stage(
             "decode",
             decode_images,
@@ -34,7 +46,7 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
                 "min_side": config.data.min_side,
                 "require_masks": seg.use_dataset_masks,
             },
-        )
+        ),
     ]
     # 1. The subject mask: from the dataset when it ships masks (and the config says so), else the models.
     if not seg.use_dataset_masks:
@@ -54,29 +66,26 @@ def aga_stages(config: GenerateConfig, class_names: list[str], config_hash: str)
         Stage(
             "expand",
             expand_variants,
-            kwargs={
-                "recipe": config.recipe,
-                "num_variants": config.num_variants,
-                "base_seed": config.seed,
-                "config_hash": config_hash,
-                "include_real": config.output.include_real,
-                "expand_splits": config.data.expand_splits,
-            },
+            kwargs={"expansion": expansion, "done_ids": done_ids},
             reads=(schema.SOURCE_ID, schema.SPLIT),
         )
     )
-    # 3. A background description per synthetic row, free of class words.
-    stages.append(
-        Stage(
-            "prompt",
-            PromptWriter,
-            config.prompt.stage,
-            {"config": config.prompt, "class_names": class_names, "superclasses": seg.superclasses},
-            reads=(schema.SEED, schema.CLASS_NAME),
-            writes=(schema.PROMPT, PROMPT_SOURCE, INSTRUCTION),
-            only_synthetic=True,
+    # 3. A background description per synthetic row, free of class words: the same columns from either
+    #    backend (transformers actors, or vLLM through ray.data.llm).
+    if config.prompt.backend == "vllm":
+        stages.append(vllm_prompt_stage(config.prompt, class_names, seg.superclasses))
+    else:
+        stages.append(
+            Stage(
+                "prompt",
+                PromptWriter,
+                config.prompt.stage,
+                {"config": config.prompt, "class_names": class_names, "superclasses": seg.superclasses},
+                reads=(schema.SEED, schema.CLASS_NAME),
+                writes=(schema.PROMPT, PROMPT_SOURCE, INSTRUCTION),
+                only_synthetic=True,
+            )
         )
-    )
     # 4. The background image, 5. the subject pasted onto it.
     stages.append(
         Stage(

@@ -158,8 +158,9 @@ def build_sam(out: Path) -> Path:
 
 
 def build_sam_checkpoint(out: Path) -> Path:
-    """Write a tiny segment-anything state_dict (model type `vit_tiny`) to the file `out`."""
+    """Write a tiny segment-anything state_dict (model type `vit_tiny`) to the file `out` (safetensors)."""
     import torch
+    from safetensors.torch import save_file
 
     from actors.segmenter import build_segment_anything
 
@@ -167,5 +168,5 @@ def build_sam_checkpoint(out: Path) -> Path:
     torch.manual_seed(0)
     sam = build_segment_anything("vit_tiny")
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sam.state_dict(), out)
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(out))
     return out

@@ -1,0 +1,178 @@
+"""Image captions from a vision-language model, behind a class prefix (MVC: "This is an image of <class>. ...").
+
+Reads:  image (HxWx3 uint8), class_name; seed (int64) only when sampling (temperature > 0).
+Writes: caption (str): `prefix` with the row's class filled in, then the model's first line of answer.
+
+Two backends, switched by one config key (`caption.backend`), writing the same column:
+- transformers: `Captioner`, a callable class for an actor pool (processor + `generate`);
+- vllm: `CaptionRequests`, the task of an `engine.llm_stage` vLLM stage: ray.data.llm applies the chat
+  template and runs vLLM, the image going in as the engine's `multimodal_data`.
+Both send the same chat turn (the image, then `instruction`) through the model's own chat template.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from engine import schema
+from engine.batch import Batch
+from engine.config import CaptionConfig
+from engine.llm_stage import image_part, sampling_params, text_part, vllm_stage
+from engine.models import resolve_device, resolve_model, torch_dtype
+from engine.stages import Stage
+
+CAPTION = "caption"
+READS = (schema.IMAGE, schema.CLASS_NAME)
+WRITES = (CAPTION,)
+
+
+def caption_text(prefix: str, class_name: str, generated: str | None) -> str:
+    """The prefix for the class, then the first non-empty line of the answer (whitespace collapsed)."""
+    lines = [" ".join(line.split()) for line in (generated or "").splitlines()]
+    answer = next((line for line in lines if line), "")
+    return (prefix.format(class_name=class_name) + answer).strip()
+
+
+def row_seeds(batch: Batch, temperature: float) -> list[int]:
+    """Sampling needs each row's seed (reproducible captions); greedy decoding does not."""
+    n = len(batch[schema.IMAGE])
+    if temperature > 0:
+        schema.require_columns(batch, [schema.SEED], "caption (temperature > 0 samples with the row's seed)")
+    if schema.SEED in batch:
+        return [int(s) for s in batch[schema.SEED]]
+    return [0] * n
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
+    assert ok, "cv2.imencode failed on a valid uint8 image"
+    return buf.tobytes()
+
+
+class Captioner:
+    """Callable class for `map_batches`: loads the VLM once, writes one caption per row (transformers)."""
+
+    def __init__(self, config: CaptionConfig) -> None:
+        if config.backend != "transformers":
+            raise ValueError(
+                f"Captioner runs the 'transformers' backend; backend {config.backend!r} is served by the "
+                "vLLM caption stage (actors.captioner.caption_stage)"
+            )
+        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+        self.config = config
+        path, revision = resolve_model(config.model, "caption VLM")
+        self.device = resolve_device(config.device)
+        self.processor = AutoProcessor.from_pretrained(path, revision=revision)
+        tokenizer = self.processor.tokenizer
+        if not (self.processor.chat_template or tokenizer.chat_template):
+            raise ValueError(f"caption VLM {config.model.id!r} has no chat_template: use an instruction VLM")
+        # Decoder-only batches pad on the left so every row's last position is its real last token.
+        tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, revision=revision, dtype=torch_dtype(config.dtype, self.device)
+        )
+        self.model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            do_sample=False,  # sampling, when asked for, is RowSeededSampler's (per-row generators)
+            num_beams=1,
+            eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.instruction}]}
+        ]
+        self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+        from PIL import Image
+        from transformers import LogitsProcessorList
+
+        from actors.prompt_writer import RowSeededSampler
+
+        schema.require_columns(batch, READS, "caption")
+        n = len(batch[schema.IMAGE])
+        seeds = row_seeds(batch, self.config.temperature)
+        images = [[Image.fromarray(np.asarray(image, dtype=np.uint8))] for image in batch[schema.IMAGE]]
+        inputs = self.processor(text=[self.text] * n, images=images, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        processors = LogitsProcessorList()
+        if self.config.temperature > 0:
+            processors.append(RowSeededSampler(seeds, self.config.temperature, self.config.top_p))
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, generation_config=self.generation_config, logits_processor=processors
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        out = dict(batch)
+        out[CAPTION] = np.array(
+            [
+                caption_text(self.config.prefix, str(c), t)
+                for c, t in zip(batch[schema.CLASS_NAME], texts, strict=True)
+            ],
+            dtype=object,
+        )
+        return out
+
+
+class CaptionRequests:
+    """The vLLM stage's task (`engine.llm_stage.LLMTask`) for captions: the image travels as PNG bytes."""
+
+    multimodal = True
+
+    def __init__(self, config: CaptionConfig) -> None:
+        self.config = config
+
+    def requests(self, live: Batch) -> list[dict[str, Any]]:
+        seeds = row_seeds(live, self.config.temperature)
+        return [
+            {
+                "messages": [{"role": "user", "content": [image_part(), text_part(self.config.instruction)]}],
+                "sampling_params": sampling_params(
+                    self.config.max_new_tokens, self.config.temperature, self.config.top_p, seed
+                ),
+                "image": png_bytes(np.asarray(image, dtype=np.uint8)),
+            }
+            for image, seed in zip(live[schema.IMAGE], seeds, strict=True)
+        ]
+
+    def results(self, live: Batch, texts: list[str]) -> dict[str, np.ndarray]:
+        captions = [
+            caption_text(self.config.prefix, str(c), t)
+            for c, t in zip(live[schema.CLASS_NAME], texts, strict=True)
+        ]
+        return {CAPTION: np.array(captions, dtype=object)}
+
+
+def caption_stage(
+    config: CaptionConfig, *, only_synthetic: bool = False, only_splits: tuple[str, ...] | None = None
+) -> Stage:
+    """The caption stage for a recipe, on the configured backend."""
+    if config.backend == "vllm":
+        return vllm_stage(
+            "caption",
+            CaptionRequests(config),
+            config,
+            reads=READS,
+            writes=WRITES,
+            only_synthetic=only_synthetic,
+            only_splits=only_splits,
+        )
+    return Stage(
+        "caption",
+        Captioner,
+        config.stage,
+        {"config": config},
+        reads=READS,
+        writes=WRITES,
+        only_synthetic=only_synthetic,
+        only_splits=only_splits,
+    )

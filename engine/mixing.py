@@ -1,0 +1,199 @@
+"""Utilization strategies: which train rows an epoch sees, as pure seedable functions over a row index.
+
+Every strategy maps (index of the train split's rows, a numpy Generator, its knobs) to an array of positions
+into that index, one per sample the epoch trains on (a position may repeat). No Ray, no images: the training
+job computes each epoch's positions on the driver and turns them into Ray Datasets (engine.train_data), and
+the tests check the sampling rules here directly.
+
+Validation and test rows never come through here: they are always the real rows of their split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from engine import schema
+from engine.train_config import MixConfig
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """Metadata of the candidate train rows (real and synthetic); array position = row position."""
+
+    ids: np.ndarray  # str
+    labels: np.ndarray  # int64
+    source_ids: np.ndarray  # str: a synthetic row's real image; a real row's own source
+    synthetic: np.ndarray  # bool
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> RowIndex:
+        """From a table with the schema's id, label, source_id and recipe columns."""
+        missing = [
+            c
+            for c in (schema.ID, schema.LABEL, schema.SOURCE_ID, schema.RECIPE)
+            if c not in table.schema.names
+        ]
+        if missing:
+            raise ValueError(f"the row index needs columns {missing}; the table has {table.schema.names}")
+        return cls(
+            ids=np.asarray(table[schema.ID].to_pylist(), dtype=object),
+            labels=table[schema.LABEL].to_numpy().astype(np.int64),
+            source_ids=np.asarray(table[schema.SOURCE_ID].to_pylist(), dtype=object),
+            synthetic=np.asarray(table[schema.RECIPE].to_pylist(), dtype=object) != schema.RECIPE_REAL,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def real_positions(self) -> np.ndarray:
+        return np.flatnonzero(~self.synthetic)
+
+    @property
+    def synthetic_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.synthetic)
+
+
+def count_rows(index: RowIndex, positions: np.ndarray) -> dict[str, int]:
+    """Real and synthetic samples among `positions` (repeats count each time)."""
+    num_synthetic = int(index.synthetic[positions].sum())
+    return {"real": len(positions) - num_synthetic, "synthetic": num_synthetic}
+
+
+# ---------------------------------------------------------------- the strategies
+
+
+def select_real(index: RowIndex) -> np.ndarray:
+    """`real`: the real rows only, the baseline every paper reports against."""
+    return index.real_positions
+
+
+def select_concat(
+    index: RowIndex, rng: np.random.Generator, synthetic_ratio: float | None = None
+) -> np.ndarray:
+    """`concat`: real rows plus synthetic rows in one training set.
+
+    "Combined" in MVC and "FC" (full combination) in UniDiffDA (Li et al. 2026, "Diffusion-Based Data
+    Augmentation for Image Recognition: A Systematic Analysis and Evaluation"). With `synthetic_ratio` r, each
+    class keeps at most round(r * its real count) synthetic rows, drawn once without replacement, so the
+    real-to-synthetic balance is set per class and class priors stay those of the real data. The set is
+    static: the caller passes the same generator state every epoch.
+    """
+    real = index.real_positions
+    synthetic = index.synthetic_positions
+    if synthetic_ratio is not None:
+        kept = []
+        for label in np.unique(index.labels[synthetic]):
+            of_class = synthetic[index.labels[synthetic] == label]
+            cap = round(synthetic_ratio * int((index.labels[real] == label).sum()))
+            kept.append(rng.choice(of_class, size=min(cap, len(of_class)), replace=False))
+        synthetic = np.sort(np.concatenate(kept)) if kept else synthetic[:0]
+    return np.concatenate([real, synthetic])
+
+
+def select_replace(index: RowIndex, rng: np.random.Generator, p: float, scope: str = "local") -> np.ndarray:
+    """`replace`: each real sample is swapped, with probability p, for a synthetic one; redrawn every epoch.
+
+    DA-Fusion (Trabucco et al. 2024, "Effective Data Augmentation With Diffusion Models": a real image is
+    replaced by one of its own synthetic variants with probability alpha) and UniDiffDA's "LRR"/"GRR"
+    (local/global random replacement). `local` draws uniformly among the variants whose source_id is the
+    real row's (a real row with no variants stays real); `global` draws uniformly among all synthetic rows
+    of the same label (a class with none stays real). Output slot i holds real row `real_positions[i]` or its
+    replacement, so the epoch size equals the real count.
+    """
+    if scope not in ("local", "global"):
+        raise ValueError(f"replace scope must be 'local' or 'global', got {scope!r}")
+    real = index.real_positions
+    synthetic = index.synthetic_positions
+    keys = index.source_ids if scope == "local" else index.labels
+    candidates: dict[object, list[int]] = {}
+    for position in synthetic.tolist():
+        candidates.setdefault(keys[position], []).append(position)
+    out = real.copy()
+    swap = rng.random(len(real)) < p
+    for slot in np.flatnonzero(swap).tolist():
+        pool = candidates.get(keys[real[slot]])
+        if pool:
+            out[slot] = pool[int(rng.integers(len(pool)))]
+    return out
+
+
+def select_rsp(index: RowIndex, rng: np.random.Generator, p: float) -> np.ndarray:
+    """`rsp`: random selection with probability, MVC's strategy; redrawn every epoch.
+
+    Every real row is used; each synthetic row joins the epoch independently with probability p, so the
+    batches mix real and synthetic samples at an expected p * num_synthetic synthetic rows per epoch and
+    the model sees a different synthetic subset each epoch.
+    """
+    synthetic = index.synthetic_positions
+    return np.concatenate([index.real_positions, synthetic[rng.random(len(synthetic)) < p]])
+
+
+def select_two_phase(
+    index: RowIndex,
+    rng: np.random.Generator,
+    *,
+    epoch: int,
+    phase1_epochs: int,
+    synthetic_ratio: float | None = None,
+) -> np.ndarray:
+    """`two_phase`: MVC's strategy: phase 1 trains on real + synthetic (as `concat`), phase 2 on real only.
+
+    Epochs [0, phase1_epochs) are phase 1, later ones phase 2; the training loop lowers the learning rate in
+    phase 2 (mix.phase2_lr_scale) so that it fine-tunes on the real distribution.
+    """
+    if epoch < phase1_epochs:
+        return select_concat(index, rng, synthetic_ratio)
+    return select_real(index)
+
+
+# ---------------------------------------------------------------- per epoch
+
+
+def phase1_epochs(mix: MixConfig, num_epochs: int) -> int:
+    """Epochs before two_phase's real-only phase (all epochs for the other strategies)."""
+    return num_epochs - mix.phase2_epochs if mix.strategy == "two_phase" else num_epochs
+
+
+def select_epoch(index: RowIndex, mix: MixConfig, *, seed: int, epoch: int, num_epochs: int) -> np.ndarray:
+    """The positions epoch `epoch` trains on under `mix.strategy`, a pure function of (seed, epoch)."""
+    # Static selections (concat, its cap) draw from a generator that every epoch rebuilds identically;
+    # re-drawn ones (replace, rsp) from one keyed by the epoch.
+    static_rng = np.random.default_rng([seed, 0])
+    epoch_rng = np.random.default_rng([seed, 1, epoch])
+    selectors: dict[str, Callable[[], np.ndarray]] = {
+        "real": lambda: select_real(index),
+        "concat": lambda: select_concat(index, static_rng, mix.synthetic_ratio),
+        "replace": lambda: select_replace(index, epoch_rng, mix.replace_prob, mix.replace_scope),
+        "rsp": lambda: select_rsp(index, epoch_rng, mix.rsp_prob),
+        "two_phase": lambda: select_two_phase(
+            index,
+            static_rng,
+            epoch=epoch,
+            phase1_epochs=phase1_epochs(mix, num_epochs),
+            synthetic_ratio=mix.synthetic_ratio,
+        ),
+    }
+    if mix.strategy not in selectors:
+        raise ValueError(f"unknown mix.strategy {mix.strategy!r}; available: {', '.join(selectors)}")
+    positions = selectors[mix.strategy]()
+    if len(positions) == 0:
+        raise ValueError(f"strategy {mix.strategy!r} selected no train rows for epoch {epoch}")
+    return positions
+
+
+def deal_to_ranks(positions: np.ndarray, *, rng: np.random.Generator, world_size: int) -> list[np.ndarray]:
+    """Shuffle an epoch's positions and deal them to `world_size` ranks in equal parts.
+
+    Equal parts keep DDP's ranks in lockstep (same number of steps); the at most world_size - 1 rows left
+    over are dropped, different ones each epoch since the shuffle differs.
+    """
+    if len(positions) < world_size:
+        raise ValueError(f"{len(positions)} train rows cannot feed {world_size} workers")
+    shuffled = rng.permutation(positions)
+    usable = len(shuffled) - len(shuffled) % world_size
+    return [shuffled[rank:usable:world_size] for rank in range(world_size)]

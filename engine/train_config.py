@@ -1,0 +1,187 @@
+"""Typed configs of `synthray train` (one run) and `synthray sweep` (runs x seeds), in the style of engine.config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from engine.config import ModelRef, RayConfig, Strict
+
+STRATEGIES = ("real", "concat", "replace", "rsp", "two_phase")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ShardsConfig(Strict):
+    paths: list[str] = Field(
+        min_length=1,
+        description="Shard folders (a generation run's <out>/data) or .parquet files; with several, real rows "
+        "are kept once per source_id (from the first path that has them)",
+    )
+    recipes: list[str] | None = Field(
+        default=None, description="Synthetic recipes to use (None: every recipe other than 'real')"
+    )
+    image_size: int = Field(default=64, ge=8, description="Side of the square training/eval input, px")
+    cache_in_object_store: bool = Field(
+        default=True,
+        description="Materialize the encoded rows once (epochs then skip Parquet); off for data above object "
+        "store memory, which re-reads the shards each epoch",
+    )
+    decode_batch_size: int = Field(default=64, ge=1, description="Rows per decode/augment map_batches call")
+    shuffle_buffer_rows: int = Field(
+        default=2048, ge=1, description="Decoded rows each worker shuffles over (on top of block order)"
+    )
+
+
+class AugmentConfig(Strict):
+    crop_scale: tuple[float, float] = Field(default=(0.6, 1.0), description="RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = Field(
+        default=(0.75, 4 / 3), description="RandomResizedCrop aspect range"
+    )
+    hflip: bool = Field(default=True, description="Random horizontal flip")
+    rand_augment: bool = Field(default=False, description="Add RandAugment (Cubuk et al. 2020)")
+    rand_augment_num_ops: int = Field(default=2, ge=1)
+    rand_augment_magnitude: int = Field(default=9, ge=0, le=30)
+    mean: tuple[float, float, float] = Field(default=IMAGENET_MEAN, description="Normalization mean (timm's)")
+    std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="Normalization std (timm's)")
+
+
+class MixConfig(Strict):
+    strategy: Literal["real", "concat", "replace", "rsp", "two_phase"] = Field(
+        default="real", description="How synthetic train rows are used (engine.mixing documents each)"
+    )
+    synthetic_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="concat / two_phase phase 1: at most this many synthetic rows per real row of each class "
+        "(None: all)",
+    )
+    replace_prob: float = Field(
+        default=0.5, ge=0, le=1, description="replace: per-sample replacement probability"
+    )
+    replace_scope: Literal["local", "global"] = Field(
+        default="local",
+        description="replace: by one of the row's own variants (local) or any of its class (global)",
+    )
+    rsp_prob: float = Field(
+        default=0.5, ge=0, le=1, description="rsp: probability each synthetic row joins an epoch"
+    )
+    phase2_epochs: int = Field(default=2, ge=1, description="two_phase: last epochs, real rows only")
+    phase2_lr_scale: float = Field(default=0.1, gt=0, description="two_phase: phase-2 peak LR = lr * this")
+
+
+class ModelConfig(Strict):
+    name: str = Field(default="test_resnet", description="timm model name (timm.list_models())")
+    pretrained: ModelRef | None = Field(
+        default=None,
+        description="Local weights file (.safetensors; pickled .pth/.bin need allow_pickle); None: random init",
+    )
+    drop_rate: float = Field(default=0.0, ge=0, lt=1, description="Dropout before the classifier")
+
+    @model_validator(mode="after")
+    def _weights_are_local(self) -> ModelConfig:
+        # Downloads are the cluster operator's step; training never reaches a hub on its own.
+        if self.pretrained is not None and not self.pretrained.is_local():
+            raise ValueError(f"model.pretrained {self.pretrained.id!r} must be a local weights file")
+        return self
+
+
+class OptimConfig(Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=3e-3, gt=0, description="Peak learning rate (linear warmup, then cosine)")
+    weight_decay: float = Field(default=0.05, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.75}, description="Ray resources reserved by each worker"
+    )
+    controller_poll_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Ray Train controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; None: Ray's 2 s); "
+        "each report waits for a poll, so sub-second epochs want less",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast on GPUs that have it, else fp16 + GradScaler; CPU fp32",
+    )
+
+
+class CheckpointSpec(Strict):
+    every_epochs: int = Field(default=1, ge=1, description="Checkpoint every N epochs (and always the last)")
+    num_to_keep: int = Field(default=2, ge=1)
+
+
+class TrainOutputConfig(Strict):
+    path: str = Field(
+        default="outputs/train", description="Ray Train storage root; runs live in <path>/<name>"
+    )
+    name: str | None = Field(
+        default=None, description="Run name (None: <strategy>-seed<seed>); same name resumes"
+    )
+    overwrite: bool = Field(
+        default=False, description="Delete an existing run of that name instead of resuming"
+    )
+
+
+class TrainConfig(Strict):
+    seed: int = Field(default=0, ge=0, description="Model init, sampling plan and augmentation seed")
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="Per worker")
+    eval_batch_size: int = Field(default=64, ge=1, description="Per worker")
+    data: ShardsConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output: TrainOutputConfig = Field(default_factory=TrainOutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _two_phase_fits(self) -> TrainConfig:
+        if self.mix.strategy == "two_phase" and self.mix.phase2_epochs >= self.epochs:
+            raise ValueError(
+                f"mix.phase2_epochs ({self.mix.phase2_epochs}) must be below epochs ({self.epochs}): "
+                "phase 1 needs at least one epoch"
+            )
+        return self
+
+    def run_name(self) -> str:
+        return self.output.name or f"{self.mix.strategy}-seed{self.seed}"
+
+    def run_dir(self) -> Path:
+        return Path(self.output.path).expanduser().resolve() / self.run_name()
+
+
+class SweepVariant(Strict):
+    name: str = Field(description="Row label in the table, e.g. concat-k5")
+    set: list[str] = Field(
+        default_factory=list, description="TrainConfig overrides, e.g. mix.strategy=concat"
+    )
+
+
+class SweepConfig(Strict):
+    train_config: str = Field(description="Base TrainConfig YAML (each run = base + overrides + variant.set)")
+    overrides: list[str] = Field(default_factory=list, description="TrainConfig overrides for every run")
+    variants: list[SweepVariant] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    output: str = Field(default="outputs/sweep", description="sweep.json/sweep.md here, runs under runs/")
+    overwrite: bool = Field(default=False, description="Retrain runs that exist (default: resume/reuse them)")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> SweepConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        return self

@@ -1,0 +1,365 @@
+"""Training data: the shards' row index (pyarrow, no images) and the Ray Datasets each worker iterates.
+
+How epochs reach the workers. Strategies such as `replace` and `rsp` redraw the rows every epoch, and DDP
+needs every rank to take the same number of steps. So the driver computes the whole sampling plan up front
+(engine.mixing: positions per epoch, shuffled and dealt to ranks in equal parts, a pure function of the
+seed) and hands Ray Train one lazy Dataset per (epoch, rank), named `train_e<epoch>_r<rank>`, plus
+`val_r<rank>` / `test_r<rank>`; none is split by Ray Train (DataConfig(datasets_to_split=[])). Each is the
+encoded row pool filtered to that part of the plan (row numbers and counts, held once in the object store),
+then decoded and augmented in `map_batches`, so no row is decoded twice within an epoch and nothing runs
+until a worker iterates it. A resumed run simply starts at
+a later epoch's datasets, and the plan of every epoch is the same as in an uninterrupted run.
+
+Scale: the pool (encoded bytes) is materialized once in the object store by default; every (epoch, rank)
+dataset scans it and keeps its rows, so a scan costs O(pool) but decode costs O(selected rows). With
+`data.cache_in_object_store: false` each epoch re-reads the Parquet shards instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine import schema
+from engine.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
+from engine.train_config import AugmentConfig, ShardsConfig, TrainConfig
+
+INDEX_COLUMNS = (
+    schema.ID,
+    schema.LABEL,
+    schema.CLASS_NAME,
+    schema.SPLIT,
+    schema.SOURCE_ID,
+    schema.RECIPE,
+    schema.GROUP,
+)
+POOL_COLUMNS = (schema.ID, schema.IMAGE, schema.LABEL, schema.GROUP, schema.RECIPE)
+EVAL_SPLITS = ("val", "test")
+SYNTHETIC = "synthetic"  # working column: 1 for a synthetic row, so workers can count what they saw
+ROW = "row"  # working column: the row's number in the pool, which the epoch plans refer to
+
+
+def shard_files(paths: list[str]) -> list[str]:
+    """The .parquet files under each path (a folder's files sorted by name), in the order of `paths`."""
+    files: list[str] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.parquet"))
+            if not found:
+                raise ValueError(f"no .parquet shards in {path} (expected a generation run's <out>/data)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise ValueError(f"data path {raw!r} does not exist")
+    return files
+
+
+@dataclass
+class TrainingData:
+    """Everything the driver knows about the rows before any image is read."""
+
+    files: list[str]
+    train: pa.Table  # real + synthetic candidate rows of the train split (INDEX_COLUMNS)
+    eval: dict[str, pa.Table]  # val/test: real rows only
+    class_names: list[str]
+    excluded: dict[str, int] = field(default_factory=dict)  # rows left out, by reason
+
+    @cached_property
+    def index(self) -> RowIndex:
+        return RowIndex.from_table(self.train)
+
+
+def _read_index_file(path: str, source: int) -> pa.Table:
+    names = pq.read_schema(path).names
+    missing = [c for c in INDEX_COLUMNS if c not in names and c != schema.GROUP]
+    if missing:
+        raise ValueError(f"shard {path} lacks columns {missing} (see engine/schema.py OUTPUT_SCHEMA)")
+    table = pq.read_table(path, columns=[c for c in INDEX_COLUMNS if c in names])
+    if schema.GROUP not in names:
+        table = table.append_column(schema.GROUP, pa.array(np.full(len(table), -1, np.int64)))
+    table = table.set_column(
+        table.schema.get_field_index(schema.GROUP), schema.GROUP, pc.fill_null(table[schema.GROUP], -1)
+    )
+    return table.select(list(INDEX_COLUMNS)).append_column("_source", pa.array(np.full(len(table), source)))
+
+
+def load_training_data(config: ShardsConfig) -> TrainingData:
+    """Read the index columns of every shard and sort rows into train candidates and real val/test rows.
+
+    Several paths (e.g. two generation runs over the same real images) share their real rows: a real
+    row is kept from the first path holding its source_id. Synthetic rows of a recipe outside
+    `config.recipes` and synthetic rows of val/test are left out (counted in `excluded`).
+    """
+    files = shard_files(config.paths)
+    source_of_file = []
+    for number, raw in enumerate(config.paths):
+        source_of_file += [number] * len(shard_files([raw]))
+    table = pa.concat_tables(_read_index_file(f, s) for f, s in zip(files, source_of_file, strict=True))
+    ids = table[schema.ID]
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:3]
+        raise ValueError(f"row ids repeat across the shards (e.g. {repeated}): is a path listed twice?")
+
+    recipe = np.asarray(table[schema.RECIPE].to_pylist(), dtype=object)
+    split = np.asarray(table[schema.SPLIT].to_pylist(), dtype=object)
+    is_real = recipe == schema.RECIPE_REAL
+    excluded: dict[str, int] = {}
+    # Real rows: first path wins per source_id.
+    keep = np.ones(len(table), bool)
+    first_source = {}
+    sources = table["_source"].to_numpy()
+    for position, (source_id, source) in enumerate(
+        zip(table[schema.SOURCE_ID].to_pylist(), sources.tolist(), strict=True)
+    ):
+        if is_real[position]:
+            owner = first_source.setdefault(source_id, source)
+            keep[position] = owner == source
+    excluded["duplicate_real_rows"] = int((~keep).sum())
+    if config.recipes is not None:
+        unwanted = ~is_real & ~np.isin(recipe, list(config.recipes))
+        excluded["recipe_not_selected"] = int((unwanted & keep).sum())
+        keep &= ~unwanted
+    eval_synthetic = ~is_real & np.isin(split, EVAL_SPLITS)
+    excluded["synthetic_in_val_test"] = int((eval_synthetic & keep).sum())
+    keep &= ~eval_synthetic
+
+    table = table.filter(pa.array(keep)).drop_columns(["_source"])
+    split = split[keep]
+    train = table.filter(pa.array(split == "train"))
+    if (
+        len(train) == 0
+        or (train[schema.RECIPE].to_numpy(zero_copy_only=False) == schema.RECIPE_REAL).sum() == 0
+    ):
+        raise ValueError(f"no real train rows in {config.paths}")
+    return TrainingData(
+        files=files,
+        train=train,
+        eval={name: table.filter(pa.array(split == name)) for name in EVAL_SPLITS},
+        class_names=class_names_of(table),
+        excluded=excluded,
+    )
+
+
+def class_names_of(table: pa.Table) -> list[str]:
+    """Names by label, from the rows (a label without rows is named class_<n>); conflicting names fail."""
+    pairs = (
+        table.select([schema.LABEL, schema.CLASS_NAME])
+        .group_by([schema.LABEL, schema.CLASS_NAME])
+        .aggregate([])
+    )
+    names: dict[int, str] = {}
+    for pair in pairs.to_pylist():
+        label, name = pair[schema.LABEL], pair[schema.CLASS_NAME]
+        if label < 0:
+            raise ValueError(f"labels must be non-negative, got {label}")
+        if names.setdefault(label, name) != name:
+            raise ValueError(f"label {label} has two class names: {names[label]!r} and {name!r}")
+    return [names.get(label, f"class_{label}") for label in range(max(names) + 1)]
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_epochs(data: TrainingData, config: TrainConfig) -> list[list[np.ndarray]]:
+    """Positions into `data.index` per epoch and rank: the strategy's selection, shuffled and dealt."""
+    index = data.index
+    world_size = config.scaling.num_workers
+    plan = []
+    for epoch in range(config.epochs):
+        positions = select_epoch(index, config.mix, seed=config.seed, epoch=epoch, num_epochs=config.epochs)
+        plan.append(
+            deal_to_ranks(
+                positions, rng=np.random.default_rng([config.seed, 2, epoch]), world_size=world_size
+            )
+        )
+    return plan
+
+
+def summarize_plan(data: TrainingData, plan: list[list[np.ndarray]], config: TrainConfig) -> list[dict]:
+    index = data.index
+    boundary = phase1_epochs(config.mix, config.epochs)
+    return [
+        {
+            "epoch": epoch,
+            "phase": 1 if epoch < boundary else 2,
+            "rows_per_rank": len(ranks[0]),
+            **count_rows(index, np.concatenate(ranks)),
+        }
+        for epoch, ranks in enumerate(plan)
+    ]
+
+
+# ---------------------------------------------------------------- Ray Data
+
+
+def _resolve(value):
+    """Plans travel as object refs (one copy in the object store, not one per dataset and worker)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def number_rows(batch: pa.Table, ids) -> pa.Table:
+    """Keep the rows whose id is in `ids` (sorted, unique; or a ref to it) and add `row`, the id's position
+    in `ids`, which plans refer to; a null group becomes -1."""
+    ids = _resolve(ids)
+    found = pc.index_in(batch[schema.ID], value_set=pa.array(ids, pa.string()))
+    found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
+    keep = np.flatnonzero(found >= 0)
+    out = batch.take(pa.array(keep))
+    group = out.schema.get_field_index(schema.GROUP)
+    out = out.set_column(group, schema.GROUP, pc.fill_null(out[schema.GROUP], -1).cast(pa.int64()))
+    return out.append_column(ROW, pa.array(found[keep].astype(np.int64)))
+
+
+def take_planned(batch: pa.Table, plan) -> pa.Table:
+    """The rows whose `row` is in the plan `(rows, counts)` (rows sorted, unique; or a ref to the pair),
+    each repeated counts[i] times."""
+    rows, counts = _resolve(plan)
+    if len(rows) == 0:
+        return batch.slice(0, 0)
+    numbers = batch[ROW].to_numpy()
+    at = np.minimum(np.searchsorted(rows, numbers), len(rows) - 1)
+    repeats = np.where(rows[at] == numbers, counts[at], 0)
+    return batch.take(pa.array(np.repeat(np.arange(len(batch)), repeats)))
+
+
+def _batch_seed(seed: int, epoch: int, ids: np.ndarray) -> int:
+    digest = hashlib.sha1(f"{seed}\x1f{epoch}\x1f{'|'.join(map(str, ids))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def decode_and_transform(
+    batch: dict[str, np.ndarray], *, train: bool, image_size: int, augment: dict, seed: int, epoch: int
+) -> dict[str, np.ndarray]:
+    """Encoded rows -> model inputs: decode, then RandomResizedCrop + flip (+ RandAugment) for training or
+    resize + center crop for evaluation, then normalize.
+
+    Reads `image`, `label`, `group`, `recipe`, `id`; writes `image` (N x 3 x S x S float32), `label`,
+    `group` and `synthetic` (int8). Augmentation draws from a generator seeded by (seed, epoch, row ids),
+    so a rerun draws the same crops.
+    """
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    schema.require_columns(batch, POOL_COLUMNS, "decode_and_transform")
+    options = AugmentConfig(**augment)
+    if train:
+        steps = [
+            v2.RandomResizedCrop(
+                image_size, scale=options.crop_scale, ratio=options.crop_ratio, antialias=True
+            )
+        ]
+        if options.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if options.rand_augment:
+            steps.append(
+                v2.RandAugment(num_ops=options.rand_augment_num_ops, magnitude=options.rand_augment_magnitude)
+            )
+    else:
+        steps = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    transform = v2.Compose(
+        [*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(options.mean), list(options.std))]
+    )
+    if train:
+        torch.manual_seed(_batch_seed(seed, epoch, batch[schema.ID]))
+    images = []
+    for data in batch[schema.IMAGE]:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.array(image.convert("RGB"))
+        images.append(transform(torch.from_numpy(array).permute(2, 0, 1)))
+    return {
+        "image": torch.stack(images).numpy()
+        if images
+        else np.zeros((0, 3, image_size, image_size), np.float32),
+        "label": np.asarray(batch[schema.LABEL], np.int64),
+        "group": np.asarray(batch[schema.GROUP], np.int64),
+        SYNTHETIC: (np.asarray(batch[schema.RECIPE]) != schema.RECIPE_REAL).astype(np.int8),
+    }
+
+
+def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
+    """The encoded rows any epoch or eval split may use, numbered by `pool_ids`, as one Ray Dataset
+    (materialized if configured)."""
+    import ray
+    import ray.data
+
+    task_cpus = config.ray.task_num_cpus
+    pool = ray.data.read_parquet(data.files, num_cpus=task_cpus).select_columns(list(POOL_COLUMNS))
+    pool = pool.map_batches(
+        number_rows,
+        fn_kwargs={"ids": ray.put(pool_ids)},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=task_cpus,
+    )
+    return pool.materialize() if config.data.cache_in_object_store else pool
+
+
+def rows_dataset(pool, rows: np.ndarray, *, config: TrainConfig, train: bool, epoch: int):
+    """`pool` restricted to the row numbers `rows` (repeats kept), decoded and transformed for training or
+    evaluation."""
+    import ray
+
+    plan = ray.put(np.unique(rows, return_counts=True))
+    task_cpus = config.ray.task_num_cpus
+    ds = pool.randomize_block_order(seed=config.seed * 100_003 + epoch) if train else pool
+    return ds.map_batches(
+        take_planned, fn_kwargs={"plan": plan}, batch_format="pyarrow", batch_size=None, num_cpus=task_cpus
+    ).map_batches(
+        decode_and_transform,
+        fn_kwargs={
+            "train": train,
+            "image_size": config.data.image_size,
+            "augment": config.augment.model_dump(),
+            "seed": config.seed,
+            "epoch": epoch,
+        },
+        batch_format="numpy",
+        batch_size=config.data.decode_batch_size,
+        num_cpus=task_cpus,
+    )
+
+
+def build_datasets(data: TrainingData, plan: list[list[np.ndarray]], config: TrainConfig) -> dict:
+    """The `datasets` dict for the TorchTrainer (names in the module docstring)."""
+    eval_ids = {split: np.asarray(t[schema.ID].to_pylist(), object) for split, t in data.eval.items()}
+    train_ids = np.asarray(data.train[schema.ID].to_pylist(), object)
+    pool_ids = np.unique(np.concatenate([train_ids, *eval_ids.values()]))
+    pool = read_pool(pool_ids, data, config)
+    train_rows = np.searchsorted(pool_ids, train_ids)
+    datasets = {}
+    for epoch, ranks in enumerate(plan):
+        for rank, positions in enumerate(ranks):
+            datasets[train_key(epoch, rank)] = rows_dataset(
+                pool, train_rows[positions], config=config, train=True, epoch=epoch
+            )
+    world_size = config.scaling.num_workers
+    for split, ids in eval_ids.items():
+        rows = np.searchsorted(pool_ids, ids)
+        for rank in range(world_size):
+            # Eval rows are dealt without dropping any: ranks may differ by one row, eval has no DDP step.
+            datasets[eval_key(split, rank)] = rows_dataset(
+                pool, rows[rank::world_size], config=config, train=False, epoch=0
+            )
+    return datasets
+
+
+def train_key(epoch: int, rank: int) -> str:
+    return f"train_e{epoch}_r{rank}"
+
+
+def eval_key(split: str, rank: int) -> str:
+    return f"{split}_r{rank}"

@@ -1,0 +1,82 @@
+"""Lost actors: a dead actor's batch is retried on a restarted actor (no row lost or duplicated); when
+restarts run out the run fails with the stage's name instead of hanging."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import schema
+from engine.batch import unpack
+from engine.config import StageSpec
+from engine.ledger import start_ledger
+from engine.stages import Stage, apply_stages
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # Workers import this module to rebuild DiesOnBatch.
+    tests_dir = str(Path(__file__).parent)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    yield
+    ray.shutdown()
+
+
+class DiesOnBatch:
+    """Exits its process (as a segfault or a preempted node would) on its Nth batch, once per marker."""
+
+    def __init__(self, marker: str, die_on_batch: int, always: bool = False) -> None:
+        self.marker, self.die_on_batch, self.always = Path(marker), die_on_batch, always
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == self.die_on_batch and (self.always or not self.marker.exists()):
+            self.marker.write_text("died")
+            os._exit(1)
+        return {**batch, "seen_by": np.full(len(batch[schema.SEED]), os.getpid())}
+
+
+def source(n: int):
+    import ray.data
+
+    rows = [{schema.SOURCE_ID: f"s{i}", schema.SEED: i} for i in range(n)]
+    return ray.data.from_items(rows, override_num_blocks=8)
+
+
+def test_actor_death_loses_and_duplicates_nothing(ray_local, tmp_path):
+    marker = tmp_path / "died"
+    spec = StageSpec(batch_size=4, concurrency=1, num_cpus=0.5, max_restarts=2, max_task_retries=2)
+    stage = Stage("fragile", DiesOnBatch, spec, {"marker": str(marker), "die_on_batch": 3})
+    ds = apply_stages(source(32), [stage], start_ledger(), task_num_cpus=0.5)
+    rows = ds.take_all()
+    assert marker.exists(), "the actor really died"
+    seeds = sorted(r[schema.SEED] for r in rows)
+    assert seeds == list(range(32))
+    assert len({r["seen_by"] for r in rows}) == 2, "a restarted actor (new process) finished the work"
+
+
+def test_exhausted_restarts_fail_naming_the_stage(ray_local, tmp_path):
+    spec = StageSpec(batch_size=4, concurrency=1, num_cpus=0.5, max_restarts=1, max_task_retries=1)
+    stage = Stage(
+        "doomed_stage", DiesOnBatch, spec, {"marker": str(tmp_path / "m"), "die_on_batch": 1, "always": True}
+    )
+    ds = apply_stages(source(16), [stage], start_ledger(), task_num_cpus=0.5)
+    with pytest.raises(Exception, match="doomed_stage"):
+        ds.take_all()
+
+
+def test_unpack_roundtrip_of_packed_columns():
+    from engine.batch import object_array, pack
+
+    images = object_array([np.zeros((3, 5, 3), np.uint8), None, np.ones((2, 2, 3), np.uint8)])
+    packed = pack({schema.IMAGE: images, schema.BBOX: object_array([None, [1, 2, 3, 4], None])})
+    assert packed[schema.BBOX].shape == (3, 4) and np.isnan(packed[schema.BBOX][0]).all()
+    out = unpack(packed)
+    assert out[schema.IMAGE][1] is None and out[schema.IMAGE][0].shape == (3, 5, 3)
+    assert (out[schema.IMAGE][2] == 1).all()

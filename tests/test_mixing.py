@@ -1,0 +1,336 @@
+"""Sampling rules of the utilization strategies, the row index and the metrics: no Ray, no torch.
+
+The data is honest: toy-dataset images written as shards in OUTPUT_SCHEMA, with "synthetic" rows made the
+way AGA makes them (the real subject, cut out with the dataset's mask, on another background).
+`write_toy_shards` is also what tests/test_train.py trains on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from engine import schema
+from engine.config import load_config
+from engine.evaluation import classification_metrics
+from engine.mixing import (
+    RowIndex,
+    count_rows,
+    deal_to_ranks,
+    select_concat,
+    select_epoch,
+    select_real,
+    select_replace,
+    select_rsp,
+)
+from engine.toy_dataset import BACKGROUND_DRAWERS, make_toy_dataset
+from engine.train_config import MixConfig, ShardsConfig, SweepConfig, TrainConfig
+from engine.train_data import load_training_data, number_rows, take_planned
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def write_toy_shards(
+    out: Path,
+    *,
+    num_variants: int = 2,
+    synthetic_splits: tuple[str, ...] = ("train",),
+    run_tag: str = "run",
+    seed: int = 0,
+    **toy_kwargs,
+) -> Path:
+    """Toy dataset -> `<out>/data/part-{0,1}.parquet` in OUTPUT_SCHEMA; returns the data folder.
+
+    Real rows keep the toy image and group; each synthetic row (recipe "aga", `num_variants` per real row of
+    `synthetic_splits`) pastes the real subject, through its mask, onto a random background type, with
+    source_id = the real row's source_id and group = class * num_backgrounds + new background. Ids carry
+    `run_tag`, as two generation runs give the same real image different ids.
+    """
+    toy_dir = out / "toy"
+    toy = make_toy_dataset(toy_dir, seed=seed, **toy_kwargs)
+    classes, backgrounds, size = toy["classes"], toy["backgrounds"], toy["size"]
+    with open(toy_dir / "groups.csv") as f:
+        groups = {row["source_id"]: int(row["group"]) for row in csv.DictReader(f)}
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def add(row_id: str, image: np.ndarray, label: int, split: str, source_id: str, recipe: str, group: int):
+        rows.append(
+            {
+                schema.ID: row_id,
+                schema.IMAGE: _png(image),
+                schema.WIDTH: size,
+                schema.HEIGHT: size,
+                schema.LABEL: label,
+                schema.CLASS_NAME: classes[label],
+                schema.SPLIT: split,
+                schema.SOURCE_ID: source_id,
+                schema.RECIPE: recipe,
+                schema.GROUP: group,
+                schema.SCHEMA_VERSION_COLUMN: schema.SCHEMA_VERSION,
+            }
+        )
+
+    for source_id, group in groups.items():
+        split, class_name, _ = source_id.split("/")
+        label = classes.index(class_name)
+        image = np.asarray(Image.open(toy_dir / source_id).convert("RGB"))
+        add(f"{run_tag}-real-{source_id}", image, label, split, source_id, schema.RECIPE_REAL, group)
+        if split not in synthetic_splits:
+            continue
+        mask = np.asarray(Image.open(toy_dir / "masks" / source_id))[..., None] > 127
+        for variant in range(num_variants):
+            background = int(rng.integers(len(backgrounds)))
+            canvas = np.clip(BACKGROUND_DRAWERS[backgrounds[background]](rng, size), 0, 255).astype(np.uint8)
+            add(
+                f"{run_tag}-aga{variant}-{source_id}",
+                np.where(mask, image, canvas),
+                label,
+                split,
+                source_id,
+                "aga",
+                label * len(backgrounds) + background,
+            )
+    table = pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    half = len(table) // 2
+    pq.write_table(table.slice(0, half), data / "part-0.parquet")
+    pq.write_table(table.slice(half), data / "part-1.parquet")
+    return data
+
+
+SMALL = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "test_per_class": 4, "size": 32}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    # Synthetic val rows too: a generation run may expand val, and training must still never see them.
+    return write_toy_shards(
+        tmp_path_factory.mktemp("shards"), num_variants=3, synthetic_splits=("train", "val"), **SMALL
+    )
+
+
+@pytest.fixture(scope="module")
+def data(shards):
+    return load_training_data(ShardsConfig(paths=[str(shards)]))
+
+
+@pytest.fixture(scope="module")
+def index(data) -> RowIndex:
+    return data.index
+
+
+# ---------------------------------------------------------------- the row index
+
+
+def test_index_has_train_candidates_and_only_real_eval_rows(data, index):
+    assert len(index.real_positions) == 48 and len(index.synthetic_positions) == 144
+    assert data.class_names == ["circle", "cross", "diamond", "hexagon"]
+    for split in ("val", "test"):
+        assert len(data.eval[split]) == 16
+        assert set(data.eval[split][schema.RECIPE].to_pylist()) == {schema.RECIPE_REAL}
+    assert data.excluded["synthetic_in_val_test"] == 16 * 3
+
+
+def test_several_runs_share_their_real_rows(tmp_path, shards):
+    other = write_toy_shards(tmp_path / "k1", num_variants=1, run_tag="other", **SMALL)
+    both = load_training_data(ShardsConfig(paths=[str(shards), str(other)]))
+    assert len(both.index.real_positions) == 48, "the second run's copies of the real rows are dropped"
+    assert len(both.index.synthetic_positions) == 144 + 48
+    assert both.excluded["duplicate_real_rows"] == 48 + 16 + 16
+    only_other = load_training_data(ShardsConfig(paths=[str(shards), str(other)], recipes=["none"]))
+    assert len(only_other.index.synthetic_positions) == 0
+    with pytest.raises(ValueError, match="listed twice"):
+        load_training_data(ShardsConfig(paths=[str(shards), str(shards)]))
+
+
+def test_missing_shards_are_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_training_data(ShardsConfig(paths=[str(tmp_path / "nope")]))
+    with pytest.raises(ValueError, match="no .parquet shards"):
+        load_training_data(ShardsConfig(paths=[str(tmp_path)]))
+
+
+# ---------------------------------------------------------------- the strategies
+
+
+def test_real_is_the_real_rows(index):
+    positions = select_real(index)
+    assert count_rows(index, positions) == {"real": 48, "synthetic": 0}
+
+
+def test_concat_uses_all_rows_or_caps_synthetic_per_class(index):
+    rng = np.random.default_rng(0)
+    assert sorted(select_concat(index, rng)) == list(range(len(index)))
+    for ratio, per_class in ((1.0, 12), (0.5, 6), (10.0, 36)):
+        positions = select_concat(index, np.random.default_rng(0), ratio)
+        synthetic = positions[index.synthetic[positions]]
+        assert len(set(synthetic.tolist())) == len(synthetic), "drawn without replacement"
+        assert np.bincount(index.labels[synthetic], minlength=4).tolist() == [per_class] * 4
+        assert count_rows(index, positions)["real"] == 48
+    mix = MixConfig(strategy="concat", synthetic_ratio=0.5)
+    epochs = [select_epoch(index, mix, seed=3, epoch=e, num_epochs=4) for e in range(4)]
+    assert all(np.array_equal(epochs[0], e) for e in epochs), "the combined set is static"
+
+
+def test_replace_local_swaps_about_p_with_own_variants_only(index):
+    real = index.real_positions
+    swapped = 0
+    num_epochs = 40
+    for epoch in range(num_epochs):
+        positions = select_replace(index, np.random.default_rng([0, epoch]), p=0.3, scope="local")
+        assert len(positions) == len(real)
+        kept = positions == real
+        assert not index.synthetic[positions[kept]].any()
+        replaced = positions[~kept]
+        assert index.synthetic[replaced].all()
+        assert (index.source_ids[replaced] == index.source_ids[real[~kept]]).all(), (
+            "a row's own variants only"
+        )
+        assert (index.labels[replaced] == index.labels[real[~kept]]).all()
+        swapped += int((~kept).sum())
+    fraction = swapped / (num_epochs * len(real))
+    assert abs(fraction - 0.3) < 0.05, fraction  # 1920 draws: 4 standard deviations
+
+
+def test_replace_global_stays_in_class_but_crosses_sources(index):
+    real = index.real_positions
+    positions = select_replace(index, np.random.default_rng(1), p=1.0, scope="global")
+    assert index.synthetic[positions].all()
+    assert (index.labels[positions] == index.labels[real]).all()
+    assert (index.source_ids[positions] != index.source_ids[real]).mean() > 0.5
+    assert np.array_equal(select_replace(index, np.random.default_rng(1), p=0.0), real)
+
+
+def test_replace_and_rsp_redraw_each_epoch_deterministically(index):
+    for mix in (MixConfig(strategy="replace", replace_prob=0.5), MixConfig(strategy="rsp", rsp_prob=0.5)):
+        first = select_epoch(index, mix, seed=0, epoch=0, num_epochs=3)
+        assert np.array_equal(first, select_epoch(index, mix, seed=0, epoch=0, num_epochs=3))
+        assert not np.array_equal(first, select_epoch(index, mix, seed=0, epoch=1, num_epochs=3))
+        assert not np.array_equal(first, select_epoch(index, mix, seed=1, epoch=0, num_epochs=3))
+
+
+def test_rsp_keeps_every_real_row_and_draws_synthetic_with_p(index):
+    drawn = 0
+    for epoch in range(30):
+        positions = select_rsp(index, np.random.default_rng([0, epoch]), p=0.25)
+        real = positions[~index.synthetic[positions]]
+        assert sorted(real.tolist()) == index.real_positions.tolist(), "each real row exactly once"
+        synthetic = positions[index.synthetic[positions]]
+        assert len(set(synthetic.tolist())) == len(synthetic)
+        drawn += len(synthetic)
+    fraction = drawn / (30 * len(index.synthetic_positions))
+    assert abs(fraction - 0.25) < 0.04, fraction  # 4320 draws: 5 standard deviations
+
+
+def test_two_phase_second_phase_is_real_only(index):
+    mix = MixConfig(strategy="two_phase", phase2_epochs=2)
+    counts = [count_rows(index, select_epoch(index, mix, seed=0, epoch=e, num_epochs=5)) for e in range(5)]
+    assert [c["synthetic"] for c in counts] == [144, 144, 144, 0, 0]
+    assert all(c["real"] == 48 for c in counts)
+    with pytest.raises(ValueError, match="phase2_epochs"):
+        TrainConfig(data={"paths": ["x"]}, epochs=2, mix={"strategy": "two_phase", "phase2_epochs": 2})
+
+
+def test_deal_to_ranks_gives_equal_disjoint_shuffled_parts():
+    positions = np.arange(11)
+    parts = deal_to_ranks(positions, rng=np.random.default_rng(0), world_size=3)
+    assert [len(p) for p in parts] == [3, 3, 3]
+    dealt = np.concatenate(parts)
+    assert len(set(dealt.tolist())) == 9 and set(dealt.tolist()) <= set(range(11))
+    assert not np.array_equal(dealt, np.sort(dealt))
+    repeated = deal_to_ranks(np.array([5, 5, 7, 7]), rng=np.random.default_rng(0), world_size=2)
+    assert sorted(np.concatenate(repeated).tolist()) == [5, 5, 7, 7], "repeats survive dealing"
+    with pytest.raises(ValueError, match="cannot feed"):
+        deal_to_ranks(np.arange(1), rng=np.random.default_rng(0), world_size=2)
+
+
+def test_pool_rows_are_numbered_and_plans_take_them_with_repeats():
+    batch = pa.table({schema.ID: ["a", "b", "c", "d"], schema.GROUP: pa.array([1, None, 2, 3], pa.int64())})
+    numbered = number_rows(batch, np.array(["a", "b", "d"], object))
+    assert numbered[schema.ID].to_pylist() == ["a", "b", "d"]
+    assert numbered["row"].to_pylist() == [0, 1, 2] and numbered[schema.GROUP].to_pylist() == [1, -1, 3]
+    taken = take_planned(numbered, (np.array([0, 2, 7]), np.array([2, 1, 5])))
+    assert taken[schema.ID].to_pylist() == ["a", "a", "d"]
+    assert len(take_planned(numbered, (np.array([], np.int64), np.array([], np.int64)))) == 0
+
+
+# ---------------------------------------------------------------- metrics and schedule
+
+
+def test_metrics_on_a_hand_computed_example():
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    predictions = np.array([0, 1, 1, 1, 0, 2])
+    groups = np.array([0, 1, 3, 3, 4, -1])
+    metrics = classification_metrics(labels, predictions, groups, ["a", "b", "c"])
+    assert metrics["top1"] == pytest.approx(4 / 6)
+    assert metrics["per_class"] == {"a": 0.5, "b": pytest.approx(2 / 3), "c": 1.0}
+    assert metrics["group_accuracy"] == {"0": 1.0, "1": 0.0, "3": 1.0, "4": 0.0}
+    assert metrics["worst_group"] == 0.0 and metrics["worst_group_id"] == 1
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    unknown = classification_metrics(labels, predictions, np.full(6, -1), ["a", "b", "c"])
+    assert unknown["worst_group"] is None
+
+
+def test_learning_rate_warms_up_decays_and_drops_in_phase_two():
+    from jobs.train import learning_rate
+
+    optim = {"lr": 1.0, "warmup_epochs": 1.0}
+    plain = [
+        learning_rate(p, optim, epochs=10, phase1_epochs=10, phase2_lr_scale=0.1)
+        for p in np.arange(0, 10, 0.5)
+    ]
+    assert plain[0] < plain[1] <= 1.0 and plain[-1] < 0.05
+    two = [
+        learning_rate(p, optim, epochs=10, phase1_epochs=8, phase2_lr_scale=0.1)
+        for p in np.arange(8, 10, 0.25)
+    ]
+    assert two[0] == pytest.approx(0.1) and max(two) <= 0.1 and two[-1] < two[0]
+
+
+# ---------------------------------------------------------------- configs and budget
+
+
+def test_shipped_train_configs_validate():
+    train = load_config(TrainConfig, ROOT / "configs" / "train_toy_cpu.yaml")
+    assert train.scaling.num_workers == 2 and not train.scaling.use_gpu
+    sweep = load_config(SweepConfig, ROOT / "configs" / "sweep_toy_cpu.yaml")
+    from jobs.sweep import run_config
+
+    for variant in sweep.variants:
+        run = run_config(sweep, variant, seed=1)
+        assert run.seed == 1 and run.run_name() == f"{variant.name}-seed1"
+    with pytest.raises(ValueError, match="unknown key 'mix.stratgy'"):
+        load_config(TrainConfig, ROOT / "configs" / "train_toy_cpu.yaml", ["mix.stratgy=concat"])
+    with pytest.raises(ValueError, match="mix.strategy"):
+        load_config(TrainConfig, ROOT / "configs" / "train_toy_cpu.yaml", ["mix.strategy=mixup"])
+
+
+def test_budget_fails_clearly_when_workers_cannot_be_scheduled():
+    from jobs.train import check_budget
+
+    config = TrainConfig(
+        data={"paths": ["x"]}, scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}}
+    )
+    check_budget(config, {"CPU": 4.0})
+    with pytest.raises(ValueError, match=r"need \{'CPU': 2.5\}, the cluster has \{'CPU': 2.0\}"):
+        check_budget(config, {"CPU": 2.0})
+    gpu = config.model_copy(update={"scaling": config.scaling.model_copy(update={"use_gpu": True})})
+    with pytest.raises(ValueError, match="GPU"):
+        check_budget(gpu, {"CPU": 8.0})
+    autoscaling = config.model_copy(update={"ray": config.ray.model_copy(update={"check_resources": False})})
+    check_budget(autoscaling, {"CPU": 2.0})

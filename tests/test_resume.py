@@ -1,0 +1,135 @@
+"""Exactly-once output: a finished run re-run writes nothing; a run killed halfway resumes the rest.
+
+The generation job runs as a subprocess (`python -m jobs.generate`), as a user or `ray job submit` would.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from engine import schema
+from engine.toy_dataset import make_toy_dataset
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(out, num_classes=4, train_per_class=12, val_per_class=1, test_per_class=1, size=48)
+    return out
+
+
+def generate_cmd(toy: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
+    sets = [
+        f"data.path={toy}",
+        f"data.masks_path={toy / 'masks'}",
+        "data.splits=[train]",
+        f"output.path={out}",
+        "output.overwrite=false",
+        "output.rows_per_shard=4",
+        "data.rows_per_block=4",
+        "output.gallery_classes=0",
+        "ray.progress_bars=false",
+        "ray.num_cpus=2",
+        f"segment.detector.id={tiny / 'grounding-dino'}",
+        f"segment.sam.id={tiny / 'sam'}",
+        f"prompt.model.id={tiny / 'llm'}",
+        f"background.model.id={tiny / 'sdxl'}",
+        "background.stage.batch_size=2",
+        "prompt.stage.batch_size=4",
+        *extra,
+    ]
+    return [sys.executable, "-m", "jobs.generate", *[a for s in sets for a in ("--set", s)]]
+
+
+def env() -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
+def run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def ids_in(out: Path) -> list[str]:
+    return pq.read_table(out / "data", columns=[schema.ID]).column(schema.ID).to_pylist()
+
+
+def test_rerun_of_finished_job_writes_nothing(toy, tiny_models_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = generate_cmd(toy, tiny_models_dir, out)
+    subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+    first = run_json(out)
+    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    assert first["rows"]["synthetic_written"] == 48 * 2 and first["rows"]["duplicate_ids"] == 0
+
+    subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+    second = run_json(out)
+    assert second["rows"]["written_this_run"] == 0
+    assert second["rows"]["sources_already_done"] == 48
+    assert second["rows"]["synthetic_generated_this_run"] == 0
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == shards
+
+    # Another config over the same output is refused, naming the way out.
+    result = subprocess.run(
+        generate_cmd(toy, tiny_models_dir, out, "seed=1"), cwd=ROOT, env=env(), capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "output.overwrite=true" in result.stderr + result.stdout
+
+
+def wait_until_stable(data: Path, quiet_s: float = 4.0) -> int:
+    """Shards a killed run's last workers were already writing may still land; wait until none do."""
+    count, since = -1, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        now = len(list(data.glob("part-*.parquet")))
+        if now != count:
+            count, since = now, time.monotonic()
+        time.sleep(0.2)
+    return count
+
+
+def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
+    # 48 sources x (1 real + 2 synthetic) rows, 4 rows per shard.
+    num_synthetic, total_shards = 48 * 2, 48 * 3 // 4
+    # Slow the background stage a little so the kill lands mid-run.
+    slow = ("background.height=96", "background.width=96", "background.num_inference_steps=12")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        generate_cmd(toy, tiny_models_dir, out, *slow),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes the local Ray with it
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "data").glob("part-*.parquet"))) >= total_shards // 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = wait_until_stable(out / "data")
+    assert 0 < partial < total_shards
+
+    subprocess.run(
+        generate_cmd(toy, tiny_models_dir, out, *slow), cwd=ROOT, env=env(), check=True, capture_output=True
+    )
+    resumed = run_json(out)
+    ids = ids_in(out)
+    assert len(ids) == len(set(ids)) == 48 * 3, "every expected row exactly once"
+    assert resumed["rows"]["duplicate_ids"] == 0
+    assert resumed["rows"]["synthetic_written"] == num_synthetic
+    assert not list((out / "data").glob(".tmp-*"))
+    fraction = resumed["rows"]["synthetic_generated_this_run"] / num_synthetic
+    print(f"resume after a kill at {partial}/{total_shards} shards generated {fraction:.0%} of a full run")
+    assert fraction <= 0.6

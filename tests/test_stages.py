@@ -1,0 +1,75 @@
+"""The stage wrapper: row-level failure isolation and OOM batch splitting (with a real ledger actor)."""
+
+import numpy as np
+import pytest
+
+from engine import schema
+from engine.batch import object_array, unpack
+from engine.ledger import start_ledger
+from engine.stages import Stage, run_batch
+
+
+@pytest.fixture(scope="module")
+def ledger():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False)
+    yield start_ledger()
+    ray.shutdown()
+
+
+def batch(n: int) -> dict:
+    return {
+        schema.SOURCE_ID: np.array([f"s{i}" for i in range(n)], dtype=object),
+        schema.SEED: np.arange(n, dtype=np.int64),
+        schema.IMAGE: object_array([np.full((4, 4, 3), i, np.uint8) for i in range(n)]),
+    }
+
+
+class OutOfMemoryError(RuntimeError):
+    """Same name as torch.cuda.OutOfMemoryError, which the wrapper recognises by name."""
+
+
+def test_one_bad_row_costs_that_row(ledger):
+    import ray
+
+    calls = []
+
+    def fn(b):
+        calls.append(len(b[schema.SEED]))
+        if 3 in b[schema.SEED]:
+            raise ValueError("model choked on row 3")
+        return {**b, "doubled": b[schema.SEED] * 2}
+
+    out = unpack(run_batch(fn, Stage("flaky", fn), ledger, batch(6)))
+    assert sorted(out[schema.SEED].tolist()) == [0, 1, 2, 4, 5]
+    assert (out["doubled"] == out[schema.SEED] * 2).all()
+    assert calls == [6, 1, 1, 1, 1, 1, 1]  # the batch, then row by row
+    errors = [e for e in ray.get(ledger.snapshot.remote())["errors"] if e["stage"] == "flaky"]
+    assert [(e[schema.SOURCE_ID], e["reason"]) for e in errors] == [("s3", "exception")]
+    assert "model choked" in errors[0]["message"]
+
+
+def test_oom_splits_the_batch_in_halves_down_to_one_row(ledger):
+    import ray
+
+    sizes = []
+
+    def fn(b):
+        sizes.append(len(b[schema.SEED]))
+        if len(b[schema.SEED]) > 2 or 7 in b[schema.SEED]:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return b
+
+    out = unpack(run_batch(fn, Stage("big", fn), ledger, batch(8)))
+    assert sorted(out[schema.SEED].tolist()) == [0, 1, 2, 3, 4, 5, 6]
+    assert sizes[:3] == [8, 4, 2]  # halves, not single rows
+    assert max(sizes[3:]) <= 4
+    errors = [e for e in ray.get(ledger.snapshot.remote())["errors"] if e["stage"] == "big"]
+    assert [(e[schema.SOURCE_ID], e["reason"]) for e in errors] == [("s7", "oom")]
+
+
+def test_missing_columns_are_named(ledger):
+    stage = Stage("needs", lambda b: b, reads=(schema.PROMPT,))
+    with pytest.raises(ValueError, match=r"stage 'needs' needs columns \['prompt'\]"):
+        run_batch(stage.fn, stage, ledger, batch(2))
