@@ -19,16 +19,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine import schema
+from engine.storage import filesystem
 
 SHARD_GLOB_PREFIX = "part-"
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        import os
-
-        uri = os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
 
 
 def shard_name(ids: list[str]) -> str:
