@@ -38,6 +38,10 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest
 	$(VLLM_PY) -m pytest -m vllm
 
+# CPU benchmarks: engine overhead (pipeline vs each stage alone, memory at N and 4N) and the compositor.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 

@@ -266,7 +266,7 @@ def print_table(data: dict) -> None:
             f"{r['ms_per_image']:.2f}",
             f"{r['speedup_vs_pil']:.2f}x",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
 
 
 def main(argv: list[str] | None = None) -> dict:

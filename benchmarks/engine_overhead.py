@@ -508,7 +508,7 @@ def _memory_rows(data: dict) -> list[list[str]]:
                 _fmt(e["wall_s"]),
                 f"{m['peak_driver_rss_mib']:.0f}",
                 f"{m['driver_rss_growth_mib']:.0f}",
-                f"{m['peak_object_store_mib']:.1f}",
+                f"{m['peak_object_store_mib']:.1f} ({m['object_store_before_mib']:.1f} at start)",
                 f"{e['shards_mib']:.1f}",
             ]
         )
