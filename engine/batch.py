@@ -72,13 +72,18 @@ def pack(batch: Batch) -> Batch:
     """
     for name in ARRAY_COLUMNS:
         if name in batch:
-            batch[name] = object_array([None if v is None else _to_npy(v) for v in batch[name]])
+            # b"" for "none": a column of only None would reach Arrow as floats, not binary.
+            batch[name] = object_array([b"" if v is None else _to_npy(v) for v in batch[name]])
     if schema.BBOX in batch and (batch[schema.BBOX].dtype == object or batch[schema.BBOX].ndim != 2):
         boxes = np.full((num_rows(batch), 4), np.nan, dtype=np.float32)
         for i, box in enumerate(batch[schema.BBOX]):
             if box is not None and np.size(box) == 4:
                 boxes[i] = np.asarray(box, dtype=np.float32).reshape(4)
         batch[schema.BBOX] = boxes
+    all_none = [n for n, c in batch.items() if c.dtype == object and len(c) and all(v is None for v in c)]
+    for name in all_none:
+        # All-None: drop it; Ray fills the nulls with the type the other blocks give the column.
+        del batch[name]
     return batch
 
 
@@ -87,7 +92,7 @@ def unpack(batch: Batch) -> Batch:
     for name in ARRAY_COLUMNS:
         column = batch.get(name)
         if column is not None and len(column) and _is_packed(column):
-            batch[name] = object_array([None if v is None else np.load(io.BytesIO(v)) for v in column])
+            batch[name] = object_array([None if not v else np.load(io.BytesIO(v)) for v in column])
     return batch
 
 
@@ -98,7 +103,7 @@ def _to_npy(array: np.ndarray) -> bytes:
 
 
 def _is_packed(column: np.ndarray) -> bool:
-    return column.dtype == object and any(isinstance(v, bytes) for v in column)
+    return column.dtype == object and all(isinstance(v, bytes) for v in column)
 
 
 def is_missing(value) -> bool:

@@ -62,6 +62,9 @@ def expand_variants(batch: Batch, expansion: Expansion, done_ids: frozenset[str]
         [schema.row_seed(expansion.base_seed, s, v) for s, v in zip(sources, variants, strict=True)],
         dtype=np.int64,
     )
+    if schema.GROUP in out:
+        # Group labels describe the real image (e.g. its background); a synthetic variant's is unknown.
+        out[schema.GROUP] = np.where(np.array(variants) == 0, out[schema.GROUP], -1).astype(np.int64)
     if done_ids:
         out = take(out, np.array([i not in done_ids for i in out[schema.ID]], dtype=bool))
     return out

@@ -79,6 +79,7 @@ def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) 
     live = take(batch, np.flatnonzero(applies))
     if not num_rows(live):
         # Every block leaving a stage has the same columns, or Ray fails to concatenate tensor columns.
+        # (pack drops all-None columns Ray can type from other blocks; tensor and image columns stay.)
         for name in stage.writes:
             batch.setdefault(name, np.full(n, None, dtype=object))
         return pack(batch)

@@ -6,7 +6,9 @@ import sys
 
 COMMANDS = {
     "generate": "run a generation recipe (python -m jobs.generate)",
-    "demo": "build tiny models and the toy dataset if missing, then run the AGA demo",
+    "train": "fit a timm classifier on real + synthetic shards with Ray Train (python -m jobs.train)",
+    "sweep": "train several strategies / ratios / seeds on the same data and print a table",
+    "demo": "build tiny models and the toy dataset if missing, run the AGA demo, then compare training",
     "tiny-models": "build the offline tiny random-weight models",
     "toy-dataset": "render the procedural toy dataset",
 }
@@ -24,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "generate":
         from jobs.generate import main as run
+    elif command == "train":
+        from jobs.train import main as run
+    elif command == "sweep":
+        from jobs.sweep import main as run
     elif command == "demo":
         from jobs.demo import main as run
     elif command == "tiny-models":
