@@ -180,7 +180,7 @@ def print_table(rows: list[dict], title: str = "") -> None:
 
     table = Table(title=title or None)
     for name in ("variant", "strategy", "seeds", *(label for _, label in METRICS), "synthetic rows / epoch"):
-        table.add_column(name, justify="left" if name in ("variant", "strategy") else "right")
+        table.add_column(name, justify="left" if name in ("variant", "strategy") else "right", no_wrap=True)
     for entry in summarize(rows):
         table.add_row(
             entry["variant"],
@@ -189,7 +189,9 @@ def print_table(rows: list[dict], title: str = "") -> None:
             *(_cell(entry[key]) for key, _ in METRICS),
             f"{entry['synthetic_per_epoch']:.0f}",
         )
-    Console().print(table)
+    # Not a terminal (logs, CI): rich would squeeze the table into 80 columns.
+    console = Console()
+    Console(width=max(console.width, 120)).print(table)
 
 
 if __name__ == "__main__":
