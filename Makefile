@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test venv venv-vllm lint bench clean
+.PHONY: demo test venv venv-vllm lint bench bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,18 @@ test: $(STAMP) $(VLLM_STAMP)
 # CPU benchmarks: engine overhead (pipeline vs each stage alone, memory at N and 4N) and the compositor.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Training benchmark: does AGA output help a classifier on the spurious toy dataset? (about 20 min on 2 cores)
+BENCH_TOY := .cache/toy-bench
+BENCH_GEN := $(VENV)/bin/synthray generate --config configs/aga_tiny_cpu.yaml --set data.path=$(BENCH_TOY) \
+	--set data.masks_path=$(BENCH_TOY)/masks --set output.gallery_classes=0
+bench-train: $(STAMP)
+	$(VENV)/bin/synthray tiny-models
+	test -f $(BENCH_TOY)/dataset.json || $(VENV)/bin/synthray toy-dataset --out $(BENCH_TOY) \
+		--train-per-class 100 --val-per-class 25 --test-per-class 25
+	$(BENCH_GEN) --set num_variants=2 --set output.path=outputs/bench-k2
+	$(BENCH_GEN) --set num_variants=5 --set output.path=outputs/bench-k5
+	$(VENV)/bin/synthray sweep --config configs/sweep_toy_bench.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

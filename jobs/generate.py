@@ -5,29 +5,12 @@ Also the entry for `ray job submit --working-dir . -- python -m jobs.generate --
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from engine.config import GenerateConfig, load_config
+from engine.config import GenerateConfig, load_config, parse_job_args
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "aga_tiny_cpu.yaml"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="synthray generate", description=__doc__)
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the tiny CPU demo)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set num_variants=5 (repeatable)",
-    )
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.report import print_summary
 
     # 1. Config.
-    args = parse_args(argv)
+    args = parse_job_args(argv, "synthray generate", __doc__, str(DEFAULT_CONFIG), "num_variants=5")
     try:
         config = load_config(GenerateConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:

@@ -10,35 +10,20 @@ exists is resumed (a finished one only re-evaluated) unless `overwrite: true`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
-from engine.config import load_config
+from engine.config import load_config, parse_job_args
 from engine.train_config import SweepConfig, SweepVariant, TrainConfig
 
 METRICS = (("test_top1", "test top-1"), ("test_worst_group", "test worst-group"), ("val_top1", "val top-1"))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="synthray sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="Sweep YAML (e.g. configs/sweep_toy_cpu.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sweep config value, e.g. --set seeds=[0] (repeatable)",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     # 1. Config.
-    args = parse_args(argv)
+    args = parse_job_args(argv, "synthray sweep", __doc__.splitlines()[0], None, "seeds=[0]")
     try:
         config = load_config(SweepConfig, args.config, args.overrides)
         # 2. Runs, 3. table.

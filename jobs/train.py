@@ -9,7 +9,6 @@ latest checkpoint. Also the entry for `ray job submit --working-dir . -- python 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import RayConfig, load_config, save_resolved
+from engine.config import RayConfig, load_config, parse_job_args, save_resolved
 from engine.train_config import ModelConfig, OptimConfig, TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_toy_cpu.yaml"
@@ -30,25 +29,11 @@ SUMMARY_FILE = "summary.json"
 RESUMABLE_KEYS = ("epochs", "output", "ray", "scaling", "checkpoint")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="synthray train", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the toy CPU run)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set mix.strategy=concat (repeatable)",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     # 1. Config.
-    args = parse_args(argv)
+    args = parse_job_args(
+        argv, "synthray train", __doc__.splitlines()[0], str(DEFAULT_CONFIG), "mix.strategy=concat"
+    )
     try:
         config = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
