@@ -63,7 +63,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
     context.enable_progress_bars = config.ray.progress_bars
     context.execution_options.preserve_order = config.ray.preserve_order
     ledger = start_ledger()
-    ds, class_names = read_source(config.data, ray.data)
+    ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus)
 
     # 2. The recipe's stages, checked against what the cluster can schedule, then the stage loop.
     stages = build_stages(config, class_names, digest, frozenset(done_ids))

@@ -27,8 +27,9 @@ from engine.storage import filesystem
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def read_source(data: DataConfig, ray_data):
-    """Build the source dataset. Returns (dataset, class_names)."""
+def read_source(data: DataConfig, ray_data, num_cpus: float = 0.5):
+    """Build the source dataset. Returns (dataset, class_names). `num_cpus`: per read task, counted in the
+    pipeline's CPU budget (Ray's default of 1 can leave a small cluster waiting forever)."""
     if data.format == "image_folder":
         rows, class_names = list_image_folder(data)
         if not rows:
@@ -37,11 +38,11 @@ def read_source(data: DataConfig, ray_data):
         # would hold every row until the last one is done.
         num_blocks = -(-len(rows) // data.rows_per_block)
         ds = ray_data.from_items(rows, override_num_blocks=num_blocks).map_batches(
-            read_file_bytes, batch_format="numpy", batch_size=data.rows_per_block
+            read_file_bytes, batch_format="numpy", batch_size=data.rows_per_block, num_cpus=num_cpus
         )
         return ds, class_names
     if data.format == "parquet":
-        return read_parquet_source(data, ray_data)
+        return read_parquet_source(data, ray_data, num_cpus)
     raise ValueError(f"unknown data.format {data.format!r}")
 
 
@@ -96,7 +97,7 @@ def read_file_bytes(batch: Batch) -> Batch:
     return out
 
 
-def read_parquet_source(data: DataConfig, ray_data):
+def read_parquet_source(data: DataConfig, ray_data, num_cpus: float):
     if not data.class_names:
         raise ValueError("data.class_names is required for parquet datasets (class name by label)")
     class_names = list(data.class_names)
@@ -132,7 +133,7 @@ def read_parquet_source(data: DataConfig, ray_data):
             schema.GROUP: batch.get(schema.GROUP, np.full(n, -1, dtype=np.int64)),
         }
 
-    return ds.map_batches(to_source, batch_format="numpy", batch_size=64), class_names
+    return ds.map_batches(to_source, batch_format="numpy", batch_size=64, num_cpus=num_cpus), class_names
 
 
 def _image_bytes(value) -> bytes | None:

@@ -159,7 +159,8 @@ def test_prompts_depend_only_on_the_row_seed(vllm_run):
     before = {r[schema.ID]: r[schema.PROMPT] for r in rows}
     assert len(again) == len(items)
     for r in again:
-        assert r[schema.PROMPT] == before[r[schema.ID]]
+        # A block of only real rows carries no prompt column at all (engine.batch.pack drops all-None ones).
+        assert r.get(schema.PROMPT) == before[r[schema.ID]]
     stats = ray.get(ledger.snapshot.remote())["stages"]["prompt"]
     assert stats["rows_in"] == sum(1 for r in items if r[schema.RECIPE] == "aga")
 
