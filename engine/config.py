@@ -130,6 +130,13 @@ class RayConfig(Strict):
         "autoscaling clusters (e.g. KubeRay GPU groups from 0 replicas) that add nodes on demand",
     )
 
+    def local_num_cpus(self) -> int | None:
+        """`num_cpus` for `ray.init`, only when it starts a local Ray: a submitted job (RAY_ADDRESS set by
+        `ray job submit`) or a configured address joins an existing cluster, which refuses the argument."""
+        import os
+
+        return self.num_cpus if self.address is None and not os.environ.get("RAY_ADDRESS") else None
+
     @model_validator(mode="after")
     def _no_secrets_in_config(self) -> RayConfig:
         secret = [k for k in self.env_vars if any(m in k.upper() for m in SECRET_MARKERS)]

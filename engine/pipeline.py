@@ -37,7 +37,7 @@ def init_ray(config: GenerateConfig) -> None:
     env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **config.ray.env_vars}
     ray.init(
         address=config.ray.address,
-        num_cpus=config.ray.num_cpus if config.ray.address is None else None,
+        num_cpus=config.ray.local_num_cpus(),
         runtime_env={"env_vars": env_vars},
         log_to_driver=True,
     )

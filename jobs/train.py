@@ -156,7 +156,7 @@ def init_ray(config: RayConfig) -> dict[str, float]:
     if not ray.is_initialized():
         ray.init(
             address=config.address,
-            num_cpus=config.num_cpus if config.address is None else None,
+            num_cpus=config.local_num_cpus(),
             runtime_env={"env_vars": dict(config.env_vars)} if config.env_vars else None,
         )
     # Datasets copy the driver's context: this reaches the executors inside the workers too.
