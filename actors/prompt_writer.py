@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import schema
-from engine.background_prompts import BackgroundPromptEngine, ComposedInstruction, dataset_forbidden_words
+from engine.background_prompts import BackgroundPromptEngine, ComposedInstruction
 from engine.config import PromptConfig
 from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
@@ -75,12 +75,7 @@ class PromptWriter:
 
         self.config = config
         self.class_names = set(class_names)
-        self.prompts = BackgroundPromptEngine(
-            num_instructions=config.num_instructions,
-            num_scenes=config.num_scenes,
-            num_times=config.num_times,
-            forbidden_words=dataset_forbidden_words(class_names, superclasses, config.extra_forbidden_words),
-        )
+        self.prompts = BackgroundPromptEngine.from_config(config, class_names, superclasses)
 
         path, revision = resolve_model(config.model, "prompt LLM")
         self.device = resolve_device(config.device)

@@ -20,7 +20,7 @@ import numpy as np
 
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, SOURCE_LLM, SOURCE_TEMPLATE
 from engine import schema
-from engine.background_prompts import BackgroundPromptEngine, dataset_forbidden_words
+from engine.background_prompts import BackgroundPromptEngine
 from engine.batch import Batch
 from engine.config import PromptConfig
 from engine.llm_stage import sampling_params, vllm_stage
@@ -40,12 +40,7 @@ class BackgroundPromptRequests:
     ) -> None:
         self.config = config
         self.class_names = set(class_names)
-        self.prompts = BackgroundPromptEngine(
-            num_instructions=config.num_instructions,
-            num_scenes=config.num_scenes,
-            num_times=config.num_times,
-            forbidden_words=dataset_forbidden_words(class_names, superclasses, config.extra_forbidden_words),
-        )
+        self.prompts = BackgroundPromptEngine.from_config(config, class_names, superclasses)
 
     def requests(self, live: Batch) -> list[dict[str, Any]]:
         schema.require_columns(live, [schema.SEED], "prompt")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
@@ -244,9 +243,9 @@ def run_stages_alone(config, work: Path) -> list[dict]:
 
     from engine.config import config_hash
     from engine.ledger import start_ledger
-    from engine.pipeline import encode_and_write
+    from engine.pipeline import write_shards
     from engine.readers import read_source
-    from engine.recipes import build_stages, model_tags
+    from engine.recipes import build_stages
     from engine.stages import apply_stages
 
     ledger = start_ledger()
@@ -297,18 +296,7 @@ def run_stages_alone(config, work: Path) -> list[dict]:
     # 3. write: encode + one shard per batch, with run_generate's arguments.
     data_dir = work / "alone-write"
     data_dir.mkdir(parents=True, exist_ok=True)
-    ds = ray.data.from_arrow_refs(refs).map_batches(
-        encode_and_write,
-        fn_kwargs={
-            "data_uri": str(data_dir),
-            "image_format": config.output.image_format,
-            "quality": config.output.quality,
-            "models_json": json.dumps(model_tags(config), sort_keys=True),
-        },
-        batch_format="numpy",
-        batch_size=config.output.rows_per_shard,
-        num_cpus=task_cpus,
-    )
+    ds = write_shards(ray.data.from_arrow_refs(refs), config, str(data_dir))
 
     def in_shards(manifest: pa.Table) -> int:  # write's output rows name the shards it wrote
         return sum(_synthetic_in_shard(data_dir / name) for name in manifest["shard"].to_pylist())

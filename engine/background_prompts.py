@@ -199,6 +199,16 @@ class BackgroundPromptEngine:
     Scene/time/style templates that contain a forbidden word are dropped before the first `num_*` are taken.
     """
 
+    @classmethod
+    def from_config(cls, config, class_names: list[str], superclasses: dict[str, str] | None = None):
+        """From a `PromptConfig`: its template sizes, and the dataset's class words forbidden."""
+        return cls(
+            num_instructions=config.num_instructions,
+            num_scenes=config.num_scenes,
+            num_times=config.num_times,
+            forbidden_words=dataset_forbidden_words(class_names, superclasses, config.extra_forbidden_words),
+        )
+
     def __init__(
         self,
         num_instructions: int = 3,

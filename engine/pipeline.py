@@ -72,19 +72,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
 
     # 3. Encode into the output schema and write each batch as one atomic shard.
-    ds = ds.map_batches(
-        encode_and_write,
-        fn_kwargs={
-            "data_uri": str(data_dir),
-            "image_format": config.output.image_format,
-            "quality": config.output.quality,
-            "models_json": json.dumps(model_tags(config), sort_keys=True),
-        },
-        batch_format="numpy",
-        batch_size=config.output.rows_per_shard,
-        num_cpus=config.ray.task_num_cpus,
-    )
-    written = ds.take_all()  # one small manifest entry per shard
+    written = write_shards(ds, config, str(data_dir)).take_all()  # one small manifest entry per shard
 
     # 4. Errors, run.json, manifest, gallery.
     snapshot = ray.get(ledger.snapshot.remote())
@@ -107,6 +95,22 @@ def run_generate(config: GenerateConfig) -> RunReport:
 
         write_gallery(data_dir, storage.join(out, "gallery"), config.output.gallery_classes)
     return report
+
+
+def write_shards(ds, config: GenerateConfig, data_uri: str):
+    """The last step: encode + one atomic shard per `output.rows_per_shard` rows; yields manifest rows."""
+    return ds.map_batches(
+        encode_and_write,
+        fn_kwargs={
+            "data_uri": data_uri,
+            "image_format": config.output.image_format,
+            "quality": config.output.quality,
+            "models_json": json.dumps(model_tags(config), sort_keys=True),
+        },
+        batch_format="numpy",
+        batch_size=config.output.rows_per_shard,
+        num_cpus=config.ray.task_num_cpus,
+    )
 
 
 def encode_and_write(batch, data_uri: str, image_format: str, quality: int, models_json: str) -> dict:

@@ -35,7 +35,7 @@ def build_corpus(root):
     exif[0x0112] = 6
     palette = subject().convert("P")
     palette.info["transparency"] = 0
-    sixteen = Image.fromarray((np.asarray(subject("L"), dtype=np.uint16) * 256))
+    sixteen = Image.fromarray(np.asarray(subject("L"), dtype=np.uint16) * 256)
     good = {
         "rgb.png": png(subject()),
         "gray.png": png(subject("L")),

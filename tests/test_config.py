@@ -80,4 +80,6 @@ def test_driver_modules_do_not_import_the_gpu_stack():
 
 def test_secrets_never_go_into_configs():
     with pytest.raises(ValueError, match="look like secrets"):
-        load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["ray.env_vars={HF_TOKEN: hf_abc}"])
+        load_config(
+            GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["ray.env_vars={HF_TOKEN: hf_abc}"]
+        )

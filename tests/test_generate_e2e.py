@@ -130,7 +130,9 @@ def test_dataset_masks_subject_is_pasted_intact(ray_local, toy, tiny_models_dir,
 
     from engine.pipeline import run_generate
 
-    config = tiny_config(toy, tiny_models_dir, tmp_path / "out", "data.splits=[train]", "composite.feather_px=0")
+    config = tiny_config(
+        toy, tiny_models_dir, tmp_path / "out", "data.splits=[train]", "composite.feather_px=0"
+    )
     run = run_generate(config).data
     # Only the corrupt file planted by the test above fails.
     assert "segment" not in run["stages"] and run["errors"]["by_reason"] == {"decode": 1}
