@@ -19,3 +19,14 @@ def tiny_models_dir() -> Path:
     out = ROOT / ".cache" / "tiny-models"
     build_tiny_models(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """A small toy dataset (3 classes, 4/2/2 images per class, 48 px), one per test module: modules may
+    add files to it (e.g. a corrupt image) without affecting others."""
+    from engine.toy_dataset import make_toy_dataset
+
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(out, num_classes=3, train_per_class=4, val_per_class=2, test_per_class=2, size=48)
+    return out

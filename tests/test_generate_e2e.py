@@ -8,7 +8,6 @@ import pytest
 
 from engine import schema
 from engine.config import GenerateConfig, load_config
-from engine.toy_dataset import make_toy_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +19,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    make_toy_dataset(out, num_classes=3, train_per_class=4, val_per_class=2, test_per_class=2, size=48)
-    return out
 
 
 def tiny_config(toy, tiny_models_dir, out, *overrides):
