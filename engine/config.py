@@ -124,6 +124,12 @@ class RayConfig(Strict):
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="Set on every Ray worker (no secrets: configs are saved in outputs)"
     )
+    max_run_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Times the run starts over, resuming from its shards, after Ray loses a node, actor or "
+        "object that task retries could not cover (1: never)",
+    )
     check_resources: bool = Field(
         default=True,
         description="Fail fast when actor pools exceed the cluster's current resources; false for "

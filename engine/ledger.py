@@ -37,6 +37,16 @@ class RunLedger:
         return {"stages": dict(self.stages), "errors": list(self.errors)}
 
 
-def start_ledger():
-    """A ledger actor owned by this driver; it reserves no CPU so it never competes with the stages."""
-    return ray.remote(num_cpus=0, max_restarts=0)(RunLedger).remote()
+def start_ledger(name: str | None = None):
+    """A ledger actor owned by this driver; it reserves no CPU so it never competes with the stages.
+
+    Pinned to the driver's node: the run ends with the driver anyway, and a worker node that goes away
+    (preemption, scale-down) must not take the run's error records with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return (
+        ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunLedger)
+        .options(name=name)
+        .remote()
+    )

@@ -6,6 +6,7 @@ The driver imports no GPU stack: actors load their models inside Ray workers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import time
@@ -13,6 +14,7 @@ import time
 from engine import schema, storage
 from engine.config import GenerateConfig, config_hash, save_resolved
 from engine.encode import encode_rows
+from engine.failures import RunFailed, describe, is_infrastructure_failure
 from engine.ledger import start_ledger
 from engine.models import check_local_models
 from engine.readers import read_source
@@ -27,6 +29,8 @@ from engine.shards import (
     write_shard,
 )
 from engine.stages import apply_stages, check_resource_budget
+
+logger = logging.getLogger(__name__)
 
 
 def init_ray(config: GenerateConfig) -> None:
@@ -53,34 +57,50 @@ def run_generate(config: GenerateConfig) -> RunReport:
     digest = config_hash(config)
     check_local_models(config)
     done_ids = _prepare_output(out, digest, config.output.overwrite)
-    synthetic_before = sum(n for recipe, n in count_rows(data_dir)[0].items() if recipe != schema.RECIPE_REAL)
+    rows_before = sum(count_rows(data_dir)[0].values())
     save_resolved(config, storage.join(out, "config.yaml"))
     write_manifest(str(out), {"config_hash": digest, "complete": False})
 
-    # 1. Ray, the ledger, the source rows.
     init_ray(config)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.ray.progress_bars
     context.execution_options.preserve_order = config.ray.preserve_order
-    ledger = start_ledger()
-    ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus)
 
-    # 2. The recipe's stages, checked against what the cluster can schedule, then the stage loop.
-    stages = build_stages(config, class_names, digest, frozenset(done_ids))
-    if config.ray.check_resources:
-        check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
-    ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
+    # Each attempt is a resume: it skips the rows already in the shards (see engine.failures).
+    attempts, generated = [], 0
+    for attempt in range(1, config.ray.max_run_attempts + 1):
+        synthetic_before = _synthetic_rows(data_dir)
+        ledger = start_ledger()
+        try:
+            class_names = _run_attempt(config, digest, data_dir, ledger, frozenset(done_ids))
+            snapshot = ray.get(ledger.snapshot.remote())
+            break
+        except Exception as err:
+            if not is_infrastructure_failure(err):
+                raise
+            attempts.append(describe(err))
+            if attempt == config.ray.max_run_attempts:
+                raise RunFailed(
+                    f"{attempts[-1]} - Ray workers were lost in each of {attempt} attempts "
+                    "(ray.max_run_attempts); the rows written so far are kept: rerun to resume"
+                ) from err
+            logger.warning(
+                "attempt %d lost Ray workers (%s); resuming from the shards", attempt, attempts[-1]
+            )
+            generated += _generated(ledger)
+            done_ids = completed_ids(str(data_dir))
+        finally:
+            ray.kill(ledger)
 
-    # 3. Encode into the output schema and write each batch as one atomic shard.
-    written = write_shards(ds, config, str(data_dir)).take_all()  # one small manifest entry per shard
-
-    # 4. Errors, run.json, manifest, gallery.
-    snapshot = ray.get(ledger.snapshot.remote())
+    # Errors, run.json, manifest, gallery.
     write_errors(snapshot["errors"], storage.join(out, "errors.parquet"))
     report = build_report(
         config, snapshot, data_dir, class_names, digest, time.perf_counter() - start, synthetic_before
     )
-    report.data["rows"]["written_this_run"] = sum(int(w["rows"]) for w in written)
+    rows = report.data["rows"]
+    rows["synthetic_generated_this_run"] += generated
+    rows["written_this_run"] = sum(count_rows(data_dir)[0].values()) - rows_before
+    report.data["failed_attempts"] = attempts
     storage.write_text(storage.join(out, "run.json"), json.dumps(report.data, indent=2))
     write_manifest(
         str(out),
@@ -95,6 +115,35 @@ def run_generate(config: GenerateConfig) -> RunReport:
 
         write_gallery(data_dir, storage.join(out, "gallery"), config.output.gallery_classes)
     return report
+
+
+def _run_attempt(config: GenerateConfig, digest: str, data_dir: str, ledger, done_ids: frozenset[str]):
+    """Source rows -> the recipe's stages (checked against the cluster) -> atomic shards."""
+    import ray
+    import ray.data
+
+    ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus)
+    stages = build_stages(config, class_names, digest, done_ids)
+    if config.ray.check_resources:
+        check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
+    ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
+    write_shards(ds, config, str(data_dir)).take_all()  # one small manifest entry per shard
+    return class_names
+
+
+def _synthetic_rows(data_dir: str) -> int:
+    return sum(n for recipe, n in count_rows(data_dir)[0].items() if recipe != schema.RECIPE_REAL)
+
+
+def _generated(ledger) -> int:
+    """Synthetic rows a failed attempt started (its ledger lives on the driver's node, so it survives)."""
+    import ray
+
+    try:
+        snapshot = ray.get(ledger.snapshot.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a statistic; the run goes on without it
+        return 0
+    return int(snapshot["stages"].get("expand", {}).get("synthetic_out", 0))
 
 
 def write_shards(ds, config: GenerateConfig, data_uri: str):

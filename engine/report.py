@@ -122,5 +122,7 @@ def print_summary(report: RunReport) -> None:
         f"{rows['synthetic_written']} (expected {rows['synthetic_expected']}), "
         f"errors {data['errors']['total']} {data['errors']['by_reason']}"
     )
+    for number, failure in enumerate(data.get("failed_attempts", []), start=1):
+        console.print(f"[yellow]attempt {number} lost Ray workers and was resumed:[/yellow] {failure}")
     for name, path in data["output"].items():
         console.print(f"{name:>8}: {path}")

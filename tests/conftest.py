@@ -30,3 +30,22 @@ def toy(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy")
     make_toy_dataset(out, num_classes=3, train_per_class=4, val_per_class=2, test_per_class=2, size=48)
     return out
+
+
+def demo_overrides(toy: Path, models: Path, out: Path) -> list[str]:
+    """Overrides for the demo config (configs/aga_tiny_cpu.yaml): this toy dataset, the tiny models, 32 px
+    backgrounds in 2 steps, everything named by absolute path."""
+    return [
+        f"data.path={toy}",
+        f"data.masks_path={toy / 'masks'}",
+        f"output.path={out}",
+        f"segment.detector.id={models / 'grounding-dino'}",
+        f"segment.sam.id={models / 'sam'}",
+        f"prompt.model.id={models / 'llm'}",
+        f"background.model.id={models / 'sdxl'}",
+        "background.height=32",
+        "background.width=32",
+        "background.num_inference_steps=2",
+        "output.gallery_classes=0",
+        "ray.progress_bars=false",
+    ]

@@ -25,7 +25,7 @@ import pytest
 from engine import schema
 from engine.config import GenerateConfig, load_config
 from engine.toy_dataset import make_toy_dataset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, demo_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -71,24 +71,6 @@ def ray_tmp(monkeypatch):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def overrides(toy: Path, models: Path, out: Path) -> list[str]:
-    """The demo config (configs/aga_tiny_cpu.yaml) on the small toy set, everything named by absolute path."""
-    return [
-        f"data.path={toy}",
-        f"data.masks_path={toy / 'masks'}",
-        f"output.path={out}",
-        f"segment.detector.id={models / 'grounding-dino'}",
-        f"segment.sam.id={models / 'sam'}",
-        f"prompt.model.id={models / 'llm'}",
-        f"background.model.id={models / 'sdxl'}",
-        "background.height=32",
-        "background.width=32",
-        "background.num_inference_steps=2",
-        "output.gallery_classes=0",
-        "ray.progress_bars=false",
-    ]
-
-
 def read_rows(data_dir: Path) -> list[dict]:
     rows = pq.read_table(data_dir).to_pylist()
     return sorted(rows, key=lambda r: r[schema.ID])
@@ -111,7 +93,7 @@ def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_pa
     from engine.pipeline import run_generate
 
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    base = overrides(toy, tiny_models_dir, tmp_path / "single")
+    base = demo_overrides(toy, tiny_models_dir, tmp_path / "single")
     ray.shutdown()
 
     # 1. The reference: one node.
@@ -134,7 +116,7 @@ def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_pa
         alive = [n for n in ray.nodes() if n["Alive"]]
         assert len(alive) == 3 and {n["NodeManagerAddress"] for n in alive} == {LOOPBACK}
         pinned = [
-            *overrides(toy, tiny_models_dir, tmp_path / "multi"),
+            *demo_overrides(toy, tiny_models_dir, tmp_path / "multi"),
             "segment.stage.resources={node_a: 1}",
             "prompt.stage.resources={node_a: 1}",
             "background.stage.resources={node_b: 1}",
@@ -171,6 +153,121 @@ def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_pa
         # Row-seeded noise makes a row's image independent of batching and placement; allow +-1 for the
         # last bit of batched float math on another process.
         assert abs(pixels(a[schema.IMAGE]) - pixels(b[schema.IMAGE])).max() <= 1, a[schema.ID]
+
+
+def background_actors(ray) -> list[tuple[str, str]]:
+    """(node id, state) of every background actor the GCS knows, dead ones included."""
+    return [
+        (info["Address"]["NodeID"], info["State"])
+        for info in ray._private.state.actors().values()
+        if info["ActorClassName"].startswith("MapWorker(")
+        and info["ActorClassName"].split("(")[-1].rstrip(")") == "background"
+    ]
+
+
+@pytest.mark.timeout(420)
+def test_removed_worker_node_loses_and_duplicates_nothing(tiny_models_dir, tmp_path, ray_tmp, monkeypatch):
+    """A worker node running the background pool is killed (no graceful drain) after two of its batches;
+    the pool carries on on the other node with the `gen` resource and the output holds every expected row
+    exactly once."""
+    import itertools
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from engine import pipeline
+    from engine.ledger import start_ledger
+
+    # Each attempt's ledger under a name, so the test can watch the first attempt's background pool.
+    attempt = itertools.count(1)
+    monkeypatch.setattr(pipeline, "start_ledger", lambda: start_ledger(name=f"test-ledger-{next(attempt)}"))
+
+    def background_batches_done() -> int:
+        try:
+            snapshot = ray.get(ray.get_actor("test-ledger-1").snapshot.remote())
+        except ValueError:  # not started yet
+            return 0
+        return int(snapshot["stages"].get("background", {}).get("batches", 0))
+
+    toy = tmp_path / "toy"
+    make_toy_dataset(toy, num_classes=2, train_per_class=6, val_per_class=1, test_per_class=1, size=32)
+    out = tmp_path / "out"
+    config = load_config(
+        GenerateConfig,
+        ROOT / "configs" / "aga_tiny_cpu.yaml",
+        [
+            *demo_overrides(toy, tiny_models_dir, out),
+            # Slow enough that most batches are still to come at the removal.
+            "background.height=64",
+            "background.width=64",
+            "background.num_inference_steps=12",
+            "background.stage.batch_size=2",
+            "background.stage.resources={gen: 1}",
+            "background.stage.max_restarts=2",
+            "background.stage.max_task_retries=3",
+            "prompt.stage.resources={stable: 1}",
+            "composite.stage.resources={stable: 1}",
+            "output.rows_per_shard=4",
+        ],
+    )
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"stable": 2}, "include_dashboard": False},
+    )
+    finished = threading.Event()
+    removed: dict = {}
+
+    def remove_the_background_node() -> None:
+        """Waits for two background batches, then kills the node of the live background actor."""
+        deadline = time.monotonic() + 240
+        while not finished.is_set() and time.monotonic() < deadline:
+            alive = [node for node, state in background_actors(ray) if state == "ALIVE"]
+            if alive and background_batches_done() >= 2:
+                node = next(n for n in workers if n.node_id == alive[0])
+                cluster.remove_node(node, allow_graceful=False)
+                removed.update(node_id=node.node_id, while_running=not finished.is_set())
+                return
+            time.sleep(0.05)
+
+    try:
+        workers = [cluster.add_node(num_cpus=1, resources={"gen": 1}) for _ in range(2)]
+        ray.init(
+            address=cluster.address,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+        )
+        watcher = threading.Thread(target=remove_the_background_node, daemon=True)
+        watcher.start()
+        try:
+            report = pipeline.run_generate(config)
+        finally:
+            finished.set()
+            watcher.join(timeout=30)
+        # Where the background actors are now (an actor's entry moves with its restarts).
+        placed = background_actors(ray)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    # 1. The node went away mid-run, with the live background actor on it, and the pool finished on the
+    #    other `gen` node: by Ray's task retries alone, or (when they run out before Ray notices the node
+    #    is gone, the usual case here) by a second attempt of the run that resumes from the shards.
+    assert removed.get("while_running"), f"the run finished before a node was removed: {removed}"
+    assert all(node != removed["node_id"] for node, _ in placed), placed
+    assert all(a.startswith("stage background:") for a in report.data["failed_attempts"]), report.data
+
+    # 2. Every expected row exactly once: 16 real rows (all splits) + 12 train images x 2 variants.
+    rows = read_rows(out / "data")
+    ids = [r[schema.ID] for r in rows]
+    assert len(ids) == len(set(ids)) == 16 + 12 * 2, len(ids)
+    synthetic = [r for r in rows if r[schema.RECIPE] != schema.RECIPE_REAL]
+    per_source = {source: 0 for source in {r[schema.SOURCE_ID] for r in rows if r[schema.SPLIT] == "train"}}
+    for r in synthetic:
+        per_source[r[schema.SOURCE_ID]] += 1
+    assert sorted(set(per_source.values())) == [2], per_source
+    assert report.data["errors"]["total"] == 0
+    assert report.data["rows"]["written_this_run"] == len(rows)
 
 
 # --------------------------------------------------------------------------- Ray Jobs
@@ -255,7 +352,7 @@ def test_generate_job_submitted_to_a_local_cluster(toy, tiny_models_dir, tmp_pat
         "jobs.generate",
         "--config",
         "configs/aga_tiny_cpu.yaml",
-        *[f"--set={item}" for item in overrides(toy, tiny_models_dir, out)],
+        *[f"--set={item}" for item in demo_overrides(toy, tiny_models_dir, out)],
     ]
     head, address = start_head(ray_tmp)
     try:

@@ -5,13 +5,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from engine import schema
 from engine.batch import unpack
 from engine.config import StageSpec
+from engine.failures import RunFailed
 from engine.ledger import start_ledger
 from engine.stages import Stage, apply_stages
+from tests.conftest import ROOT, demo_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +33,8 @@ def ray_local():
 class DiesOnBatch:
     """Exits its process (as a segfault or a preempted node would) on its Nth batch, once per marker."""
 
-    def __init__(self, marker: str, die_on_batch: int, always: bool = False) -> None:
-        self.marker, self.die_on_batch, self.always = Path(marker), die_on_batch, always
+    def __init__(self, marker: str, die_on_batch: int, always: bool = False, tag: bool = True) -> None:
+        self.marker, self.die_on_batch, self.always, self.tag = Path(marker), die_on_batch, always, tag
         self.calls = 0
 
     def __call__(self, batch):
@@ -39,6 +42,8 @@ class DiesOnBatch:
         if self.calls == self.die_on_batch and (self.always or not self.marker.exists()):
             self.marker.write_text("died")
             os._exit(1)
+        if not self.tag:
+            return batch
         return {**batch, "seen_by": np.full(len(batch[schema.SEED]), os.getpid())}
 
 
@@ -69,6 +74,63 @@ def test_exhausted_restarts_fail_naming_the_stage(ray_local, tmp_path):
     ds = apply_stages(source(16), [stage], start_ledger(), task_num_cpus=0.5)
     with pytest.raises(Exception, match="doomed_stage"):
         ds.take_all()
+
+
+def run_with_fragile_stage(monkeypatch, toy, models, out, *extra: str, **fragile_kwargs):
+    """The demo recipe with a `fragile` actor stage (no restarts, no task retries) before composite."""
+    from engine import pipeline
+    from engine.config import GenerateConfig, load_config
+
+    recipe_stages = pipeline.build_stages
+
+    def with_fragile_stage(*args, **kwargs):
+        stages = recipe_stages(*args, **kwargs)
+        spec = StageSpec(batch_size=4, concurrency=1, num_cpus=0.25, max_restarts=0, max_task_retries=0)
+        return [
+            *stages[:-1],
+            Stage("fragile", DiesOnBatch, spec, {**fragile_kwargs, "tag": False}),
+            stages[-1],
+        ]
+
+    monkeypatch.setattr(pipeline, "build_stages", with_fragile_stage)
+    config = load_config(
+        GenerateConfig,
+        ROOT / "configs" / "aga_tiny_cpu.yaml",
+        [*demo_overrides(toy, models, out), "output.rows_per_shard=4", *extra],
+    )
+    return pipeline.run_generate(config)
+
+
+def test_a_run_that_loses_an_actor_starts_over_from_its_shards(
+    ray_local, toy, tiny_models_dir, tmp_path, monkeypatch
+):
+    marker = tmp_path / "died"
+    report = run_with_fragile_stage(
+        monkeypatch, toy, tiny_models_dir, tmp_path / "out", marker=str(marker), die_on_batch=3
+    )
+    assert marker.exists(), "the actor really died"
+    assert len(report.data["failed_attempts"]) == 1
+    assert report.data["failed_attempts"][0].startswith("stage fragile: ActorDiedError")
+    ids = pq.read_table(tmp_path / "out" / "data", columns=[schema.ID]).column(schema.ID).to_pylist()
+    # The toy set: 3 classes x (4 train + 2 val + 2 test) real rows, plus 3 x 4 train images x 2 variants.
+    assert len(ids) == len(set(ids)) == 24 + 24
+    assert report.data["rows"]["written_this_run"] == 48 and report.data["errors"]["total"] == 0
+
+
+def test_a_run_gives_up_after_its_attempts_naming_the_stage(
+    ray_local, toy, tiny_models_dir, tmp_path, monkeypatch
+):
+    with pytest.raises(RunFailed, match=r"stage fragile: .* each of 2 attempts"):
+        run_with_fragile_stage(
+            monkeypatch,
+            toy,
+            tiny_models_dir,
+            tmp_path / "out",
+            "ray.max_run_attempts=2",
+            marker=str(tmp_path / "m"),
+            die_on_batch=1,
+            always=True,
+        )
 
 
 def test_unpack_roundtrip_of_packed_columns():
