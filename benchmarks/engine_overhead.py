@@ -243,9 +243,8 @@ def run_stages_alone(config, work: Path) -> list[dict]:
 
     from engine.config import config_hash
     from engine.ledger import start_ledger
-    from engine.pipeline import write_shards
+    from engine.pipeline import pipeline_stages, write_shards
     from engine.readers import read_source
-    from engine.recipes import build_stages
     from engine.stages import apply_stages
 
     ledger = start_ledger()
@@ -278,7 +277,9 @@ def run_stages_alone(config, work: Path) -> list[dict]:
     refs = timed("read", task(config.data.rows_per_block), source, per_source)
     # 2. The recipe's stages, one at a time, each over the previous one's output.
     count = per_source
-    for stage in build_stages(config, class_names, config_hash(config), frozenset()):
+    real_dir = work / "alone-write-real"  # write_real's shards
+    real_dir.mkdir(parents=True, exist_ok=True)
+    for stage in pipeline_stages(config, class_names, config_hash(config), frozenset(), str(real_dir)):
         ds = apply_stages(ray.data.from_arrow_refs(refs), [stage], ledger, task_cpus)
         if stage.is_actor:
             sp = stage.spec
@@ -289,7 +290,7 @@ def run_stages_alone(config, work: Path) -> list[dict]:
                 "num_cpus": sp.num_cpus,
             }
         else:
-            spec = task(32)  # apply_stages' batch size for function stages
+            spec = task(stage.spec.batch_size if stage.spec else 32)  # as apply_stages batches them
         if stage.name == "expand":
             count = _synthetic_in
         refs = timed(stage.name, spec, ds, count)

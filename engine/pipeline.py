@@ -11,8 +11,11 @@ import os
 import posixpath
 import time
 
+import numpy as np
+
 from engine import schema, storage
-from engine.config import GenerateConfig, config_hash, save_resolved
+from engine.batch import Batch, take
+from engine.config import GenerateConfig, StageSpec, config_hash, save_resolved
 from engine.encode import encode_rows
 from engine.failures import RunFailed, describe, is_infrastructure_failure
 from engine.ledger import start_ledger
@@ -28,7 +31,7 @@ from engine.shards import (
     write_manifest,
     write_shard,
 )
-from engine.stages import apply_stages, check_resource_budget
+from engine.stages import Stage, apply_stages, check_resource_budget
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ def _run_attempt(config: GenerateConfig, digest: str, data_dir: str, ledger, don
     import ray.data
 
     ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus)
-    stages = build_stages(config, class_names, digest, done_ids)
+    stages = pipeline_stages(config, class_names, digest, done_ids, data_dir)
     if config.ray.check_resources:
         check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
@@ -150,12 +153,7 @@ def write_shards(ds, config: GenerateConfig, data_uri: str):
     """The last step: encode + one atomic shard per `output.rows_per_shard` rows; yields manifest rows."""
     return ds.map_batches(
         encode_and_write,
-        fn_kwargs={
-            "data_uri": data_uri,
-            "image_format": config.output.image_format,
-            "quality": config.output.quality,
-            "models_json": json.dumps(model_tags(config), sort_keys=True),
-        },
+        fn_kwargs=_shard_format(config, data_uri),
         batch_format="numpy",
         batch_size=config.output.rows_per_shard,
         num_cpus=config.ray.task_num_cpus,
@@ -169,6 +167,49 @@ def encode_and_write(batch, data_uri: str, image_format: str, quality: int, mode
         return {"shard": [], "rows": []}
     entry = write_shard(table, data_uri)
     return {"shard": [entry["shard"]], "rows": [entry["rows"]]}
+
+
+def write_real_rows(batch: Batch, **shard_format) -> Batch:
+    """Writes the batch's real rows as one shard and passes on the synthetic rows only."""
+    real = np.asarray(batch[schema.RECIPE]) == schema.RECIPE_REAL
+    if real.any():
+        encode_and_write(take(batch, np.flatnonzero(real)), **shard_format)  # the last step that can fail
+    return take(batch, np.flatnonzero(~real))
+
+
+def pipeline_stages(
+    config: GenerateConfig, class_names: list[str], digest: str, done_ids: frozenset[str], data_uri: str
+) -> list[Stage]:
+    """The recipe's stages as the pipeline runs them (the benchmarks run the same list)."""
+    return _write_real_rows_early(build_stages(config, class_names, digest, done_ids), config, data_uri)
+
+
+def _write_real_rows_early(stages: list[Stage], config: GenerateConfig, data_uri: str) -> list[Stage]:
+    """Real rows need no model: written right after `expand`, they stop riding through the actor pools, which
+    then get batches of synthetic rows only (a GPU stage of batch size 8 would otherwise see about 5 of
+    them per call at K=2, fewer with val/test rows in the stream)."""
+    names = [stage.name for stage in stages]
+    if "expand" not in names:
+        return stages
+    at = names.index("expand") + 1
+    # Batches of expanded rows hold about one real row in K+1: this makes real shards about rows_per_shard.
+    writer = Stage(
+        "write_real",
+        write_real_rows,
+        StageSpec(batch_size=config.output.rows_per_shard * (config.num_variants + 1)),
+        kwargs=_shard_format(config, data_uri),
+        reads=(schema.RECIPE,),
+    )
+    return [*stages[:at], writer, *stages[at:]]
+
+
+def _shard_format(config: GenerateConfig, data_uri: str) -> dict:
+    return {
+        "data_uri": data_uri,
+        "image_format": config.output.image_format,
+        "quality": config.output.quality,
+        "models_json": json.dumps(model_tags(config), sort_keys=True),
+    }
 
 
 def _prepare_output(out: str, digest: str, overwrite: bool) -> set[str]:

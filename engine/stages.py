@@ -26,7 +26,7 @@ from engine.config import StageSpec
 class Stage:
     name: str
     fn: Callable[..., Any]  # a class (actor pool: built once per actor) or a function (CPU tasks)
-    spec: StageSpec | None = None  # scheduling for classes; None for functions
+    spec: StageSpec | None = None  # scheduling for classes; for functions only batch_size counts (else 32)
     kwargs: dict[str, Any] = field(
         default_factory=dict
     )  # constructor kwargs (class) / call kwargs (function)
@@ -228,7 +228,7 @@ def apply_stages(ds, stages: list[Stage], ledger, task_num_cpus: float):
                 _named_function(stage.name),
                 fn_kwargs={"stage": stage, "ledger": ledger},
                 batch_format="numpy",
-                batch_size=32,
+                batch_size=stage.spec.batch_size if stage.spec else 32,
                 num_cpus=task_num_cpus,
             )
     return ds

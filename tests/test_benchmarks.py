@@ -64,7 +64,17 @@ def test_engine_overhead_benchmark_smoke(tmp_path, tiny_models_dir):
         assert {"decode", "prompt", "background", "composite"} <= set(run["busy_s"])
 
     stages = [s["stage"] for s in data["stages_alone"]]
-    assert stages == ["read", "skip_done", "decode", "expand", "prompt", "background", "composite", "write"]
+    assert stages == [
+        "read",
+        "skip_done",
+        "decode",
+        "expand",
+        "write_real",
+        "prompt",
+        "background",
+        "composite",
+        "write",
+    ]
     for s in data["stages_alone"]:
         assert s["synthetic_rows"] == big * settings.num_variants, s
         assert s["wall_rows_per_s"] > 0 and s["outputs"] >= 1
