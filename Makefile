@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test venv venv-vllm lint bench bench-train clean
+.PHONY: demo test venv venv-vllm lint bench bench-train gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-train: $(STAMP)
 	$(BENCH_GEN) --set num_variants=2 --set output.path=outputs/bench-k2
 	$(BENCH_GEN) --set num_variants=5 --set output.path=outputs/bench-k5
 	$(VENV)/bin/synthray sweep --config configs/sweep_toy_bench.yaml
+
+# Wheels the GPU machine lacks for `python -m benchmarks.gpu_stages` (diffusers, pydantic, ...), into .whl/
+# (git-ignored; the device tool carries it). The command to run there is in benchmarks/gpu_stages.py.
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

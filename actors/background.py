@@ -35,6 +35,7 @@ class BackgroundGenerator:
         if self.device.startswith("cuda"):
             # Decoding a batch of 1024 px latents at once is the memory peak; one at a time costs little.
             self.pipe.vae.enable_slicing()
+        self._apply_tunings(torch)
 
         multiple = self.pipe.vae_scale_factor
         if config.height % multiple or config.width % multiple:
@@ -46,6 +47,19 @@ class BackgroundGenerator:
         # use zero embeddings as they were trained to, rather than the embedding of "".
         self.negative_prompt = config.negative_prompt or None
         self._torch = torch
+
+    def _apply_tunings(self, torch) -> None:
+        """The GPU options of `BackgroundConfig`, measured one by one in benchmarks/gpu_stages.py."""
+        if self.config.fuse_qkv:
+            # Same math: q/k/v weights concatenated, so attention does one wide matmul instead of three.
+            self.pipe.fuse_qkv_projections(unet=True, vae=True)
+        if self.config.channels_last:
+            # cuDNN's fastest convolution kernels for fp16/bf16 are NHWC; NCHW inputs pay a transpose each time.
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
+        if self.config.compile_mode is not None:
+            # In place, so `pipe.unet` keeps its class and config (the pipeline reads both).
+            self.pipe.unet.compile(mode=self.config.compile_mode, fullgraph=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         schema.require_columns(batch, [schema.PROMPT, schema.SEED], STAGE)

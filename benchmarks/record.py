@@ -44,11 +44,20 @@ def machine() -> dict:
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": None,
+        "gpu": gpu_name(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def gpu_name() -> str | None:
+    """The CUDA device's name, asked only where torch is already imported: a CPU benchmark's driver never
+    pays for importing torch here, nor initialises CUDA in its process."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name()
 
 
 def versions() -> dict[str, str | None]:

@@ -263,6 +263,21 @@ class BackgroundConfig(Strict):
     negative_prompt: str = "people, person, animal, text, watermark, blurry"
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    # GPU tunings (see benchmarks/gpu_stages.py). Off by default: each changes numerics or start-up time a
+    # little, and none pays on CPU.
+    channels_last: bool = Field(
+        default=False, description="UNet and VAE in channels-last memory format (faster convolutions on GPU)"
+    )
+    fuse_qkv: bool = Field(
+        default=False, description="Fuse the attention q/k/v projections into one matmul (UNet and VAE)"
+    )
+    compile_mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = Field(
+        default=None,
+        description="torch.compile the UNet with this mode ('reduce-overhead' adds CUDA graphs); "
+        "None runs eagerly. The first batch of each new shape pays the compile time",
+    )
     stage: StageSpec = Field(default_factory=StageSpec)
 
 
