@@ -130,6 +130,11 @@ class RayConfig(Strict):
         description="Times the run starts over, resuming from its shards, after Ray loses a node, actor or "
         "object that task retries could not cover (1: never)",
     )
+    no_progress_timeout_s: float = Field(
+        default=1800,
+        description="Fail (naming the stalled stages) when no stage makes progress for this long, e.g. an "
+        "actor pool waiting for a resource no node has any more; -1 waits forever",
+    )
     check_resources: bool = Field(
         default=True,
         description="Fail fast when actor pools exceed the cluster's current resources; false for "

@@ -68,6 +68,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.ray.progress_bars
     context.execution_options.preserve_order = config.ray.preserve_order
+    context.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
 
     # Each attempt is a resume: it skips the rows already in the shards (see engine.failures).
     attempts, generated = [], 0

@@ -133,6 +133,25 @@ def test_a_run_gives_up_after_its_attempts_naming_the_stage(
         )
 
 
+def test_a_pool_that_can_never_start_fails_instead_of_hanging(ray_local, toy, tiny_models_dir, tmp_path):
+    """The background pool asks for a resource no node has (say its GPU nodes were lost, on a cluster where
+    the up-front check is off for autoscaling): the run fails naming the stage, after the timeout."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from engine.config import GenerateConfig, load_config
+    from engine.pipeline import run_generate
+
+    overrides = [
+        *demo_overrides(toy, tiny_models_dir, tmp_path / "out"),
+        "background.stage.resources={lost_gpu_node: 1}",
+        "ray.check_resources=false",
+        "ray.no_progress_timeout_s=5",
+    ]
+    config = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", overrides)
+    with pytest.raises(ExecutionTimeoutError, match=r"no progress[\s\S]*MapBatches\(background\)"):
+        run_generate(config)
+
+
 def test_unpack_roundtrip_of_packed_columns():
     from engine.batch import object_array, pack
 
