@@ -144,14 +144,13 @@ def sdxl_pipeline(device: str):
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.tiny.sdxl import BOS, EOS, build_vocab
+    from engine.tiny.sdxl import BOS, EOS, build_tokenizer
 
     # The offline byte-level BPE tokenizer: prompts tokenize to realistic lengths and are padded to 77 tokens
     # as with the real one. The encoders pool at its end-of-text id, so their special ids must be its ids.
-    vocab, merges = build_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer, vocab = build_tokenizer()
     special_ids = dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
     torch.manual_seed(0)
     # Only the models under the device context: the scheduler turns tensors into numpy arrays as it starts.

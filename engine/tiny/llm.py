@@ -47,11 +47,26 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer():
+    return word_level_tokenizer(
+        vocabulary(), (BOS, EOS, PAD, UNK), list(ROLE_TOKENS), CHAT_TEMPLATE, model_max_length=512
+    )
+
+
+def word_level_tokenizer(
+    words: list[str],
+    specials: tuple[str, str, str, str],
+    extra_special_tokens: list[str],
+    chat_template: str,
+    model_max_length: int,
+):
+    """A lower-casing word-level tokenizer over `words`; `specials` are its (bos, eos, pad, unk) tokens.
+    Shared by the tiny LLM and the tiny VLM."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    bos, eos, pad, unk = specials
+    vocab = {token: i for i, token in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(
@@ -59,15 +74,15 @@ def build_tokenizer():
     )  # joins words with spaces, tidies punctuation
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=list(ROLE_TOKENS),
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        additional_special_tokens=extra_special_tokens,
         padding_side="left",  # decoder-only batched generation pads on the left
-        model_max_length=512,
+        model_max_length=model_max_length,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 

@@ -48,6 +48,14 @@ def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
+def build_tokenizer():
+    """The offline CLIP tokenizer (padded to 77 tokens like the real one) and its vocab."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77), vocab
+
+
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     """Plain BPE training until every word is one symbol; ties break alphabetically, so builds are identical.
 
@@ -97,10 +105,9 @@ def _tiny_pipeline():
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab, merges = build_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer, vocab = build_tokenizer()
     text_config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=HIDDEN,

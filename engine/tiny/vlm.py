@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.tiny.llm import EXTRA_WORDS
+from engine.tiny.llm import EXTRA_WORDS, word_level_tokenizer
 
 BOS, EOS, PAD, UNK = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>", "<unk>"
 FAKE_IMAGE, IMAGE, GLOBAL_IMAGE = "<fake_token_around_image>", "<image>", "<global-img>"
@@ -48,26 +48,13 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=[FAKE_IMAGE, IMAGE, GLOBAL_IMAGE],
-        padding_side="left",
+    return word_level_tokenizer(
+        vocabulary(),
+        (BOS, EOS, PAD, UNK),
+        [FAKE_IMAGE, IMAGE, GLOBAL_IMAGE],
+        CHAT_TEMPLATE,
         model_max_length=1024,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def build_processor():
