@@ -10,6 +10,7 @@ latest checkpoint. Also the entry for `ray job submit --working-dir . -- python 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(config: TrainConfig) -> dict:
     """One run: sampling plan -> Ray Datasets -> TorchTrainer.fit -> metrics.json + curves.png; returns metrics."""
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from engine.evaluation import plot_curves
@@ -85,6 +86,9 @@ def run_training(config: TrainConfig) -> dict:
             storage_path=str(run_dir.parent),
             name=run_dir.name,
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+            # Ray Train logs each report and checkpoint of each rank at INFO (several lines an epoch per
+            # rank); rank 0 logs one line per epoch instead (_report).
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
@@ -311,6 +315,7 @@ def train_loop_per_worker(loop: dict) -> None:
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    _quiet_report_logs()
     # A fractional CPU reservation leaves torch at all cores; workers sharing a node would oversubscribe it.
     torch.set_num_threads(loop["torch_threads"])
     device = ray.train.torch.get_device()
@@ -454,6 +459,8 @@ def _report(metrics, summary, model, optimizer, scaler, epoch, history, rank, *,
     import ray.train
     import torch
 
+    if rank == 0:
+        logging.getLogger("synthray.train").info(_epoch_line(metrics))
     if not (due and rank == 0):
         ray.train.report(metrics)
         return
@@ -469,6 +476,27 @@ def _report(metrics, summary, model, optimizer, scaler, epoch, history, rank, *,
         if summary is not None:
             (Path(folder) / SUMMARY_FILE).write_text(json.dumps(summary))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every rank's every report at INFO through a logger named by its file path, outside
+    `ray.train`, so `LoggingConfig` misses it; the epoch line (_report) says the same once per epoch."""
+    import importlib
+
+    try:
+        module = importlib.import_module("ray.train.v2._internal.execution.context")
+    except ImportError:  # another Ray layout: its logs stay as they are
+        return
+    logging.getLogger(module.__file__).setLevel(logging.WARNING)
+
+
+def _epoch_line(metrics: dict) -> str:
+    val = metrics.get("val_top1")
+    return (
+        f"epoch {metrics['epoch']} (phase {metrics.get('phase', 1)}): loss {metrics['train_loss']:.3f}, "
+        f"train top-1 {metrics['train_acc']:.3f}, val top-1 {'-' if val is None else f'{val:.3f}'}, "
+        f"{metrics['epoch_s']:.1f} s"
+    )
 
 
 if __name__ == "__main__":
