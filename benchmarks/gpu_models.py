@@ -74,16 +74,6 @@ SDXL_TEXT_ENCODER_2 = dict(
     projection_dim=1280,
     layer_norm_eps=1e-5,
 )
-SDXL_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-    interpolation_type="linear",
-    prediction_type="epsilon",
-)
 
 # --------------------------------------------------------------------------- SAM ViT-H, GroundingDINO
 
@@ -146,7 +136,7 @@ def sdxl_pipeline(device: str):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.tiny.sdxl import BOS, EOS, build_tokenizer
+    from engine.tiny.sdxl import BOS, EOS, SDXL_SCHEDULER, build_tokenizer
 
     # The offline byte-level BPE tokenizer: prompts tokenize to realistic lengths and are padded to 77 tokens
     # as with the real one. The encoders pool at its end-of-text id, so their special ids must be its ids.

@@ -60,7 +60,8 @@ def run_generate(config: GenerateConfig) -> RunReport:
     digest = config_hash(config)
     check_local_models(config)
     done_ids = _prepare_output(out, digest, config.output.overwrite)
-    rows_before = sum(count_rows(data_dir)[0].values())
+    counts = count_rows(data_dir)[0]  # rows per recipe already in the shards
+    rows_before = sum(counts.values())
     save_resolved(config, storage.join(out, "config.yaml"))
     write_manifest(str(out), {"config_hash": digest, "complete": False})
 
@@ -73,7 +74,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
     # Each attempt is a resume: it skips the rows already in the shards (see engine.failures).
     attempts, generated = [], 0
     for attempt in range(1, config.ray.max_run_attempts + 1):
-        synthetic_before = _synthetic_rows(data_dir)
+        synthetic_before = sum(n for recipe, n in counts.items() if recipe != schema.RECIPE_REAL)
         ledger = start_ledger()
         try:
             class_names = _run_attempt(config, digest, data_dir, ledger, frozenset(done_ids))
@@ -93,6 +94,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
             )
             generated += _generated(ledger)
             done_ids = completed_ids(str(data_dir))
+            counts = count_rows(data_dir)[0]
         finally:
             ray.kill(ledger)
 
@@ -103,7 +105,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
     )
     rows = report.data["rows"]
     rows["synthetic_generated_this_run"] += generated
-    rows["written_this_run"] = sum(count_rows(data_dir)[0].values()) - rows_before
+    rows["written_this_run"] = rows["real_written"] + rows["synthetic_written"] - rows_before
     report.data["failed_attempts"] = attempts
     storage.write_text(storage.join(out, "run.json"), json.dumps(report.data, indent=2))
     write_manifest(
@@ -133,10 +135,6 @@ def _run_attempt(config: GenerateConfig, digest: str, data_dir: str, ledger, don
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
     write_shards(ds, config, str(data_dir)).take_all()  # one small manifest entry per shard
     return class_names
-
-
-def _synthetic_rows(data_dir: str) -> int:
-    return sum(n for recipe, n in count_rows(data_dir)[0].items() if recipe != schema.RECIPE_REAL)
 
 
 def _generated(ledger) -> int:

@@ -33,6 +33,18 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 HIDDEN = 32  # per text encoder; the UNet cross-attends to both, concatenated
 PROJECTION_DIM = 32  # text_encoder_2's pooled projection, fed to the UNet's "text_time" embedding
 TIME_EMBED_DIM = 8  # per SDXL micro-condition (original size, crop, target size: 6 numbers)
+# SDXL base's scheduler config: the tiny pipeline and the full-size GPU benchmark (benchmarks/gpu_models.py)
+# use the real one.
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    prediction_type="epsilon",
+)
 
 
 def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -151,17 +163,7 @@ def _tiny_pipeline():
         sample_size=64,
         scaling_factor=0.13025,  # SDXL's
     )
-    # SDXL base's scheduler config.
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        interpolation_type="linear",
-        prediction_type="epsilon",
-    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(text_config),
