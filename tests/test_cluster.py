@@ -71,6 +71,20 @@ def ray_tmp(monkeypatch):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def pool_actors(ray) -> list[tuple[str, str, str]]:
+    """(stage, node id, state) of every actor-pool worker the GCS actor table knows, dead ones included (no
+    dashboard needed). Ray Data names them `MapWorker(MapBatches(<stage>))`."""
+    return [
+        (info["ActorClassName"].split("(")[-1].rstrip(")"), info["Address"]["NodeID"], info["State"])
+        for info in ray._private.state.actors().values()
+        if info["ActorClassName"].startswith("MapWorker(")
+    ]
+
+
+def background_actors(ray) -> list[tuple[str, str]]:
+    return [(node, state) for stage, node, state in pool_actors(ray) if stage == "background"]
+
+
 def read_rows(data_dir: Path) -> list[dict]:
     rows = pq.read_table(data_dir).to_pylist()
     return sorted(rows, key=lambda r: r[schema.ID])
@@ -123,12 +137,7 @@ def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_pa
             "composite.stage.resources={node_b: 1}",
         ]
         multi = run_generate(load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", pinned))
-        # Where each pool's actors ran, from the GCS actor table (dead actors included; no dashboard needed).
-        placed = [
-            (info["ActorClassName"].split("(")[-1].rstrip(")"), info["Address"]["NodeID"])
-            for info in ray._private.state.actors().values()
-            if info["ActorClassName"].startswith("MapWorker(")
-        ]
+        placed = [(stage, node) for stage, node, _ in pool_actors(ray)]
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -153,16 +162,6 @@ def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_pa
         # Row-seeded noise makes a row's image independent of batching and placement; allow +-1 for the
         # last bit of batched float math on another process.
         assert abs(pixels(a[schema.IMAGE]) - pixels(b[schema.IMAGE])).max() <= 1, a[schema.ID]
-
-
-def background_actors(ray) -> list[tuple[str, str]]:
-    """(node id, state) of every background actor the GCS knows, dead ones included."""
-    return [
-        (info["Address"]["NodeID"], info["State"])
-        for info in ray._private.state.actors().values()
-        if info["ActorClassName"].startswith("MapWorker(")
-        and info["ActorClassName"].split("(")[-1].rstrip(")") == "background"
-    ]
 
 
 @pytest.mark.timeout(420)
