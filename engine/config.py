@@ -81,7 +81,12 @@ class DataConfig(Strict):
     groups_file: str | None = Field(
         default=None, description="Optional CSV `source_id,group` (image folders); default <path>/groups.csv"
     )
-    max_images: int | None = Field(default=None, ge=1, description="Read at most this many images")
+    max_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="Read at most this many images: a deterministic sample stratified by split and class",
+    )
+    sample_seed: int = Field(default=0, description="Seed of the max_images sample (hash of source id)")
     rows_per_block: int = Field(
         default=16, ge=1, description="Source rows per Ray Data block: the unit of streaming and of resume"
     )
@@ -90,7 +95,19 @@ class DataConfig(Strict):
     image_column: str = Field(default="image", description="parquet: column of encoded image bytes")
     label_column: str = Field(default="label", description="parquet: column of int labels")
     class_names: list[str] | None = Field(
-        default=None, description="parquet: class names by label (image folders take folder names)"
+        default=None,
+        description="parquet: class names by label; default the ClassLabel names in the files' Hugging Face "
+        "metadata (image folders take folder names)",
+    )
+    id_column: str | None = Field(
+        default=None,
+        description="parquet: column of unique row ids used as source_id (default: a `source_id` column, "
+        "else the image path, else a hash of the image bytes)",
+    )
+    split_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="parquet: split -> glob of files relative to data.path, e.g. {test: 'data/test-*'} "
+        "(default: a `split` column, else the Hub's file naming: train-*.parquet, data/test-*, ...)",
     )
 
 
