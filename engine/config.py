@@ -48,8 +48,13 @@ class ModelRef(Strict):
         return self
 
     def tag(self) -> str:
-        """`id@revision` for provenance; local paths record their directory name."""
-        return f"{self.id}@{self.revision or 'local'}"
+        """`id@revision` for provenance: what was loaded. A local path or a URI is loaded as it is (its
+        `revision` is never used), so it is tagged `@local` / `@uri`, not with a revision it did not load."""
+        if self.is_uri():
+            return f"{self.id}@uri"
+        if self.is_local():
+            return f"{self.id}@local"
+        return f"{self.id}@{self.revision}"
 
 
 class StageSpec(Strict):
