@@ -7,7 +7,9 @@ so every recipe's per-row settings are kept without widening the schema.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 
 import cv2
 import numpy as np
@@ -28,7 +30,14 @@ _NOT_PARAMS = {
 }
 
 
-def encode_rows(batch: Batch, image_format: str, quality: int, models_json: str) -> pa.Table:
+def encode_rows(
+    batch: Batch,
+    image_format: str,
+    quality: int,
+    models_json: str,
+    class_names: tuple[str, ...] | list[str] | None = None,
+) -> pa.Table:
+    """`class_names` (by label) go into the schema's Hugging Face metadata as a ClassLabel."""
     batch = unpack(dict(batch))
     n = num_rows(batch)
     output_names = set(schema.OUTPUT_SCHEMA.names)
@@ -52,12 +61,19 @@ def encode_rows(batch: Batch, image_format: str, quality: int, models_json: str)
         schema.SEED: [int(v) for v in batch[schema.SEED]],
         schema.MODELS: [models_json] * n,
         schema.PARAMS: [
-            json.dumps({c: _jsonable(batch[c][i]) for c in extra}, sort_keys=True) for i in range(n)
+            # Strict JSON: NaN (a missing score after Arrow's round trip) is null, never the bare token NaN.
+            json.dumps({c: _jsonable(batch[c][i]) for c in extra}, sort_keys=True, allow_nan=False)
+            for i in range(n)
         ],
         schema.GROUP: [int(v) for v in batch[schema.GROUP]] if schema.GROUP in batch else [-1] * n,
         schema.SCHEMA_VERSION_COLUMN: [schema.SCHEMA_VERSION] * n,
     }
-    return pa.table(columns, schema=schema.OUTPUT_SCHEMA)
+    return pa.table(columns, schema=_output_schema(tuple(class_names) if class_names else None))
+
+
+@functools.lru_cache(maxsize=8)
+def _output_schema(class_names: tuple[str, ...] | None) -> pa.Schema:
+    return schema.output_schema(class_names)
 
 
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -97,13 +113,21 @@ def _optional_str(batch: Batch, name: str, n: int) -> list[str | None]:
 
 
 def _jsonable(value):
+    """A params value as strict JSON data: numpy scalars and small arrays as Python values, JSON strings
+    parsed, and every non-finite float (NaN: a value missing for this row) as None."""
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, str) and value.startswith("{"):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
             return value
     if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 16 else None
+        value = value.tolist() if value.size <= 16 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
     return value

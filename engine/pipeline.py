@@ -116,6 +116,7 @@ def run_generate(config: GenerateConfig) -> RunReport:
             "shards": [posixpath.basename(path) for path in shard_files(data_dir)],
         },
     )
+    storage.write_text(storage.join(out, "README.md"), schema.dataset_card(class_names))  # load_dataset(out)
     if config.output.gallery_classes:
         from engine.gallery import write_gallery
 
@@ -133,7 +134,7 @@ def _run_attempt(config: GenerateConfig, digest: str, data_dir: str, ledger, don
     if config.ray.check_resources:
         check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
-    write_shards(ds, config, str(data_dir)).take_all()  # one small manifest entry per shard
+    write_shards(ds, config, str(data_dir), class_names).take_all()  # one small manifest entry per shard
     return class_names
 
 
@@ -148,20 +149,22 @@ def _generated(ledger) -> int:
     return int(snapshot["stages"].get("expand", {}).get("synthetic_out", 0))
 
 
-def write_shards(ds, config: GenerateConfig, data_uri: str):
+def write_shards(ds, config: GenerateConfig, data_uri: str, class_names: list[str] | None = None):
     """The last step: encode + one atomic shard per `output.rows_per_shard` rows; yields manifest rows."""
     return ds.map_batches(
         encode_and_write,
-        fn_kwargs=_shard_format(config, data_uri),
+        fn_kwargs=_shard_format(config, data_uri, class_names),
         batch_format="numpy",
         batch_size=config.output.rows_per_shard,
         num_cpus=config.ray.task_num_cpus,
     )
 
 
-def encode_and_write(batch, data_uri: str, image_format: str, quality: int, models_json: str) -> dict:
+def encode_and_write(
+    batch, data_uri: str, image_format: str, quality: int, models_json: str, class_names: list[str]
+) -> dict:
     """Last step: encode rows into the output schema and write them as one shard (see engine.shards)."""
-    table = encode_rows(batch, image_format, quality, models_json)
+    table = encode_rows(batch, image_format, quality, models_json, class_names)
     if table.num_rows == 0:
         return {"shard": [], "rows": []}
     entry = write_shard(table, data_uri)
@@ -180,10 +183,13 @@ def pipeline_stages(
     config: GenerateConfig, class_names: list[str], digest: str, done_ids: frozenset[str], data_uri: str
 ) -> list[Stage]:
     """The recipe's stages as the pipeline runs them (the benchmarks run the same list)."""
-    return _write_real_rows_early(build_stages(config, class_names, digest, done_ids), config, data_uri)
+    stages = build_stages(config, class_names, digest, done_ids)
+    return _write_real_rows_early(stages, config, data_uri, class_names)
 
 
-def _write_real_rows_early(stages: list[Stage], config: GenerateConfig, data_uri: str) -> list[Stage]:
+def _write_real_rows_early(
+    stages: list[Stage], config: GenerateConfig, data_uri: str, class_names: list[str]
+) -> list[Stage]:
     """Real rows need no model: written right after `expand`, they stop riding through the actor pools, which
     then get batches of synthetic rows only (a GPU stage of batch size 8 would otherwise see about 5 of
     them per call at K=2, fewer with val/test rows in the stream)."""
@@ -196,14 +202,15 @@ def _write_real_rows_early(stages: list[Stage], config: GenerateConfig, data_uri
         "write_real",
         write_real_rows,
         StageSpec(batch_size=config.output.rows_per_shard * (config.num_variants + 1)),
-        kwargs=_shard_format(config, data_uri),
+        kwargs=_shard_format(config, data_uri, class_names),
         reads=(schema.RECIPE,),
     )
     return [*stages[:at], writer, *stages[at:]]
 
 
-def _shard_format(config: GenerateConfig, data_uri: str) -> dict:
+def _shard_format(config: GenerateConfig, data_uri: str, class_names: list[str] | None) -> dict:
     return {
+        "class_names": list(class_names or []),  # the shards' ClassLabel metadata
         "data_uri": data_uri,
         "image_format": config.output.image_format,
         "quality": config.output.quality,

@@ -9,6 +9,8 @@ Two kinds of columns exist:
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +52,9 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(IMAGE, pa.binary(), nullable=False),
         pa.field(WIDTH, pa.int32(), nullable=False),
         pa.field(HEIGHT, pa.int32(), nullable=False),
-        pa.field(LABEL, pa.int64(), nullable=False),
+        # Nullable, as `datasets` types it: it takes a ClassLabel from the metadata only for a field equal
+        # to its own (int64, nullable).
+        pa.field(LABEL, pa.int64()),
         pa.field(CLASS_NAME, pa.string(), nullable=False),
         pa.field(SPLIT, pa.string(), nullable=False),
         pa.field(SOURCE_ID, pa.string(), nullable=False),
@@ -66,6 +70,59 @@ OUTPUT_SCHEMA = pa.schema(
     ],
     metadata={"synthray.schema_version": str(SCHEMA_VERSION)},
 )
+
+
+def huggingface_features(class_names: Sequence[str] | None = None) -> dict:
+    """The `datasets` features of the columns whose Arrow type does not say what they are: image and mask
+    are `Image()` (encoded files), label a `ClassLabel` with the class names (when known).
+
+    `datasets.load_dataset("parquet", data_files=...)` takes the ClassLabel from the shards' metadata;
+    it keeps a binary column as bytes, whatever the metadata says, so Image() applies when the loader is
+    given the features: `load_dataset(<output dir>)` reads them from the dataset card (`dataset_card`).
+    """
+    features: dict = {IMAGE: {"_type": "Image"}, MASK: {"_type": "Image"}}
+    if class_names:
+        features[LABEL] = {"_type": "ClassLabel", "names": [str(n) for n in class_names]}
+    return features
+
+
+def output_schema(class_names: Sequence[str] | None = None) -> pa.Schema:
+    """OUTPUT_SCHEMA with the Hugging Face features metadata (ClassLabel names included)."""
+    features = json.dumps({"info": {"features": huggingface_features(class_names)}})
+    return OUTPUT_SCHEMA.with_metadata({**OUTPUT_SCHEMA.metadata, b"huggingface": features.encode()})
+
+
+_CARD_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64"}
+
+
+def dataset_card(class_names: Sequence[str] | None = None) -> str:
+    """A Hugging Face dataset card (README.md) for an output directory: `datasets.load_dataset(<dir>)`
+    then gives image and mask as Image() and label as ClassLabel. One split, "rows": the `split` column
+    holds train/val/test (filter on it; never train on all of "rows")."""
+    import yaml
+
+    features = []
+    for f in OUTPUT_SCHEMA:
+        if f.name in (IMAGE, MASK):
+            features.append({"name": f.name, "dtype": "image"})
+        elif f.name == LABEL and class_names:
+            names = {str(i): str(n) for i, n in enumerate(class_names)}
+            features.append({"name": f.name, "dtype": {"class_label": {"names": names}}})
+        elif f.name == BBOX:
+            features.append({"name": f.name, "list": "float32", "length": 4})
+        else:
+            features.append({"name": f.name, "dtype": _CARD_DTYPES[f.type]})
+    header = {
+        "configs": [{"config_name": "default", "data_files": [{"split": "rows", "path": "data/*.parquet"}]}],
+        "dataset_info": {"features": features},
+    }
+    body = (
+        "# synthray output\n\nReal rows (`recipe: real`) and synthetic rows in one schema "
+        f"(version {SCHEMA_VERSION}); the `split` column says train / val / test. Load with "
+        '`datasets.load_dataset(<this directory>, split="rows")`, or read `data/*.parquet` with pyarrow or Ray.\n'
+    )
+    return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
 
 ERRORS_SCHEMA = pa.schema(
     [
