@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.config import load_config, parse_job_args
-from engine.train_config import SweepConfig, SweepVariant, TrainConfig
+from engine.train.config import SweepConfig, SweepVariant, TrainConfig
 
 METRICS = (("test_top1", "test top-1"), ("test_worst_group", "test worst-group"), ("val_top1", "val top-1"))
 
@@ -54,7 +54,7 @@ def run_config(config: SweepConfig, variant: SweepVariant, seed: int) -> TrainCo
 
 def run_sweep(config: SweepConfig) -> list[dict]:
     """Train every (variant, seed); return one row per run and write sweep.json / sweep.md."""
-    from engine.train_data import shard_files
+    from engine.train.data import shard_files
     from jobs.train import run_training
 
     # Every run config is built and its shards found first, so that a typo fails before hours of training.

@@ -567,7 +567,7 @@ def test_generate_job_runs_a_valid_config_on_an_autoscaling_cluster():
 
 def test_train_job_runs_a_valid_config():
     from engine.config import load_config
-    from engine.train_config import TrainConfig
+    from engine.train.config import TrainConfig
 
     (job,) = [doc for doc in by_kind("RayJob") if "jobs.train" in doc["spec"]["entrypoint"]]
     path, overrides = entrypoint_config(job, "jobs.train")

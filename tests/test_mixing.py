@@ -19,8 +19,11 @@ from PIL import Image
 
 from engine import schema
 from engine.config import load_config
-from engine.evaluation import classification_metrics
-from engine.mixing import (
+from engine.toy_dataset import BACKGROUND_DRAWERS, make_toy_dataset
+from engine.train.config import MixConfig, ShardsConfig, SweepConfig, TrainConfig
+from engine.train.data import load_training_data, number_rows, take_planned
+from engine.train.evaluation import classification_metrics
+from engine.train.mixing import (
     RowIndex,
     count_rows,
     deal_to_ranks,
@@ -30,9 +33,6 @@ from engine.mixing import (
     select_replace,
     select_rsp,
 )
-from engine.toy_dataset import BACKGROUND_DRAWERS, make_toy_dataset
-from engine.train_config import MixConfig, ShardsConfig, SweepConfig, TrainConfig
-from engine.train_data import load_training_data, number_rows, take_planned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,7 +287,7 @@ def test_metrics_on_a_hand_computed_example():
 
 
 def test_learning_rate_warms_up_decays_and_drops_in_phase_two():
-    from jobs.train import learning_rate
+    from engine.train.loop import learning_rate
 
     optim = {"lr": 1.0, "warmup_epochs": 1.0}
     plain = [
@@ -321,7 +321,7 @@ def test_shipped_train_configs_validate():
 
 
 def test_budget_fails_clearly_when_workers_cannot_be_scheduled():
-    from jobs.train import check_budget
+    from engine.train.runner import check_budget
 
     config = TrainConfig(
         data={"paths": ["x"]}, scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}}

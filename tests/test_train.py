@@ -14,7 +14,7 @@ from test_mixing import write_toy_shards
 
 from engine import schema
 from engine.config import load_config
-from engine.train_config import TrainConfig
+from engine.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_classes": 3, "train_per_class": 8, "val_per_class": 3, "test_per_class": 3, "size": 32}
@@ -54,8 +54,8 @@ def make_config(shards: Path, out: Path, *extra: str) -> TrainConfig:
 
 def test_driver_modules_do_not_import_torch():
     code = (
-        "import sys, engine.train_config, engine.mixing, engine.train_data, engine.evaluation, jobs.train, "
-        "jobs.sweep\n"
+        "import sys, engine.train, engine.train.config, engine.train.mixing, engine.train.data, "
+        "engine.train.evaluation, engine.train.loop, engine.train.runner, jobs.train, jobs.sweep\n"
         "heavy = [m for m in ('torch', 'torchvision', 'timm', 'transformers') if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"
     )
@@ -67,7 +67,7 @@ def test_model_loads_local_pretrained_weights(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from jobs.train import build_model
+    from engine.train.loop import build_model
 
     source = build_model({"name": "test_resnet"}, num_classes=10)
     weights = tmp_path / "weights.safetensors"
@@ -92,8 +92,8 @@ def test_model_loads_local_pretrained_weights(tmp_path):
 def test_decode_and_transform_makes_normalized_tensors(shards):
     import pyarrow.parquet as pq
 
-    from engine.train_config import AugmentConfig
-    from engine.train_data import POOL_COLUMNS, decode_and_transform
+    from engine.train.config import AugmentConfig
+    from engine.train.data import POOL_COLUMNS, decode_and_transform
 
     batch = pq.read_table(next(shards.glob("*.parquet")), columns=[*POOL_COLUMNS]).slice(0, 6)
     batch = {name: batch[name].to_numpy(zero_copy_only=False) for name in batch.column_names}
@@ -153,7 +153,8 @@ def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path
 
 
 def test_a_second_run_resumes_from_the_latest_checkpoint(shards, tmp_path, local_ray):
-    from jobs.train import main, prepare_run_dir, run_training
+    from engine.train.runner import prepare_run_dir
+    from jobs.train import main, run_training
 
     first = run_training(make_config(shards, tmp_path, "epochs=1", "mix.strategy=replace"))
     assert first["resumed_from_epoch"] is None and len(first["history"]) == 1

@@ -2,7 +2,7 @@
 
 Every strategy maps (index of the train split's rows, a numpy Generator, its knobs) to an array of positions
 into that index, one per sample the epoch trains on (a position may repeat). No Ray, no images: the training
-job computes each epoch's positions on the driver and turns them into Ray Datasets (engine.train_data), and
+job computes each epoch's positions on the driver and turns them into Ray Datasets (engine.train.data), and
 the tests check the sampling rules here directly.
 
 Validation and test rows never come through here: they are always the real rows of their split.
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema
-from engine.train_config import MixConfig
+from engine.train.config import MixConfig
 
 
 @dataclass(frozen=True)

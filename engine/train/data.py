@@ -2,7 +2,7 @@
 
 How epochs reach the workers. Strategies such as `replace` and `rsp` redraw the rows every epoch, and DDP
 needs every rank to take the same number of steps. So the driver computes the whole sampling plan up front
-(engine.mixing: positions per epoch, shuffled and dealt to ranks in equal parts, a pure function of the
+(engine.train.mixing: positions per epoch, shuffled and dealt to ranks in equal parts, a pure function of the
 seed) and hands Ray Train one lazy Dataset per (epoch, rank), named `train_e<epoch>_r<rank>`, plus
 `val_r<rank>` / `test_r<rank>`; none is split by Ray Train (DataConfig(datasets_to_split=[])). Each is the
 encoded row pool filtered to that part of the plan (row numbers and counts, held once in the object store),
@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import schema
-from engine.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
-from engine.train_config import AugmentConfig, ShardsConfig, TrainConfig
+from engine.train.config import AugmentConfig, ShardsConfig, TrainConfig
+from engine.train.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
 
 INDEX_COLUMNS = (
     schema.ID,

@@ -51,7 +51,7 @@ class AugmentConfig(Strict):
 
 class MixConfig(Strict):
     strategy: Literal["real", "concat", "replace", "rsp", "two_phase"] = Field(
-        default="real", description="How synthetic train rows are used (engine.mixing documents each)"
+        default="real", description="How synthetic train rows are used (engine.train.mixing documents each)"
     )
     synthetic_ratio: float | None = Field(
         default=None,

@@ -1,0 +1,13 @@
+"""Training on generated shards with Ray Train: what `jobs.train` (and the fine-tuning jobs) are built from.
+
+- `config`: the typed configs of a training run and of a sweep.
+- `data`: the shards' row index (pyarrow, no images), the sampling plan, and the Ray Datasets the workers
+  iterate (decode + augment in `map_batches`).
+- `mixing`: the utilization strategies (which train rows an epoch sees), pure seedable functions.
+- `evaluation`: classification metrics and the curves PNG.
+- `loop`: what runs in each Ray Train worker (model and optimizer builders, the per-worker loop, checkpoint
+  files).
+- `runner`: the driver's side of Ray Train (start Ray, check the reservation, the run folder, fit).
+
+Importing this package or any of its modules loads no torch: workers import it inside the loop.
+"""
