@@ -12,9 +12,12 @@ both ask the same question and accept the same answers.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 INSTRUCTIONS: tuple[str, ...] = (
     "Describe, in one line, a photo background of",
@@ -50,6 +53,63 @@ SCENES: tuple[str, ...] = (
     "a quiet library with wooden shelves",
     "an empty train station platform",
     "a vineyard on a gentle slope",
+    # More places, in other words: a dataset's class names forbid some words (Food-101's "spring_rolls",
+    # CUB's "Field Sparrow", ImageNet's "park bench"), and the pool must still hold enough scenes.
+    "an open grassland under a wide sky",
+    "a terraced hillside of rice paddies",
+    "a sunlit courtyard",
+    "a misty moor",
+    "a lavender farm in bloom",
+    "a dry salt plain stretching to the horizon",
+    "a bamboo grove",
+    "a tea plantation on rolling hills",
+    "a quiet cloister",
+    "a sunny plaza in a southern town",
+    "a wide prairie",
+    "an alpine pasture",
+    "a glacier lagoon",
+    "a moss-covered ravine",
+    "a canal lined with brick buildings",
+    "an empty concert hall",
+    "a modern office lobby",
+    "a sunlit attic",
+    "a quiet museum gallery",
+    "a sandy riverbed",
+    "a savanna with scattered acacias",
+    "a birch grove",
+    "a tidal marsh",
+    "a highland plateau",
+    "a sunflower meadow",
+    "a quiet village square",
+    "a wide dune landscape",
+    "a windswept high pass",
+    "a marble hallway",
+    "a boardwalk through the dunes",
+    "an empty gymnasium",
+    "a sunny balcony",
+    "an art studio with skylights",
+    "a hotel corridor",
+    "a misty bog",
+    "a riverside promenade",
+    "a lush fern gully",
+    "an open heath",
+    "a mossy glade",
+    "a pebble shore",
+    "a grand staircase",
+    "an airport terminal",
+    "a steep scree slope",
+    "a badlands landscape",
+    "an olive grove",
+    "a cherry orchard",
+    "a palm-lined avenue",
+    "a limestone karst landscape",
+    "an abandoned factory hall",
+    "a snowy tundra",
+    "a misty fjord",
+    "a sunlit loft apartment",
+    "a disused quarry",
+    "a mangrove swamp",
+    "a coastal heathland",
 )
 
 TIMES: tuple[str, ...] = (
@@ -68,7 +128,43 @@ TIMES: tuple[str, ...] = (
     "on a windy autumn afternoon",
     "in the blue hour of a winter evening",
     "on a hazy summer morning",
+    # Without a season or a colour: still there when class names forbid "spring", "winter" or "golden".
+    "at sunrise",
+    "at dawn",
+    "in the early morning",
+    "at midday",
+    "in the late afternoon",
+    "at dusk",
+    "at sundown",
+    "under a starry sky",
+    "under an overcast sky",
+    "after a passing shower",
+    "in soft morning haze",
+    "in bright midday sun",
+    "under dramatic storm clouds",
+    "before dawn",
+    "in thick fog",
+    "during a drizzle",
+    "on a calm clear morning",
+    "under a pale sky",
+    "in a heavy downpour",
+    "under scattered clouds",
+    "in the calm after a storm",
+    "on a breezy afternoon",
+    "on a still, humid afternoon",
+    "under a hazy sky",
+    "on a warm, windless day",
+    "in the quiet hour before sunrise",
+    "as the sun sets",
+    "as the sun rises",
+    "on a cold, clear day",
+    "under low clouds",
+    "under a cloudless sky",
 )
+
+# Last resorts when every template of a pool holds a forbidden word: plain settings, then none at all
+# (the instruction still asks for a background). Each use is counted in `BackgroundPromptEngine.shortfalls`.
+NEUTRAL_SCENES: tuple[str, ...] = ("an open outdoor space", "a plain studio backdrop", "somewhere quiet")
 
 # Closes every composed instruction: the model should describe a place, not add a subject to it.
 INSTRUCTION_SUFFIX = (
@@ -82,6 +178,8 @@ FALLBACK_STYLES: tuple[str, ...] = (
     "wide shot, nothing in the foreground, detailed photo",
     "soft light, calm atmosphere, high quality photo",
     "sharp focus, rich colors, professional photograph",
+    "wide angle, realistic photograph",
+    "high quality photo, soft focus",
 )
 
 # Words of a multiword class name that say nothing about the class: forbidding them would reject nearly
@@ -159,7 +257,8 @@ def forbidden_terms(names: Iterable[str]) -> list[str]:
         for form in word_forms(last):
             terms.add(r"[\W_]+".join([*map(re.escape, head), re.escape(form)]))
         for word in words:
-            if word not in _STOPWORDS or len(words) == 1:
+            # A name's single letters and numbers ("T-shirt", "001.Black_footed_Albatross") say nothing.
+            if len(words) == 1 or (word not in _STOPWORDS and len(word) > 1 and not word.isdigit()):
                 terms.update(re.escape(form) for form in word_forms(word))
     return sorted(terms, key=lambda t: (-len(t), t))
 
@@ -183,7 +282,7 @@ class ComposedInstruction:
 
     @property
     def setting(self) -> str:
-        return f"{self.scene} {self.time}"
+        return " ".join(p for p in (self.scene, self.time) if p)
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -197,6 +296,8 @@ class BackgroundPromptEngine:
 
     forbidden_words: class names, superclass names and extras; multiword names also forbid their words.
     Scene/time/style templates that contain a forbidden word are dropped before the first `num_*` are taken.
+    When fewer remain than asked for, all that remain are used; when none remain, a neutral setting (or
+    none) is used. Never an error: `shortfalls` counts the templates missing per pool and `notes` says so.
     """
 
     @classmethod
@@ -232,10 +333,31 @@ class BackgroundPromptEngine:
         self.min_words = min_words
         self.max_chars = max_chars
 
+        self.shortfalls: dict[str, int] = {}  # pool -> templates missing after filtering
         self.instructions = self._take("instruction", list(instructions), num_instructions, len(instructions))
         self.scenes = self._take("scene", self._allowed(scenes), num_scenes, len(scenes))
+        if not self.scenes:
+            self.scenes = self._allowed(NEUTRAL_SCENES)[:1] or [""]
         self.times = self._take("time", self._allowed(times), num_times, len(times))
+        if not self.times:
+            self.times = [""]
         self.styles = self._allowed(styles)
+        for note in self.notes:  # once per actor: the shortfall is the dataset's, not a row's
+            logger.warning(note)
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per pool that came up short, for logs and the run report."""
+        notes = []
+        for kind, missing in sorted(self.shortfalls.items()):
+            pool = self.scenes if kind == "scene" else self.times
+            usable = [t for t in pool if t and t not in NEUTRAL_SCENES]
+            instead = "" if usable else (f" ({pool[0]!r} instead)" if pool[0] else " (none instead)")
+            notes.append(
+                f"prompt {kind} templates: {missing} fewer than asked for, dropped for holding a class "
+                f"word; {len(usable)} used{instead}"
+            )
+        return notes
 
     @property
     def num_combinations(self) -> int:
@@ -252,18 +374,18 @@ class BackgroundPromptEngine:
         i_instruction, i_scene = divmod(index, len(self.scenes))
         instruction = self.instructions[i_instruction]
         scene, time = self.scenes[i_scene], self.times[i_time]
-        text = f"{instruction} {scene} {time}. {INSTRUCTION_SUFFIX}"
+        # Empty pieces (a pool with no usable template) leave no double spaces.
+        text = " ".join(p for p in (instruction, scene, time) if p) + f". {INSTRUCTION_SUFFIX}"
         return ComposedInstruction(int(seed), instruction, scene, time, text)
 
     def fallback(self, seed: int) -> str:
         """Template-only description for the seed's scene and time; never contains a forbidden word."""
         composed = self.compose(seed)
-        text = composed.setting
-        if self.styles:
-            text += ", " + self.styles[_stable_int("style", int(seed)) % len(self.styles)]
-        # Pieces were filtered one by one and are joined by separators, so no forbidden word can form.
-        assert not self.contains_forbidden(text), text
-        return text
+        style = self.styles[_stable_int("style", int(seed)) % len(self.styles)] if self.styles else ""
+        # Pieces were filtered one by one; a multiword name made only of stopwords could still form across
+        # a join, so the first candidate free of forbidden words wins.
+        candidates = (", ".join(p for p in (composed.setting, style) if p), composed.setting, composed.scene)
+        return next((text for text in candidates if not self.contains_forbidden(text)), "")
 
     def clean(self, text: str | None) -> str | None:
         """One clean line from raw LLM output, or None when it is unusable (empty, too short, forbidden)."""
@@ -290,14 +412,14 @@ class BackgroundPromptEngine:
         return [t for t in templates if not self.contains_forbidden(t)]
 
     def _take(self, kind: str, allowed: list[str], wanted: int, total: int) -> list[str]:
+        """The first `wanted` allowed templates. Asking for more than exist is a config error; fewer left
+        after the class-word filter is the dataset's doing: take what is left and count the shortfall."""
         if wanted < 1:
             raise ValueError(f"num {kind}s must be >= 1, got {wanted}")
+        if wanted > total:
+            raise ValueError(f"asked for {wanted} {kind} templates but only {total} exist")
         if wanted > len(allowed):
-            dropped = total - len(allowed)
-            raise ValueError(
-                f"asked for {wanted} {kind} templates but only {len(allowed)} are available "
-                f"({total} in all, {dropped} dropped for containing a forbidden word)"
-            )
+            self.shortfalls[kind] = wanted - len(allowed)
         return allowed[:wanted]
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,13 +55,83 @@ def test_too_many_templates_raise(kwargs):
         BackgroundPromptEngine(**kwargs)
 
 
-def test_forbidden_templates_are_dropped_and_counted():
+def test_forbidden_templates_are_dropped_and_counted(caplog):
     engine = BackgroundPromptEngine(forbidden_words=["beach", "autumn"], num_scenes=18, num_times=5)
     assert not any("beach" in s for s in engine.scenes)
     assert not any("autumn" in t for t in engine.times)
-    # Forbidding enough scene words leaves fewer than 18 scenes: a clear error, not a silent shrink.
-    with pytest.raises(ValueError, match="dropped for containing a forbidden word"):
-        BackgroundPromptEngine(forbidden_words=["a", "the", "an"])
+    assert engine.shortfalls == {} and engine.notes == []
+    # Forbidding every template's words empties the pools: a neutral setting, counted, never an error.
+    words = ["a", "an", "the", "at", "on", "in", "under", "as", "after", "before", "during"]
+    engine = BackgroundPromptEngine(forbidden_words=words)
+    assert engine.shortfalls == {"scene": 18, "time": 13}
+    assert len(engine.notes) == 2 and all(note in caplog.text for note in engine.notes)
+    for seed in range(50):
+        composed, fallback = engine.compose(seed), engine.fallback(seed)
+        assert "  " not in composed.text and not engine.contains_forbidden(fallback)
+        assert fallback.startswith(composed.setting) and composed.setting
+    # Fewer left than asked for: all that are left, counted.
+    engine = BackgroundPromptEngine(forbidden_words=["spring", "winter", "summer", "autumn"], num_times=40)
+    assert engine.shortfalls == {"time": 40 - len(engine.times)} and len(engine.times) >= 30
+
+
+# --------------------------------------------------------------------------- real datasets' class names
+
+CLASS_NAME_FILES = sorted((Path(__file__).parent / "data" / "class_names").glob("*.txt"))
+STOPWORDS = {"a", "an", "the", "of", "and", "or", "in", "on", "at", "to", "for", "with", "des"}
+
+
+def read_class_names(path: Path) -> list[str]:
+    return [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+
+
+def words_hit(text: str, names: list[str]) -> list[str]:
+    """An independent check: content words (2+ letters, not numbers) of any name, as whole words with
+    an optional s/es, in `text`."""
+    words = set()
+    for name in names:
+        parts = re.findall(r"[^\W_]+", name.lower())
+        words.update(
+            p for p in parts if len(parts) == 1 or (p not in STOPWORDS and len(p) > 1 and not p.isdigit())
+        )
+    found = re.findall(r"[^\W_]+", text.lower())
+    return sorted(
+        {w for w in found for base in (w, w.removesuffix("s"), w.removesuffix("es")) if base in words}
+    )
+
+
+def test_class_name_files_are_real_lists():
+    sizes = {path.stem: len(read_class_names(path)) for path in CLASS_NAME_FILES}
+    assert sizes["food101"] == 101 and sizes["cub200"] == 200 and sizes["imagenet1k"] >= 990
+    assert sizes["iwildcam"] >= 100
+
+
+@pytest.mark.parametrize("path", CLASS_NAME_FILES, ids=lambda p: p.stem)
+def test_real_dataset_class_names_all_yield_prompts(path):
+    """Every class of Food-101, CUB-200, ImageNet-1k and iWildCam gets a question and a template fallback
+    free of every class word, with the default template counts (no pool comes up short)."""
+    names = read_class_names(path)
+    config = PromptConfig(model=ModelRef(id="/models/llm"))
+    engine = BackgroundPromptEngine.from_config(config, names)
+    assert engine.shortfalls == {}, engine.notes
+    assert engine.num_combinations == config.num_instructions * config.num_scenes * config.num_times
+    for template in [*engine.scenes, *engine.times, *engine.styles]:
+        assert not words_hit(template, names), template
+    for row, name in enumerate(names):
+        seed = row * 7919
+        composed, fallback = engine.compose(seed), engine.fallback(seed)
+        assert composed.scene and composed.time and name
+        assert fallback.startswith(composed.setting) and not words_hit(fallback, names), (name, fallback)
+
+
+def test_odd_class_names_do_not_forbid_everything():
+    """Single letters and numbers of multiword names ("T-shirt", CUB's "001." prefix) are not words."""
+    engine = BackgroundPromptEngine(
+        forbidden_words=["T-shirt", "001.Black_footed_Albatross", "jack-o'-lantern"]
+    )
+    assert not engine.contains_forbidden("a town where the light isn't harsh at 001 hours")
+    assert engine.contains_forbidden("a shirt") and engine.contains_forbidden("an albatross")
 
 
 def test_compose_is_deterministic_and_diverse():
