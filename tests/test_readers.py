@@ -1,0 +1,255 @@
+"""Readers without Ray: Parquet as Hugging Face `datasets` writes it, splits, source ids, duplicates,
+`max_images` sampling, and image folders with missing splits (`engine.readers.inspect_source`)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from engine import schema
+from engine.config import DataConfig
+from engine.readers import hub_split, inspect_source, read_parquet_rows, sample_rows
+
+NAMES = ["spring_rolls", "winter melon", "crème brûlée"]
+
+
+def png(value: int, size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def hf_dataset(image_column, labels: list[int], names: list[str] | None = NAMES, **columns):
+    """A `datasets` Dataset with an Image column (paths, bytes or PIL images) and a ClassLabel label."""
+    import datasets
+
+    features = {"image": datasets.Image()}
+    features["label"] = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
+    for name, values in columns.items():
+        features[name] = datasets.Value("string") if isinstance(values[0], str) else datasets.Value("int64")
+    data = {"image": image_column, "label": labels, **columns}
+    return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+def write_images(root: Path, count: int, start: int = 0) -> list[str]:
+    """PNG files under root/images; returns their paths relative to root."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        (root / "images" / f"{i:03d}.png").write_bytes(png(10 * i % 250))
+        paths.append(f"images/{i:03d}.png")
+    return paths
+
+
+def read_rows(info, data: DataConfig) -> list[dict]:
+    """What the Ray read tasks yield, called directly on each piece."""
+    from engine.readers import _dataset_root
+
+    rows = []
+    for piece in info.pieces:
+        batch = {k: np.array([v], dtype=object) for k, v in piece.items()}
+        for block in read_parquet_rows(batch, data.image_column, _dataset_root(data.path), 4):
+            n = len(block[schema.SOURCE_ID])
+            rows += [{k: block[k][i] for k in block} for i in range(n)]
+    return rows
+
+
+# --------------------------------------------------------------------------- Hugging Face Parquet
+
+
+def test_hub_layout_with_relative_paths(tmp_path, monkeypatch):
+    """`to_parquet` of images loaded from files stores {bytes: None, path}; the Hub's file names give
+    the splits; ClassLabel metadata gives the class names; ids are the paths."""
+    paths = write_images(tmp_path, 9)
+    monkeypatch.chdir(tmp_path)  # the paths are stored as given: relative to the dataset root
+    (tmp_path / "data").mkdir()
+    hf_dataset(paths[:6], [0, 1, 2, 0, 1, 2]).to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
+    hf_dataset(paths[6:], [0, 1, 2]).to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    stored = pq.read_table(tmp_path / "data" / "train-00000-of-00001.parquet").column("image").to_pylist()
+    assert stored[0] == {"bytes": None, "path": "images/000.png"}
+
+    data = DataConfig(format="parquet", path=str(tmp_path), splits=["train", "test"])
+    info = inspect_source(data)
+    assert info.class_names == NAMES  # no data.class_names needed
+    assert info.counts == {"test": 3, "train": 6} and info.num_duplicates == 0
+    rows = read_rows(info, data)
+    by_id = {r[schema.SOURCE_ID]: r for r in rows}
+    assert sorted(by_id) == paths
+    assert {by_id[p][schema.SPLIT] for p in paths[6:]} == {"test"}
+    assert {by_id[p][schema.SPLIT] for p in paths[:6]} == {"train"}
+    for path in paths:
+        assert by_id[path][schema.IMAGE_BYTES] == (tmp_path / path).read_bytes()
+    assert by_id["images/001.png"][schema.CLASS_NAME] == "winter melon"
+
+    # The default splits ([train]) never read test files; the note says what was skipped.
+    train_only = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    assert train_only.counts == {"train": 6}
+    assert any("split 'test'" in note for note in train_only.notes)
+
+
+def test_embedded_bytes_ids_are_content_hashes_and_duplicates_are_counted(tmp_path):
+    """Images given as bytes (no path): ids hash the bytes; identical images are reported and read
+    once; an image with no bytes at all gets an id of its own (and fails decode later), never the hash
+    of empty bytes."""
+    images = [{"bytes": png(v), "path": None} for v in (10, 20, 30, 20)] + [None]
+    hf_dataset(images, [0, 1, 2, 1, 0]).to_parquet(tmp_path / "train.parquet")
+    data = DataConfig(format="parquet", path=str(tmp_path / "train.parquet"))
+    info = inspect_source(data)
+    assert info.num_duplicates == 1 and any("duplicate" in note for note in info.notes)
+    rows = read_rows(info, data)
+    ids = [r[schema.SOURCE_ID] for r in rows]
+    assert len(ids) == len(set(ids)) == 4
+    assert hashlib.sha1(b"").hexdigest()[:16] not in ids
+    assert ids[:3] == [hashlib.sha1(png(v)).hexdigest()[:16] for v in (10, 20, 30)]
+    assert rows[3][schema.IMAGE_BYTES] is None  # the empty row: decode reports it as missing
+
+
+def test_repeated_paths_with_different_bytes_stay_distinct(tmp_path):
+    """Embedded images whose stored path (a bare file name) repeats are told apart by content."""
+    images = [{"bytes": png(v), "path": "image.jpg"} for v in (10, 20)]
+    hf_dataset(images, [0, 1]).to_parquet(tmp_path / "train.parquet")
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    ids = [sid for piece in info.pieces for sid in piece[schema.SOURCE_ID]]
+    assert len(set(ids)) == 2 and all(i.startswith("image.jpg#") for i in ids)
+    assert info.num_duplicates == 0
+
+
+def test_id_column_and_split_column(tmp_path):
+    paths = write_images(tmp_path, 4)
+    images = [str(tmp_path / p) for p in paths]  # absolute paths: ids still relative to the root
+    ds = hf_dataset(images, [0, 1, 0, 1], split=["train", "validation", "test", "train"])
+    ds.to_parquet(tmp_path / "all.parquet")
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path), splits=["train", "val"]))
+    assert info.counts == {"train": 2, "val": 1}  # "validation" is the val split
+    assert sorted(sid for p in info.pieces for sid in p[schema.SOURCE_ID]) == [
+        "images/000.png",
+        "images/001.png",
+        "images/003.png",
+    ]
+
+    ds = hf_dataset(images, [0, 1, 0, 1], image_id=["a", "b", "c", "a"])
+    ds.to_parquet(tmp_path / "all.parquet")
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path), id_column="image_id"))
+    assert [sid for p in info.pieces for sid in p[schema.SOURCE_ID]] == ["a", "b", "c"]
+    assert info.num_duplicates == 1
+
+
+def test_split_files_from_config(tmp_path):
+    (tmp_path / "shards").mkdir()
+    for name, value in (("part-a", 10), ("part-b", 20), ("holdout", 30)):
+        hf_dataset([{"bytes": png(value), "path": None}], [0]).to_parquet(
+            tmp_path / "shards" / f"{name}.parquet"
+        )
+    data = DataConfig(
+        format="parquet",
+        path=str(tmp_path),
+        splits=["train", "test"],
+        split_files={"train": "shards/part-*", "test": "shards/holdout.parquet"},
+    )
+    assert inspect_source(data).counts == {"test": 1, "train": 2}
+    # No split column, no split in the names, no patterns: everything is the first split, with a note.
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    assert info.counts == {"train": 3} and any("no split" in n for n in info.notes)
+
+
+@pytest.mark.parametrize(
+    ("path", "split"),
+    [
+        ("data/train-00000-of-00002.parquet", "train"),
+        ("data/test-00000-of-00001.parquet", "test"),
+        ("data/validation-00000-of-00001.parquet", "val"),
+        ("train.parquet", "train"),
+        ("test.parquet", "test"),
+        ("valid/0000.parquet", "val"),
+        ("plain_text/dev-00001.parquet", "val"),
+        ("my_dataset-train.parquet", "train"),
+        ("default/training/part.parquet", "train"),
+        ("data.parquet", None),
+        ("trainer.parquet", None),
+        ("train_test.parquet", None),
+    ],
+)
+def test_hub_split_names(path, split):
+    assert hub_split(path) == split
+
+
+def test_class_names_needed_only_without_metadata(tmp_path):
+    hf_dataset([{"bytes": png(1), "path": None}], [0], names=None).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match="data.class_names"):
+        inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path), class_names=["only"]))
+    assert info.class_names == ["only"]
+    # A label column of class names: sorted names, labels by that order.
+    table = pa.table({"image": [png(1), png(2)], "label": ["zebra", "ant"]})
+    pq.write_table(table, tmp_path / "train.parquet")
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    assert info.class_names == ["ant", "zebra"] and info.pieces[0][schema.LABEL] == [1, 0]
+
+
+def test_parquet_errors_before_ray(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        inspect_source(DataConfig(format="parquet", path=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="no .parquet files"):
+        inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    pq.write_table(pa.table({"img": [png(1)], "label": [0]}), tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match="needs columns 'image' and 'label'"):
+        inspect_source(DataConfig(format="parquet", path=str(tmp_path), class_names=["a"]))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def grid_rows(per_stratum: dict[tuple[str, int], int]) -> list[dict]:
+    return [
+        {schema.SOURCE_ID: f"{split}/{label}/{i}", schema.SPLIT: split, schema.LABEL: label}
+        for (split, label), n in sorted(per_stratum.items())
+        for i in range(n)
+    ]
+
+
+def test_max_images_is_a_stratified_deterministic_sample():
+    strata = {
+        (split, label): n for split, n in (("test", 20), ("train", 60), ("val", 20)) for label in range(4)
+    }
+    rows = grid_rows(strata)
+    sample = sample_rows(rows, 16, seed=0)
+    assert len(sample) == 16
+    taken = Counter((r[schema.SPLIT], r[schema.LABEL]) for r in sample)
+    assert set(taken) == set(strata)  # every class of every split
+    assert sum(n for (split, _), n in taken.items() if split == "train") >= 4
+    # The same rows in another order give the same sample (in that order).
+    reordered = sample_rows(list(reversed(rows)), 16, seed=0)
+    assert [r[schema.SOURCE_ID] for r in reordered] == [r[schema.SOURCE_ID] for r in reversed(sample)]
+    assert sample_rows(rows, 16, seed=0) == sample
+    assert sample_rows(rows, 16, seed=1) != sample
+    # Larger budgets keep each stratum's share.
+    big = Counter(r[schema.SPLIT] for r in sample_rows(rows, 200, seed=0))
+    assert big == {"train": 120, "val": 40, "test": 40}
+    assert sample_rows(rows, None) == rows and sample_rows(rows, 10_000) == rows
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_image_folder_missing_splits_and_path(toy, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        inspect_source(DataConfig(path=str(tmp_path / "nope")))
+    info = inspect_source(DataConfig(path=str(toy), splits=["train", "validation", "test"]))
+    assert info.counts == {"test": 6, "train": 12}
+    assert info.notes == [f"split 'validation' has no folder {toy}/validation: skipped"]
+    with pytest.raises(ValueError, match="none of the splits"):
+        inspect_source(DataConfig(path=str(toy), splits=["validation"]))
+    # max_images over an image folder: every class of every split first.
+    sample = inspect_source(DataConfig(path=str(toy), splits=["train", "val", "test"], max_images=9))
+    assert sample.counts == {"test": 3, "train": 3, "val": 3}
+    assert {(r[schema.SPLIT], r[schema.LABEL]) for r in sample.rows} == {
+        (s, c) for s in ("train", "val", "test") for c in range(3)
+    }
