@@ -88,7 +88,17 @@ def pack(batch: Batch) -> Batch:
 
 
 def unpack(batch: Batch) -> Batch:
-    """Inverse of `pack`: image-like columns become object arrays of ndarrays (None where missing)."""
+    """Inverse of `pack`: image-like columns become object arrays of ndarrays (None where missing), and
+    object columns that arrive as floats get their None values back.
+
+    Why: a numpy object column whose values are all None reaches Arrow as a null-typed column, and Ray Data
+    hands that back as a float array of NaN (seen with ray 2.60, also within one fused operator). Every
+    stage's input passes through here, so stages only ever see None for a missing value.
+    """
+    for name in schema.OBJECT_COLUMNS:
+        column = batch.get(name)
+        if column is not None and column.dtype.kind == "f":
+            batch[name] = object_array([None if is_missing(v) else v for v in column])
     for name in ARRAY_COLUMNS:
         column = batch.get(name)
         if column is not None and len(column) and _is_packed(column):
@@ -107,4 +117,5 @@ def _is_packed(column: np.ndarray) -> bool:
 
 
 def is_missing(value) -> bool:
-    return value is None
+    """None, or the float NaN an all-None column comes back as from Arrow (see `unpack`)."""
+    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from engine import schema
-from engine.batch import Batch, object_array
+from engine.batch import Batch, is_missing, object_array
 
 
 class RowError(Exception):
@@ -25,16 +25,18 @@ class RowError(Exception):
 
 def decode_images(batch: Batch, max_pixels: int, min_side: int, require_masks: bool) -> Batch:
     n = len(batch[schema.IMAGE_BYTES])
+    # A source without masks may drop the column altogether (see engine.batch.pack).
+    mask_column = batch.get(schema.MASK_BYTES, np.full(n, None, dtype=object))
     images, masks, errors, messages = [None] * n, [None] * n, [""] * n, [""] * n
     for i in range(n):
         try:
             if batch[schema.CLASS_NAME][i] == "" or batch[schema.LABEL][i] < 0:
                 raise RowError("unknown_label", f"label {batch[schema.LABEL][i]} has no class name")
             images[i] = decode_image(batch[schema.IMAGE_BYTES][i], max_pixels, min_side)
-            mask_bytes = batch[schema.MASK_BYTES][i]
-            if mask_bytes is None and require_masks:
+            mask_bytes = mask_column[i]
+            if is_missing(mask_bytes) and require_masks:
                 raise RowError("missing_mask", "segment.use_dataset_masks is on but this image has no mask")
-            if mask_bytes is not None:
+            if not is_missing(mask_bytes):
                 masks[i] = decode_mask(mask_bytes, images[i].shape[:2], max_pixels)
         except RowError as err:
             images[i], masks[i] = None, None
@@ -82,7 +84,7 @@ class _open:
         self.data, self.max_pixels = data, max_pixels
 
     def __enter__(self) -> Image.Image:
-        if self.data is None:
+        if is_missing(self.data):
             raise RowError("missing_file", "the file could not be read")
         if len(self.data) == 0:
             raise RowError("decode", "empty file")

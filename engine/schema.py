@@ -46,6 +46,10 @@ ERROR_MESSAGE = "error_message"  # free text detail for ERROR
 
 RECIPE_REAL = "real"
 
+# Columns whose values are objects (bytes, text, arrays) or None. An all-None column of these can come back
+# from Ray's Arrow round trip as floats; `engine.batch.unpack` restores the None values.
+OBJECT_COLUMNS = (IMAGE_BYTES, MASK_BYTES, IMAGE, MASK, BACKGROUND, PROMPT, PARAMS, MODELS, ID)
+
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False),

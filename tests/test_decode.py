@@ -105,3 +105,28 @@ def test_unknown_label_is_an_error():
     batch = batch_of([img, img], labels=[0, -1])
     out = decode_images(batch, max_pixels=10_000, min_side=4, require_masks=False)
     assert list(out[schema.ERROR]) == ["", "unknown_label"]
+
+
+def test_mask_column_that_came_back_from_arrow_as_nan_means_no_masks():
+    """A source without masks has an all-None mask column, which Ray's Arrow round trip returns as float NaN;
+    every stage's input goes through `unpack`, after which the rows decode with no mask."""
+    from engine.batch import unpack
+
+    image = encode(Image.new("RGB", (8, 6), (10, 200, 30)))
+    batch = batch_of([image, image])
+    batch[schema.MASK_BYTES] = np.full(2, np.nan, dtype=np.float32)  # what Ray Data hands the next stage
+    assert list(unpack(dict(batch))[schema.MASK_BYTES]) == [None, None]
+    out = decode_images(unpack(batch), max_pixels=10_000, min_side=4, require_masks=False)
+    assert list(out[schema.ERROR]) == ["", ""]
+    assert out[schema.IMAGE][0].shape == (6, 8, 3) and out[schema.MASK][0] is None
+    # With masks required, the same rows are missing_mask errors, not exceptions.
+    out = decode_images(unpack(batch_of([image])), max_pixels=10_000, min_side=4, require_masks=True)
+    assert list(out[schema.ERROR]) == ["missing_mask"]
+
+
+def test_mask_column_absent_means_no_masks():
+    image = encode(Image.new("RGB", (8, 6)))
+    batch = batch_of([image])
+    del batch[schema.MASK_BYTES]
+    out = decode_images(batch, max_pixels=10_000, min_side=4, require_masks=False)
+    assert list(out[schema.ERROR]) == [""] and out[schema.MASK][0] is None
