@@ -6,12 +6,13 @@ prompts), reading the shards back with pyarrow, as a user would. Both directorie
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 from pathlib import Path
 
 import pyarrow.dataset as pads
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from engine import schema, storage
 from engine.shards import shard_files
@@ -42,6 +43,7 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
     width = max(len(g) for g in groups) + 1  # +1: the mask column
     sheet = Image.new("RGB", (width * THUMB, len(groups) * (THUMB + 14)), "white")
     draw = ImageDraw.Draw(sheet)
+    font = label_font()
     sections = []
     for r, group in enumerate(groups):
         real = next(row for row in group if row[schema.RECIPE] == schema.RECIPE_REAL)
@@ -50,7 +52,7 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
         tiles.append(("mask", real[schema.MASK], ""))
         tiles += [(f"{row[schema.RECIPE]}", row[schema.IMAGE], row[schema.PROMPT] or "") for row in synthetic]
         y = r * (THUMB + 14)
-        draw.text((2, y), real[schema.CLASS_NAME], fill="black")
+        draw.text((2, y), real[schema.CLASS_NAME], fill="black", font=font)
         cells = []
         for c, (kind, data, prompt) in enumerate(tiles):
             if data is None:
@@ -77,6 +79,17 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
     )
     storage.write_text(storage.join(gallery_dir, "index.html"), page)
     return storage.join(gallery_dir, "index.html")
+
+
+@functools.cache
+def label_font(size: int = 11) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, which matplotlib ships: full Latin coverage ("Straße", "crème brûlée"), where Pillow's
+    default font draws a box for every letter outside ASCII."""
+    import matplotlib  # a dependency; only its data folder is used, nothing is plotted
+
+    return ImageFont.truetype(
+        str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size
+    )
 
 
 def _png(image: Image.Image) -> bytes:

@@ -1,0 +1,104 @@
+"""What a run writes, checked without Ray: strict-JSON params, Hugging Face features in the shards (and the
+dataset card), model provenance tags, and the contact sheet's lettering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from engine import schema
+from engine.batch import object_array
+from engine.config import ModelRef
+from engine.encode import encode_rows
+from engine.shards import write_shard
+
+CLASSES = ["Straße", "crème brûlée", "spring_rolls"]
+
+
+def rows_batch(n: int = 4) -> dict[str, np.ndarray]:
+    """Encoded-stage input: one real row per class and a synthetic variant of the first."""
+    rng = np.random.default_rng(0)
+    labels = [i % len(CLASSES) for i in range(n - 1)] + [0]
+    return {
+        schema.ID: np.array([f"id{i}" for i in range(n)], dtype=object),
+        schema.IMAGE: object_array([rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(n)]),
+        schema.MASK: object_array([np.full((16, 16), 255, np.uint8)] * n),
+        schema.LABEL: np.array(labels),
+        schema.CLASS_NAME: np.array([CLASSES[i] for i in labels], dtype=object),
+        schema.SPLIT: np.array(["val"] + ["train"] * (n - 1), dtype=object),
+        schema.SOURCE_ID: np.array([f"src{i}" for i in range(n - 1)] + ["src0"], dtype=object),
+        schema.RECIPE: np.array(["real"] * (n - 1) + ["aga"], dtype=object),
+        schema.SEED: np.arange(n),
+        schema.PROMPT: np.array([None] * (n - 1) + ["a quiet meadow"], dtype=object),
+        # What the segmenter leaves for rows it never scored (val/test) after Ray's Arrow round trip.
+        "detect_score": np.array([np.nan] + [0.5] * (n - 1)),
+        "composite_params": np.array([None] * (n - 1) + ['{"angle": NaN, "scale": 1.1}'], dtype=object),
+    }
+
+
+def strict_json(text: str):
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"not JSON: {token} in {text}"))
+
+
+def test_params_are_strict_json():
+    table = encode_rows(rows_batch(), "png", 95, json.dumps({"llm": "/m@local"}), CLASSES)
+    params = [strict_json(text) for text in table.column(schema.PARAMS).to_pylist()]
+    assert params[0]["detect_score"] is None and params[1]["detect_score"] == 0.5
+    assert params[-1]["composite_params"] == {"angle": None, "scale": 1.1}
+
+
+def test_shards_load_in_datasets_with_image_and_classlabel(tmp_path):
+    import datasets
+
+    table = encode_rows(rows_batch(), "png", 95, "{}", CLASSES)
+    (tmp_path / "data").mkdir()
+    write_shard(table, str(tmp_path / "data"))
+    (tmp_path / "README.md").write_text(schema.dataset_card(CLASSES))
+    stored = pq.read_schema(next((tmp_path / "data").glob("*.parquet")))
+    assert stored.field(schema.IMAGE).type == schema.OUTPUT_SCHEMA.field(schema.IMAGE).type  # still binary
+
+    # The bare Parquet loader: ClassLabel from the shards' own metadata.
+    bare = datasets.load_dataset("parquet", data_files=str(tmp_path / "data" / "*.parquet"), split="train")
+    assert bare.features[schema.LABEL] == datasets.ClassLabel(names=CLASSES)
+    assert bare.features[schema.LABEL].int2str(bare[1][schema.LABEL]) == bare[1][schema.CLASS_NAME]
+    # The output directory as a dataset: Image() and ClassLabel from the card.
+    loaded = datasets.load_dataset(str(tmp_path), split="rows")
+    assert loaded.features[schema.IMAGE] == datasets.Image()
+    assert loaded.features[schema.MASK] == datasets.Image()
+    assert loaded.features[schema.LABEL] == datasets.ClassLabel(names=CLASSES)
+    assert loaded[0][schema.IMAGE].size == (16, 16) and loaded[0][schema.MASK].mode == "L"
+    assert set(schema.OUTPUT_SCHEMA.names) == set(loaded.column_names)
+
+
+def test_model_tags_record_what_was_loaded(tmp_path):
+    assert ModelRef(id=str(tmp_path), revision="0123abcd").tag() == f"{tmp_path}@local"
+    assert ModelRef(id="./models/sdxl", revision="0123abcd").tag() == "./models/sdxl@local"
+    assert ModelRef(id="s3://bucket/sdxl").tag() == "s3://bucket/sdxl@uri"
+    assert ModelRef(id="org/model", revision="0123abcd").tag() == "org/model@0123abcd"
+
+
+def test_contact_sheet_draws_latin_letters(tmp_path):
+    from engine.gallery import label_font, write_gallery
+
+    font = label_font()
+
+    def drawn(text: str, width: int = 60) -> np.ndarray:
+        canvas = Image.new("L", (width, 14), 255)
+        ImageDraw.Draw(canvas).text((0, 0), text, fill=0, font=font)
+        return np.asarray(canvas)
+
+    missing = drawn("\ue000")  # a private-use code point: the font's "no glyph" box
+    for letter in "ßäöüÀÉçñøåæœŁąčğışțž":
+        assert not np.array_equal(drawn(letter), missing), letter
+
+    (tmp_path / "data").mkdir()
+    write_shard(encode_rows(rows_batch(), "png", 95, "{}", CLASSES), str(tmp_path / "data"))
+    write_gallery(tmp_path / "data", tmp_path / "gallery", max_classes=4)
+    sheet = Image.open(tmp_path / "gallery" / "contact_sheet.png").convert("L")
+    expected = Image.new("L", (sheet.width, 14), 255)
+    ImageDraw.Draw(expected).text((2, 0), "Straße", fill=0, font=font)
+    assert np.array_equal(np.asarray(sheet)[:14], np.asarray(expected))
