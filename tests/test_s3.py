@@ -166,6 +166,38 @@ def test_generate_from_s3_to_s3(s3, tiny_models_dir, tmp_path, monkeypatch):
     assert {"llm", "sdxl"} <= fetched, fetched
 
 
+def test_hf_parquet_with_relative_image_paths_on_s3(s3, tmp_path, monkeypatch):
+    """A `datasets` Parquet whose images are relative paths (bytes None), uploaded as a whole: the paths are
+    read against the dataset root in the bucket, through the storage layer."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from engine.config import DataConfig
+    from engine.readers import _dataset_root, inspect_source, read_parquet_rows
+
+    local = tmp_path / "hf"
+    (local / "images").mkdir(parents=True)
+    paths = []
+    for i in range(3):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(local / "images" / f"{i}.png")
+        paths.append(f"images/{i}.png")
+    monkeypatch.chdir(local)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict({"image": paths, "label": [0, 1, 0]}, features=features)
+    ds.to_parquet(local / "data" / "train-00000-of-00001.parquet")
+    root = f"s3://{BUCKET}/hf"
+    upload(local, root)
+
+    data = DataConfig(format="parquet", path=root)
+    info = inspect_source(data)
+    assert info.class_names == ["a", "b"] and info.counts == {"train": 3}
+    piece = {k: np.array([v], dtype=object) for k, v in info.pieces[0].items()}
+    (block,) = read_parquet_rows(piece, "image", _dataset_root(root), 16)
+    assert list(block[schema.SOURCE_ID]) == paths
+    assert [bytes(b) for b in block[schema.IMAGE_BYTES]] == [(local / p).read_bytes() for p in paths]
+
+
 def test_storage_helpers_on_local_paths_and_fsspec(tmp_path):
     # Local: relative paths become absolute (Ray workers do not share the driver's working directory).
     assert storage.resolve("out") == str(Path.cwd() / "out")
