@@ -188,6 +188,10 @@ def test_hf_parquet_with_relative_image_paths_on_s3(s3, tmp_path, monkeypatch):
     ds.to_parquet(local / "data" / "train-00000-of-00001.parquet")
     root = f"s3://{BUCKET}/hf"
     upload(local, root)
+    expected = [(local / p).read_bytes() for p in paths]
+    monkeypatch.chdir(tmp_path)  # only the bucket holds the images now
+    for p in paths:
+        (local / p).unlink()
 
     data = DataConfig(format="parquet", path=root)
     info = inspect_source(data)
@@ -195,7 +199,7 @@ def test_hf_parquet_with_relative_image_paths_on_s3(s3, tmp_path, monkeypatch):
     piece = {k: np.array([v], dtype=object) for k, v in info.pieces[0].items()}
     (block,) = read_parquet_rows(piece, "image", _dataset_root(root), 16)
     assert list(block[schema.SOURCE_ID]) == paths
-    assert [bytes(b) for b in block[schema.IMAGE_BYTES]] == [(local / p).read_bytes() for p in paths]
+    assert [bytes(b) for b in block[schema.IMAGE_BYTES]] == expected
 
 
 def test_storage_helpers_on_local_paths_and_fsspec(tmp_path):
