@@ -312,8 +312,16 @@ def _inspect_parquet(data: DataConfig) -> SourceInfo:
     notes: list[str] = []
     wanted = {canonical_split(s): s for s in data.splits}  # canonical -> the configured spelling
 
-    # 1. Schema and class names (config, else ClassLabel metadata, else string labels).
-    first_schema = _open_parquet(files[0]).schema_arrow
+    # 1. Schema and class names (config, else ClassLabel metadata, else string labels). Other Parquet files
+    #    beside the dataset's (e.g. an errors table) are skipped with a note.
+    schemas = [_open_parquet(f).schema_arrow for f in files]
+    usable = [data.image_column in s.names and data.label_column in s.names for s in schemas]
+    if any(usable) and not all(usable):
+        others = [f for f, ok in zip(files, usable, strict=True) if not ok]
+        notes.append(f"{len(others)} parquet files without the image and label columns skipped: {others[:3]}")
+        files = [f for f, ok in zip(files, usable, strict=True) if ok]
+        schemas = [s for s, ok in zip(schemas, usable, strict=True) if ok]
+    first_schema = schemas[0]
     for column in (data.image_column, data.label_column):
         if column not in first_schema.names:
             raise ValueError(

@@ -204,6 +204,13 @@ def test_parquet_errors_before_ray(tmp_path):
         inspect_source(DataConfig(format="parquet", path=str(tmp_path), class_names=["a"]))
 
 
+def test_other_parquet_files_are_skipped_with_a_note(tmp_path):
+    hf_dataset([{"bytes": png(1), "path": None}], [0]).to_parquet(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"source_id": ["x"], "reason": ["decode"]}), tmp_path / "errors.parquet")
+    info = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
+    assert info.counts == {"train": 1} and any("without the image and label" in n for n in info.notes)
+
+
 # --------------------------------------------------------------------------- sampling
 
 
