@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -22,6 +23,14 @@ TINY_MODELS_HINT = "build the offline tiny models with `synthray tiny-models --o
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def scheduling_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
+    """A field that says how a run is scheduled, stored or reported, not what it computes (batch sizes,
+    concurrency, resources, devices, GPU tunings, Ray and output settings). `content_of` leaves these out of
+    the content hash that row ids and the resume guard use, so a resumed run may change them (say, on
+    another cluster)."""
+    return Field(default, json_schema_extra={"scheduling": True}, **kwargs)
 
 
 class ModelRef(Strict):
@@ -92,7 +101,7 @@ class DataConfig(Strict):
         description="Read at most this many images: a deterministic sample stratified by split and class",
     )
     sample_seed: int = Field(default=0, description="Seed of the max_images sample (hash of source id)")
-    rows_per_block: int = Field(
+    rows_per_block: int = scheduling_field(
         default=16, ge=1, description="Source rows per Ray Data block: the unit of streaming and of resume"
     )
     max_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb guard per image")
@@ -197,9 +206,9 @@ class SegmentConfig(Strict):
     use_dataset_masks: bool = Field(
         default=False, description="Use the dataset's masks instead of the models"
     )
-    device: str = Field(default="auto", description="auto, cpu or cuda[:n]")
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    stage: StageSpec = Field(default_factory=StageSpec)
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
 
 
 class VLLMConfig(Strict):
@@ -209,20 +218,24 @@ class VLLMConfig(Strict):
     replicas (data parallel), num_gpus / num_cpus = per engine worker (one per tensor-parallel rank).
     """
 
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine shards the model over")
-    max_num_seqs: int | None = Field(
+    tensor_parallel_size: int = scheduling_field(
+        default=1, ge=1, description="GPUs one engine shards the model over"
+    )
+    max_num_seqs: int | None = scheduling_field(
         default=None, ge=1, description="Sequences one engine decodes at once (None: vLLM's default)"
     )
     max_model_len: int | None = Field(default=None, ge=1, description="Context length (None: the model's)")
-    gpu_memory_utilization: float = Field(
+    gpu_memory_utilization: float = scheduling_field(
         default=0.9,
         gt=0,
         le=1,
         description="Fraction of GPU memory for weights and KV cache; on vLLM's CPU backend a fraction of "
         "host memory (keep it small there)",
     )
-    enforce_eager: bool = Field(default=False, description="No CUDA graphs / compilation: faster start-up")
-    template_num_cpus: float = Field(
+    enforce_eager: bool = scheduling_field(
+        default=False, description="No CUDA graphs / compilation: faster start-up"
+    )
+    template_num_cpus: float = scheduling_field(
         default=0.25, ge=0, description="CPUs per ray.data.llm chat-template (and image-prep) actor"
     )
     engine_kwargs: dict[str, Any] = Field(
@@ -243,10 +256,10 @@ class PromptConfig(Strict):
     temperature: float = Field(default=0.8, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     extra_forbidden_words: list[str] = Field(default_factory=list)
-    device: str = "auto"
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
-    stage: StageSpec = Field(default_factory=StageSpec)
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
 
 
 class CaptionConfig(Strict):
@@ -267,10 +280,10 @@ class CaptionConfig(Strict):
     max_new_tokens: int = Field(default=48, ge=1)
     temperature: float = Field(default=0.0, ge=0, description="0: greedy; else sampled with the row's seed")
     top_p: float = Field(default=1.0, gt=0, le=1)
-    device: str = "auto"
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
-    stage: StageSpec = Field(default_factory=StageSpec)
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
 
     @model_validator(mode="after")
     def _prefix_names_only_the_class(self) -> CaptionConfig:
@@ -288,24 +301,24 @@ class BackgroundConfig(Strict):
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=5.0, ge=0)
     negative_prompt: str = "people, person, animal, text, watermark, blurry"
-    device: str = "auto"
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     # GPU tunings (see benchmarks/gpu_stages.py). Off by default: each changes numerics or start-up time a
     # little, and none pays on CPU.
-    channels_last: bool = Field(
+    channels_last: bool = scheduling_field(
         default=False, description="UNet and VAE in channels-last memory format (faster convolutions on GPU)"
     )
-    fuse_qkv: bool = Field(
+    fuse_qkv: bool = scheduling_field(
         default=False, description="Fuse the attention q/k/v projections into one matmul (UNet and VAE)"
     )
     compile_mode: (
         Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
-    ) = Field(
+    ) = scheduling_field(
         default=None,
         description="torch.compile the UNet with this mode ('reduce-overhead' adds CUDA graphs); "
         "None runs eagerly. The first batch of each new shape pays the compile time",
     )
-    stage: StageSpec = Field(default_factory=StageSpec)
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
 
 
 class CompositeConfig(Strict):
@@ -313,17 +326,17 @@ class CompositeConfig(Strict):
     rotation_deg: tuple[float, float] = Field(default=(-15.0, 15.0), description="Rotation range, degrees")
     scale: tuple[float, float] = Field(default=(0.8, 1.2), description="Subject scale range")
     feather_px: float = Field(default=1.5, ge=0, description="Gaussian edge feathering of the mask, px")
-    stage: StageSpec = Field(default_factory=lambda: StageSpec(batch_size=8))
+    stage: StageSpec = scheduling_field(default_factory=lambda: StageSpec(batch_size=8))
 
 
 class GenerateConfig(Strict):
     recipe: str = Field(default="aga", description="Recipe name (see engine.recipes.RECIPES)")
     seed: int = 0
     num_variants: int = Field(default=2, ge=1, description="K: synthetic rows per real image")
-    max_error_fraction: float = Field(default=1.0, ge=0, le=1, description="Fail the job above this")
+    max_error_fraction: float = scheduling_field(1.0, ge=0, le=1, description="Fail the job above this")
     data: DataConfig
-    output: OutputConfig
-    ray: RayConfig = Field(default_factory=RayConfig)
+    output: OutputConfig = scheduling_field()
+    ray: RayConfig = scheduling_field(default_factory=RayConfig)
     segment: SegmentConfig | None = None
     prompt: PromptConfig | None = None
     caption: CaptionConfig | None = None
@@ -402,15 +415,39 @@ def load_config(
         raise ValueError(format_validation_error(err, str(path or "<embedded>"))) from None
 
 
+def content_of(config: BaseModel) -> dict:
+    """What determines the rows: the config as JSON without its scheduling fields (see `scheduling_field`)."""
+    out = {}
+    for name, field in type(config).model_fields.items():
+        if (field.json_schema_extra or {}).get("scheduling"):
+            continue
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            out[name] = content_of(value)
+        else:
+            out[name] = config.model_dump(mode="json", include={name})[name]
+    return out
+
+
 def config_hash(config: BaseModel) -> str:
-    """Hash of what determines the rows (not where they go or how they are scheduled)."""
-    data = config.model_dump(mode="json")
-    data.pop("output", None)
-    data.pop("ray", None)
-    for section in data.values():
-        if isinstance(section, dict):
-            section.pop("stage", None)
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    """Hash of what determines the rows (not where they go or how they are scheduled): part of every row id."""
+    return content_hash(content_of(config))
+
+
+def content_hash(content: dict) -> str:
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def content_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two `content_of` dicts, e.g. ["num_variants: 2 -> 3"]."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += content_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return changes
 
 
 def save_resolved(config: BaseModel, path: str | Path) -> None:

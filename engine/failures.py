@@ -28,6 +28,66 @@ class RunFailed(RuntimeError):
     """The run gave up: a stage kept losing its Ray workers after every attempt."""
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run on this cluster, found once Ray is up (before anything is written)."""
+
+
+# Exceptions that, raised while a stage loads, mean the configuration asks for something that cannot work
+# (a bad size, a missing file or package, a model setting above the model's limits): exit 2, not 1.
+_CONFIG_MISTAKES = (
+    "ValueError",
+    "TypeError",
+    "KeyError",
+    "FileNotFoundError",
+    "ImportError",
+    "ModuleNotFoundError",
+    "NotImplementedError",
+)
+_SETUP_MARK = re.compile(r"StageSetupError: \[(config|error)\] (stage '[^']+' could not start: [^\n]*)")
+_LAST_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+class StageSetupError(RuntimeError):
+    """A stage failed while it was being built (its model loading, its config checks): the stage's own
+    error, never retried as a lost worker. `config_mistake`: the exception says the config is wrong."""
+
+    def __init__(self, stage: str, detail: str, config_mistake: bool) -> None:
+        self.stage, self.detail, self.config_mistake = stage, detail, config_mistake
+        kind = "config" if config_mistake else "error"
+        super().__init__(f"[{kind}] stage {stage!r} could not start: {detail}")
+
+    def __reduce__(self):  # Ray pickles it from the actor to the driver
+        return type(self), (self.stage, self.detail, self.config_mistake)
+
+    @classmethod
+    def from_exception(cls, stage: str, err: BaseException) -> StageSetupError:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return cls(stage, f"{type(err).__name__}: {first_line[:500]}", type(err).__name__ in _CONFIG_MISTAKES)
+
+    def summary(self) -> str:
+        """One line for the user: the stage and the original error."""
+        return f"stage {self.stage!r} could not start: {self.detail}"
+
+
+def setup_failure(err: BaseException) -> StageSetupError | None:
+    """The StageSetupError behind a Ray error, when an actor died in its constructor; else None.
+
+    Ray reports it as ActorDiedError(actor_init_failed) whose text holds the remote traceback: our stages
+    raise StageSetupError there (engine.stages.StageRunner); other actors (ray.data.llm's vLLM engine) are
+    named from the actor's class and their last exception line.
+    """
+    text = str(err)
+    marked = _SETUP_MARK.search(text)
+    if not marked and not getattr(err, "actor_init_failed", False):
+        return None
+    if marked:
+        stage, _, detail = marked.group(2).partition(" could not start: ")
+        return StageSetupError(stage[len("stage '") : -1], detail, marked.group(1) == "config")
+    found = _LAST_EXCEPTION.findall(text)
+    kind, message = found[-1] if found else ("Error", text.strip().splitlines()[0][:300])
+    return StageSetupError(failed_stage(err) or "?", f"{kind}: {message[:500]}", kind in _CONFIG_MISTAKES)
+
+
 def is_infrastructure_failure(err: BaseException) -> bool:
     import ray.exceptions
 

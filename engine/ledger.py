@@ -8,6 +8,7 @@ shuts down.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import ray
@@ -29,6 +30,10 @@ class RunLedger:
         entry["synthetic_out"] += synthetic_out
         entry["batches"] += 1
         entry["busy_s"] += seconds
+        # Wall-clock times of the first and last batch: whether the stages overlap (streaming) shows here.
+        now = time.time()
+        entry.setdefault("first_batch_at", now)
+        entry["last_batch_at"] = now
 
     def record_errors(self, errors: list[dict[str, str]]) -> None:
         self.errors.extend(errors)

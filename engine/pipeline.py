@@ -5,22 +5,25 @@ The driver imports no GPU stack: actors load their models inside Ray workers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import posixpath
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine import schema, storage
 from engine.batch import Batch, take
-from engine.config import GenerateConfig, StageSpec, config_hash, save_resolved
+from engine.config import GenerateConfig, config_hash, content_changes, content_of, save_resolved
 from engine.encode import encode_rows
-from engine.failures import RunFailed, describe, is_infrastructure_failure
+from engine.failures import ConfigError, RunFailed, describe, is_infrastructure_failure, setup_failure
 from engine.ledger import start_ledger
 from engine.models import check_local_models
-from engine.readers import read_source
+from engine.readers import SourceInfo, inspect_source, read_source
 from engine.recipes import build_stages, model_tags
 from engine.report import RunReport, build_report, count_rows, write_errors
 from engine.shards import (
@@ -50,37 +53,68 @@ def init_ray(config: GenerateConfig) -> None:
     )
 
 
-def run_generate(config: GenerateConfig) -> RunReport:
+@dataclass(frozen=True)
+class RunPlan:
+    """What `prepare_run` found before anything ran or was written."""
+
+    out: str  # the output root, a local path or a URI
+    digest: str  # the content hash in every row id (see `resume_identity`)
+    source: SourceInfo
+
+    @property
+    def data_dir(self) -> str:
+        return storage.join(self.out, "data")
+
+
+def prepare_run(config: GenerateConfig) -> RunPlan:
+    """Every check that needs neither Ray nor a write: the models exist, the data can be read, the recipe
+    builds its stages, the backends are installed, the output resumes. Raises ValueError or
+    FileNotFoundError naming the problem, and writes nothing."""
+    out = storage.resolve(config.output.path)  # a local path or a URI (s3://, gs://, ...)
+    check_local_models(config)
+    source = inspect_source(config.data)
+    digest = resume_identity(out, config)
+    stages = build_stages(config, source.class_names, digest)  # unknown recipe, missing sections, prompts
+    check_backends(config, stages)
+    return RunPlan(out, digest, source)
+
+
+def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunReport:
     import ray
     import ray.data
 
-    start = time.perf_counter()
-    out = storage.resolve(config.output.path)  # a local path or a URI (s3://, gs://, ...)
-    data_dir = storage.join(out, "data")
-    digest = config_hash(config)
-    check_local_models(config)
-    done_ids = _prepare_output(out, digest, config.output.overwrite)
-    counts = count_rows(data_dir)[0]  # rows per recipe already in the shards
-    rows_before = sum(counts.values())
-    save_resolved(config, storage.join(out, "config.yaml"))
-    write_manifest(str(out), {"config_hash": digest, "complete": False})
+    start, started_at = time.perf_counter(), time.time()
+    plan = plan or prepare_run(config)
+    out, data_dir, digest = plan.out, plan.data_dir, plan.digest
 
+    # 1. Ray, and the check that the cluster can hold the actor pools (still nothing written).
     init_ray(config)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.ray.progress_bars
     context.execution_options.preserve_order = config.ray.preserve_order
     context.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
+    _check_cluster(config, plan)
 
-    # Each attempt is a resume: it skips the rows already in the shards (see engine.failures).
+    # 2. The output: resume from its shards (or replace them), the resolved config, an open manifest.
+    done_ids = _prepare_output(out, config.output.overwrite)
+    counts = count_rows(data_dir)[0]  # rows per recipe already in the shards
+    rows_before = sum(counts.values())
+    save_resolved(config, storage.join(out, "config.yaml"))
+    write_manifest(str(out), _manifest(config, digest, complete=False))
+
+    # 3. The stages. Each attempt is a resume: it skips the rows already in the shards (engine.failures).
     attempts, generated = [], 0
     for attempt in range(1, config.ray.max_run_attempts + 1):
         synthetic_before = sum(n for recipe, n in counts.items() if recipe != schema.RECIPE_REAL)
         ledger = start_ledger()
         try:
-            class_names = _run_attempt(config, digest, data_dir, ledger, frozenset(done_ids))
+            _run_attempt(config, plan, ledger, frozenset(done_ids))
             snapshot = ray.get(ledger.snapshot.remote())
             break
         except Exception as err:
+            setup = setup_failure(err)
+            if setup is not None:  # a stage that cannot start fails the same way on every attempt
+                raise setup from None
             if not is_infrastructure_failure(err):
                 raise
             attempts.append(describe(err))
@@ -98,24 +132,28 @@ def run_generate(config: GenerateConfig) -> RunReport:
         finally:
             ray.kill(ledger)
 
-    # Errors, run.json, manifest, gallery.
+    # 4. Errors, run.json, manifest, dataset card, gallery.
+    class_names = plan.source.class_names
     write_errors(snapshot["errors"], storage.join(out, "errors.parquet"))
     report = build_report(
-        config, snapshot, data_dir, class_names, digest, time.perf_counter() - start, synthetic_before
+        config,
+        snapshot,
+        data_dir,
+        class_names,
+        digest,
+        time.perf_counter() - start,
+        synthetic_before,
+        started_at,
     )
     rows = report.data["rows"]
     rows["synthetic_generated_this_run"] += generated
     rows["written_this_run"] = rows["real_written"] + rows["synthetic_written"] - rows_before
     report.data["failed_attempts"] = attempts
-    storage.write_text(storage.join(out, "run.json"), json.dumps(report.data, indent=2))
-    write_manifest(
-        str(out),
-        {
-            "config_hash": digest,
-            "complete": True,
-            "shards": [posixpath.basename(path) for path in shard_files(data_dir)],
-        },
-    )
+    report.data["data_notes"] = list(plan.source.notes)
+    storage.write_text(storage.join(out, "run.json"), json.dumps(report.data, indent=2, allow_nan=False))
+    manifest = _manifest(config, digest, complete=True)
+    manifest["shards"] = [posixpath.basename(path) for path in shard_files(data_dir)]
+    write_manifest(str(out), manifest)
     storage.write_text(storage.join(out, "README.md"), schema.dataset_card(class_names))  # load_dataset(out)
     if config.output.gallery_classes:
         from engine.gallery import write_gallery
@@ -124,18 +162,77 @@ def run_generate(config: GenerateConfig) -> RunReport:
     return report
 
 
-def _run_attempt(config: GenerateConfig, digest: str, data_dir: str, ledger, done_ids: frozenset[str]):
+def resume_identity(out: str, config: GenerateConfig) -> str:
+    """The hash in this run's row ids. A new output (or `overwrite`): the config's content hash. An output
+    that holds shards: the hash it was started with, as long as what determines the rows is unchanged
+    (scheduling, resources, batch sizes and output settings may change, see `scheduling_field`); otherwise
+    a ValueError naming the changed keys."""
+    digest = config_hash(config)
+    data_dir = storage.join(out, "data")
+    if config.output.overwrite or not shard_files(data_dir):
+        return digest
+    previous = read_manifest(str(out)) or {}
+    # Outputs written before the manifest kept the content: compare with their saved config instead.
+    before = previous.get("content") or _saved_content(out)
+    now = content_of(config)
+    if previous.get("config_hash") and (before == now or previous["config_hash"] == digest):
+        return previous["config_hash"]
+    changed = content_changes(before, now) if before is not None else ["(no readable config saved there)"]
+    raise ValueError(
+        f"{data_dir} holds shards of another config: {'; '.join(changed)}. Pass --set output.overwrite=true "
+        "to replace them, choose another output.path, or undo the change to resume"
+    )
+
+
+def check_backends(config: GenerateConfig, stages: list[Stage]) -> None:
+    """A vLLM stage needs vLLM where the driver runs a local Ray (on a cluster, the workers' image has it)."""
+    local = config.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    vllm_stages = [stage.name for stage in stages if stage.on_dataset]
+    if local and vllm_stages and importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            f"stage {vllm_stages[0]!r} has backend vllm, but vLLM is not installed in this environment "
+            f"({sys.executable}); run it in the vLLM environment (.venv-vllm, or the cluster image) or set "
+            "the stage's backend to transformers"
+        )
+
+
+def _check_cluster(config: GenerateConfig, plan: RunPlan) -> None:
+    import ray
+
+    if not config.ray.check_resources:
+        return
+    stages = pipeline_stages(config, plan.source.class_names, plan.digest, frozenset(), plan.data_dir)
+    try:
+        check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _manifest(config: GenerateConfig, digest: str, complete: bool) -> dict:
+    return {"config_hash": digest, "content": content_of(config), "complete": complete}
+
+
+def _saved_content(out: str) -> dict | None:
+    import yaml
+
+    try:
+        saved = yaml.safe_load(storage.read_text(storage.join(out, "config.yaml")))
+        return content_of(GenerateConfig.model_validate(saved))
+    except Exception:  # noqa: BLE001 - an unreadable or older config: the caller says so
+        return None
+
+
+def _run_attempt(config: GenerateConfig, plan: RunPlan, ledger, done_ids: frozenset[str]) -> None:
     """Source rows -> the recipe's stages (checked against the cluster) -> atomic shards."""
     import ray
     import ray.data
 
-    ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus)
-    stages = pipeline_stages(config, class_names, digest, done_ids, data_dir)
+    ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus, plan.source)
+    stages = pipeline_stages(config, class_names, plan.digest, done_ids, plan.data_dir)
     if config.ray.check_resources:
         check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
-    write_shards(ds, config, str(data_dir), class_names).take_all()  # one small manifest entry per shard
-    return class_names
+    write_shards(ds, config, plan.data_dir, class_names).take_all()  # one small manifest entry per shard
 
 
 def _generated(ledger) -> int:
@@ -197,11 +294,11 @@ def _write_real_rows_early(
     if "expand" not in names:
         return stages
     at = names.index("expand") + 1
-    # Batches of expanded rows hold about one real row in K+1: this makes real shards about rows_per_shard.
+    # One call per block: a block's real rows (`data.rows_per_block` sources) become one shard. A larger
+    # batch would make every fused read..write_real task take that many sources (see engine.stages).
     writer = Stage(
         "write_real",
         write_real_rows,
-        StageSpec(batch_size=config.output.rows_per_shard * (config.num_variants + 1)),
         kwargs=_shard_format(config, data_uri, class_names),
         reads=(schema.RECIPE,),
     )
@@ -218,18 +315,11 @@ def _shard_format(config: GenerateConfig, data_uri: str, class_names: list[str] 
     }
 
 
-def _prepare_output(out: str, digest: str, overwrite: bool) -> set[str]:
-    """Returns the ids already written. Same config: resume. Other config: refuse unless overwrite."""
+def _prepare_output(out: str, overwrite: bool) -> set[str]:
+    """Returns the ids already written (`resume_identity` has checked that they are this config's)."""
     data_dir = storage.join(out, "data")
     if overwrite:
         storage.delete_dir(data_dir)
     storage.make_dirs(data_dir)
     remove_temporaries(str(data_dir))
-    previous = read_manifest(str(out))
-    existing = shard_files(str(data_dir))
-    if existing and (previous is None or previous.get("config_hash") != digest):
-        raise ValueError(
-            f"{data_dir} holds shards of another config (hash {previous and previous.get('config_hash')}, "
-            f"this one {digest}); pass --set output.overwrite=true to replace them or choose another output.path"
-        )
     return completed_ids(str(data_dir))

@@ -49,8 +49,10 @@ def build_report(
     digest: str,
     wall_s: float,
     synthetic_before: int = 0,
+    started_at: float | None = None,
 ) -> RunReport:
-    """`synthetic_before`: synthetic rows already in the shards when this run started (a resumed run)."""
+    """`synthetic_before`: synthetic rows already in the shards when this run started (a resumed run);
+    `started_at`: the run's start (`time.time()`), for each stage's first and last batch."""
     stages = {}
     for name, s in snapshot["stages"].items():
         stages[name] = {
@@ -60,6 +62,9 @@ def build_report(
             "batches": int(s["batches"]),
             "busy_s": round(s["busy_s"], 3),
             "rows_per_busy_s": round(s["rows_in"] / s["busy_s"], 3) if s["busy_s"] > 0 else None,
+            # Seconds from the run's start to the end of the stage's first and last batch.
+            "first_batch_s": _since(s.get("first_batch_at"), started_at),
+            "last_batch_s": _since(s.get("last_batch_at"), started_at),
         }
     errors = snapshot["errors"]
     written, duplicates = count_rows(data_dir)
@@ -85,7 +90,8 @@ def build_report(
             "synthetic_written": synthetic_written,
             "synthetic_generated_this_run": stages.get("expand", {}).get("synthetic_out", 0),
             "duplicate_ids": duplicates,
-            "synthetic_per_s": round(synthetic_written / wall_s, 3) if wall_s > 0 else None,
+            # Rows this run made, not rows already in the shards (a rerun of a finished run made none).
+            "synthetic_per_s": round((synthetic_emitted - later_errors) / wall_s, 3) if wall_s > 0 else None,
         },
         "stages": stages,
         "errors": {
@@ -96,10 +102,15 @@ def build_report(
         "output": {
             "data": storage.resolve(data_dir),
             "errors": storage.join(storage.parent(data_dir), "errors.parquet"),
-            "gallery": storage.join(storage.parent(data_dir), "gallery", "index.html"),
         },
     }
+    if config.output.gallery_classes:
+        data["output"]["gallery"] = storage.join(storage.parent(data_dir), "gallery", "index.html")
     return RunReport(data)
+
+
+def _since(at: float | None, started_at: float | None) -> float | None:
+    return round(at - started_at, 2) if at is not None and started_at is not None else None
 
 
 def print_summary(report: RunReport) -> None:
@@ -124,5 +135,7 @@ def print_summary(report: RunReport) -> None:
     )
     for number, failure in enumerate(data.get("failed_attempts", []), start=1):
         console.print(f"[yellow]attempt {number} lost Ray workers and was resumed:[/yellow] {failure}")
+    for note in data.get("data_notes", []):
+        console.print(f"[yellow]data:[/yellow] {note}")
     for name, path in data["output"].items():
         console.print(f"{name:>8}: {path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +21,16 @@ import numpy as np
 from engine import schema
 from engine.batch import Batch, concat, num_rows, pack, take, unpack
 from engine.config import StageSpec
+from engine.failures import StageSetupError
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     fn: Callable[..., Any]  # a class (actor pool: built once per actor) or a function (CPU tasks)
-    spec: StageSpec | None = None  # scheduling for classes; for functions only batch_size counts (else 32)
+    spec: StageSpec | None = (
+        None  # scheduling for classes; for functions only batch_size counts (else a block)
+    )
     kwargs: dict[str, Any] = field(
         default_factory=dict
     )  # constructor kwargs (class) / call kwargs (function)
@@ -51,7 +55,11 @@ class StageRunner:
     def __init__(self, stage: Stage, ledger) -> None:
         self.stage = stage
         self.ledger = ledger
-        self.fn = stage.fn(**stage.kwargs)
+        try:
+            self.fn = stage.fn(**stage.kwargs)
+        except Exception as err:
+            # Named so that the driver reports it as this stage's error, not as lost workers to retry.
+            raise StageSetupError.from_exception(stage.name, err) from err
 
     def __call__(self, batch: Batch) -> Batch:
         return run_batch(self.fn, self.stage, self.ledger, batch)
@@ -201,37 +209,47 @@ def check_resource_budget(stages: list[Stage], cluster: dict[str, float], task_n
 def apply_stages(ds, stages: list[Stage], ledger, task_num_cpus: float):
     """The stage loop: one `map_batches` per stage, scheduled from its spec (`on_dataset` stages add
     their own operators)."""
-    from ray.data import ActorPoolStrategy
-
     for stage in stages:
         if stage.on_dataset:
             ds = stage.fn(ds, stage=stage, ledger=ledger, task_num_cpus=task_num_cpus)
         elif stage.is_actor:
-            spec = stage.spec
             # A subclass per stage only so that Ray Data's progress bars show the stage's name.
             runner = type(stage.name, (StageRunner,), {})
-            ds = ds.map_batches(
-                runner,
-                fn_constructor_kwargs={"stage": stage, "ledger": ledger},
-                compute=ActorPoolStrategy(size=spec.concurrency),
-                batch_size=spec.batch_size,
-                batch_format="numpy",
-                num_cpus=spec.num_cpus,
-                num_gpus=spec.num_gpus,
-                resources=spec.resources or None,
-                # Passed through as Ray remote args (deprecated for removal in Ray 2.64; pinned 2.60 here).
-                max_restarts=spec.max_restarts,
-                max_task_retries=spec.max_task_retries,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for actor restarts/retries: `**ray_remote_args` is the only
+                # way to set them (deprecated for Ray 2.64, pinned 2.60 here), and warns on every stage.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+                ds = _map_actor_pool(ds, runner, stage, ledger)
         else:
             ds = ds.map_batches(
                 _named_function(stage.name),
                 fn_kwargs={"stage": stage, "ledger": ledger},
                 batch_format="numpy",
-                batch_size=stage.spec.batch_size if stage.spec else 32,
+                # No spec: one block per call. Task stages are fused into one Ray Data operator whose input
+                # bundle is the largest batch size among them, so a large batch here would make every task
+                # take that many source rows and hold all their output until it ends (no streaming).
+                batch_size=stage.spec.batch_size if stage.spec else None,
                 num_cpus=task_num_cpus,
             )
     return ds
+
+
+def _map_actor_pool(ds, runner: type, stage: Stage, ledger):
+    from ray.data import ActorPoolStrategy
+
+    spec = stage.spec
+    return ds.map_batches(
+        runner,
+        fn_constructor_kwargs={"stage": stage, "ledger": ledger},
+        compute=ActorPoolStrategy(size=spec.concurrency),
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+        num_cpus=spec.num_cpus,
+        num_gpus=spec.num_gpus,
+        resources=spec.resources or None,
+        max_restarts=spec.max_restarts,
+        max_task_retries=spec.max_task_retries,
+    )
 
 
 def _named_function(name: str) -> Callable[..., Batch]:

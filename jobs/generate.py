@@ -14,18 +14,34 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "aga_tiny_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.pipeline import run_generate
+    """Exit 0: the run finished within max_error_fraction. 1: the run failed (too many row errors, lost
+    workers every attempt, a stage that could not start for a reason other than its config). 2: the config
+    or the data cannot run (found before Ray starts and before anything is written, or a stage's config
+    refused by its model while loading)."""
+    from engine.failures import ConfigError, RunFailed, StageSetupError
+    from engine.pipeline import prepare_run, run_generate
     from engine.report import print_summary
 
-    # 1. Config.
+    # 1. Config, and every check that needs no Ray.
     args = parse_job_args(argv, "synthray generate", __doc__, str(DEFAULT_CONFIG), "num_variants=5")
     try:
         config = load_config(GenerateConfig, args.config, args.overrides)
+        plan = prepare_run(config)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # 2. Run, 3. report.
-    report = run_generate(config)
+    try:
+        report = run_generate(config, plan)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StageSetupError as err:
+        print(f"error: {err.summary()}", file=sys.stderr)
+        return 2 if err.config_mistake else 1
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print_summary(report)
     if report.error_fraction > config.max_error_fraction:
         print(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import GenerateConfig, ModelRef, config_hash, load_config
+from engine.config import GenerateConfig, ModelRef, config_hash, content_changes, content_of, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -54,16 +54,57 @@ def test_hub_ids_must_be_pinned():
     assert ModelRef(id="org/model", revision="abc123").tag() == "org/model@abc123"
 
 
-def test_config_hash_ignores_output_and_scheduling():
+# Knobs a user changes when resuming on another cluster: none of them may change a row id.
+SCHEDULING_OVERRIDES = [
+    "output.path=/tmp/elsewhere",
+    "output.rows_per_shard=7",
+    "output.image_format=jpeg",
+    "data.rows_per_block=3",
+    "max_error_fraction=0.1",
+    "background.stage.batch_size=2",
+    "segment.stage.concurrency=4",
+    "prompt.stage.num_gpus=1",
+    "composite.stage.num_cpus=2",
+    "background.device=cuda",
+    "background.channels_last=true",
+    "background.fuse_qkv=true",
+    "background.compile_mode=max-autotune",
+    "prompt.vllm.max_num_seqs=8",
+    "prompt.vllm.tensor_parallel_size=2",
+    "prompt.vllm.gpu_memory_utilization=0.5",
+    "ray.num_cpus=64",
+    "ray.address=auto",
+    "ray.preserve_order=false",
+    "ray.task_num_cpus=2",
+]
+
+
+@pytest.mark.parametrize("override", SCHEDULING_OVERRIDES)
+def test_config_hash_ignores_scheduling_and_io(override):
     base = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml")
-    moved = load_config(
-        GenerateConfig,
-        ROOT / "configs" / "aga_tiny_cpu.yaml",
-        ["output.path=/tmp/elsewhere", "background.stage.batch_size=2"],
-    )
-    changed = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["seed=7"])
-    assert config_hash(base) == config_hash(moved)
+    knob = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", [override])
+    assert config_hash(base) == config_hash(knob)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "seed=7",
+        "num_variants=3",
+        "data.max_images=5",
+        "prompt.temperature=0.3",
+        "background.height=32",
+        "segment.box_threshold=0.5",
+        "composite.flip_prob=0.1",
+        "prompt.model.id=/elsewhere/llm",
+    ],
+)
+def test_config_hash_follows_what_determines_the_rows(override):
+    base = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml")
+    changed = load_config(GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", [override])
     assert config_hash(base) != config_hash(changed)
+    key = override.split("=")[0]
+    assert [c.split(":")[0] for c in content_changes(content_of(base), content_of(changed))] == [key]
 
 
 def test_driver_modules_do_not_import_the_gpu_stack():

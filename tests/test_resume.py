@@ -76,13 +76,28 @@ def test_rerun_of_finished_job_writes_nothing(toy, tiny_models_dir, tmp_path):
     assert second["rows"]["written_this_run"] == 0
     assert second["rows"]["sources_already_done"] == 48
     assert second["rows"]["synthetic_generated_this_run"] == 0
+    assert second["rows"]["synthetic_per_s"] == 0
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == shards
+
+    # Scheduling and I/O settings may change between a run and its resumption: same ids, nothing to do.
+    knobs = (
+        "data.rows_per_block=3",
+        "output.rows_per_shard=5",
+        "prompt.stage.batch_size=2",
+        "ray.num_cpus=3",
+    )
+    subprocess.run(
+        generate_cmd(toy, tiny_models_dir, out, *knobs), cwd=ROOT, env=env(), check=True, capture_output=True
+    )
+    assert run_json(out)["rows"]["written_this_run"] == 0
     assert sorted(p.name for p in (out / "data").glob("*.parquet")) == shards
 
     # Another config over the same output is refused, naming the way out.
     result = subprocess.run(
         generate_cmd(toy, tiny_models_dir, out, "seed=1"), cwd=ROOT, env=env(), capture_output=True, text=True
     )
-    assert result.returncode != 0 and "output.overwrite=true" in result.stderr + result.stdout
+    assert result.returncode == 2 and "output.overwrite=true" in result.stderr
+    assert "seed: 0 -> 1" in result.stderr, "the refusal names what changed"
 
 
 def wait_until_stable(data: Path, quiet_s: float = 4.0) -> int:
@@ -103,13 +118,15 @@ def synthetic_rows_in(data: Path) -> int:
 
 
 def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
-    # 48 sources x (1 real + 2 synthetic) rows, 4 rows per shard.
-    num_synthetic, total_shards = 48 * 2, 48 * 3 // 4
-    # Slow the background stage a little so the kill lands mid-run.
+    """At the default block size (16 sources a block), synthetic shards land while the run goes, so a kill
+    mid-run keeps them, and the resumed run generates exactly the rows that are missing."""
+    num_synthetic = 48 * 2
+    # Slow the background stage a little so the kill lands mid-run; shards of one block's synthetic rows.
     slow = ("background.height=96", "background.width=96", "background.num_inference_steps=12")
+    sizes = ("data.rows_per_block=16", "output.rows_per_shard=32")
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        generate_cmd(toy, tiny_models_dir, out, *slow),
+        generate_cmd(toy, tiny_models_dir, out, *slow, *sizes),
         cwd=ROOT,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -125,11 +142,18 @@ def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = wait_until_stable(out / "data")
-    assert 0 < partial < total_shards
+    wait_until_stable(out / "data")
+    kept = synthetic_rows_in(out / "data")
+    assert 0 < kept < num_synthetic
 
+    # Resumed with other scheduling settings (batch sizes, block and shard sizes): the same rows.
+    other = ("data.rows_per_block=8", "output.rows_per_shard=16", "background.stage.batch_size=4")
     subprocess.run(
-        generate_cmd(toy, tiny_models_dir, out, *slow), cwd=ROOT, env=env(), check=True, capture_output=True
+        generate_cmd(toy, tiny_models_dir, out, *slow, *other),
+        cwd=ROOT,
+        env=env(),
+        check=True,
+        capture_output=True,
     )
     resumed = run_json(out)
     ids = ids_in(out)
@@ -137,6 +161,5 @@ def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
     assert resumed["rows"]["duplicate_ids"] == 0
     assert resumed["rows"]["synthetic_written"] == num_synthetic
     assert not list((out / "data").glob(".tmp-*"))
-    fraction = resumed["rows"]["synthetic_generated_this_run"] / num_synthetic
-    print(f"resume after a kill at {partial}/{total_shards} shards generated {fraction:.0%} of a full run")
-    assert fraction <= 0.6
+    print(f"killed with {kept}/{num_synthetic} synthetic rows written")
+    assert resumed["rows"]["synthetic_generated_this_run"] == num_synthetic - kept

@@ -1,0 +1,106 @@
+"""Mistakes a user makes first: one line on stderr, exit 2, and nothing written; a failed run exits 1.
+
+The generation job runs as a subprocess (`python -m jobs.generate`), as a user or `ray job submit` would.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generate(toy: Path, tiny: Path, out: Path, *extra: str, timeout: int = 300):
+    sets = [
+        f"data.path={toy}",
+        f"data.masks_path={toy / 'masks'}",
+        f"output.path={out}",
+        "output.gallery_classes=0",
+        "ray.progress_bars=false",
+        "ray.num_cpus=2",
+        f"segment.detector.id={tiny / 'grounding-dino'}",
+        f"segment.sam.id={tiny / 'sam'}",
+        f"prompt.model.id={tiny / 'llm'}",
+        f"background.model.id={tiny / 'sdxl'}",
+        "background.height=32",
+        "background.width=32",
+        "background.num_inference_steps=1",
+        *extra,
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.generate", *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return result, time.monotonic() - start
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("data.path=/nonexistent/dataset", "data.path /nonexistent/dataset does not exist"),
+        ("prompt.model.id=/nonexistent/llm", "prompt.model model not found at /nonexistent/llm"),
+        ("recipe=nosuchrecipe", "unknown recipe 'nosuchrecipe'; available: aga"),
+        ("prompt.backend=vllm", "vLLM is not installed in this environment"),
+    ],
+)
+def test_user_error_is_one_line_exit_2_before_ray_and_nothing_written(
+    toy, tiny_models_dir, tmp_path, override, says
+):
+    out = tmp_path / "out"
+    result, _ = generate(toy, tiny_models_dir, out, override)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = error_lines(result)
+    assert len(lines) == 1 and says in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "Started a local Ray instance" not in result.stderr + result.stdout  # found before Ray started
+    assert not out.exists(), "nothing may be written on a user error"
+
+
+def test_missing_split_folder_is_skipped_with_a_note(toy, tiny_models_dir, tmp_path):
+    result, _ = generate(
+        toy, tiny_models_dir, tmp_path / "out", "data.splits=[train,holdout]", "data.max_images=4"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holdout" in result.stdout + result.stderr
+
+
+def test_stage_that_cannot_load_fails_once_naming_the_stage(toy, tiny_models_dir, tmp_path):
+    """background.height=60 is refused by the SDXL actor's constructor (not a multiple of the VAE's 8): the
+    run ends at the first attempt with that message, not as 'Ray workers were lost' after 3 attempts."""
+    result, _ = generate(toy, tiny_models_dir, tmp_path / "out", "background.height=60", "data.max_images=4")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "stage 'background' could not start: ValueError" in lines[0]
+    assert "multiples of 8" in lines[0]
+    assert "lost Ray workers" not in result.stderr
+
+
+def test_run_over_max_error_fraction_exits_1(toy, tiny_models_dir, tmp_path):
+    """The run itself went (exit 1, not 2): every row is missing its required dataset mask."""
+    result, _ = generate(
+        toy,
+        tiny_models_dir,
+        tmp_path / "out",
+        f"data.masks_path={tmp_path / 'no-masks-here'}",
+        "segment.use_dataset_masks=true",
+        "data.max_images=4",
+        "max_error_fraction=0.5",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "above max_error_fraction" in error_lines(result)[-1]
+    assert (tmp_path / "out" / "errors.parquet").exists()
