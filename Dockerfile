@@ -11,13 +11,11 @@ RUN mkdir -p /home/ray/synthray && chown ray:users /home/ray/synthray
 USER ray
 WORKDIR /home/ray/synthray
 
-# Dependencies first (a layer that changes only with pyproject.toml), then the code.
+# Dependencies first (a layer that changes only with requirements-gpu.txt): the GPU stack with CUDA vLLM,
+# whose exact torch pin the image follows (see requirements-gpu.txt); then the code, without dependencies.
+COPY --chown=ray:users requirements-gpu.txt ./
+RUN pip install --no-cache-dir -r requirements-gpu.txt
 COPY --chown=ray:users pyproject.toml README.md ./
-RUN mkdir -p engine actors jobs \
-    && touch engine/__init__.py actors/__init__.py jobs/__init__.py \
-    && pip install --no-cache-dir . \
-    && pip uninstall -y synthray \
-    && rm -rf engine actors jobs build ./*.egg-info
 COPY --chown=ray:users engine engine
 COPY --chown=ray:users actors actors
 COPY --chown=ray:users jobs jobs
