@@ -1,8 +1,10 @@
 """Background generation: one SDXL text-to-image call per batch, one reproducible image per row.
 
 Reads `prompt` (str) and `seed` (int64); writes `background` (object array of HxWx3 uint8 arrays, H and W
-from `BackgroundConfig`) plus `error` / `error_message` (a row whose pixels come out non-finite, e.g. from an
-fp16 overflow, is marked `background_nonfinite` instead of carrying garbage downstream).
+from `BackgroundConfig`), `prompt_tokens_trimmed` (int64: tokens cut from a prompt longer than the text
+encoder reads; `prompt` is then the text that was read) plus `error` / `error_message` (a row whose pixels
+come out non-finite, e.g. from an fp16 overflow, is marked `background_nonfinite` instead of carrying garbage
+downstream).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from engine.models import pretrained_kwargs, resolve_device, resolve_model, torc
 
 STAGE = "background"
 NONFINITE = "background_nonfinite"
+PROMPT_TRIMMED = "prompt_tokens_trimmed"
 
 
 class BackgroundGenerator:
@@ -61,11 +64,19 @@ class BackgroundGenerator:
             # In place, so `pipe.unet` keeps its class and config (the pipeline reads both).
             self.pipe.unet.compile(mode=self.config.compile_mode, fullgraph=True)
 
+    def _fit_prompts(self, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None or not prompts:
+            return prompts, np.zeros(len(prompts), dtype=np.int64)
+        return _fit_prompts_to(tokenizer, prompts)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         schema.require_columns(batch, [schema.PROMPT, schema.SEED], STAGE)
-        prompts = [str(p) for p in batch[schema.PROMPT]]
+        prompts, trimmed = self._fit_prompts([str(p) for p in batch[schema.PROMPT]])
         num_rows = len(prompts)
         out = dict(batch)
+        out[schema.PROMPT] = np.array(prompts, dtype=object)
+        out[PROMPT_TRIMMED] = trimmed
         # Object dtype: assigning into a fixed-width '<U' array would silently truncate the reason.
         errors = _column(batch, schema.ERROR, num_rows)
         messages = _column(batch, schema.ERROR_MESSAGE, num_rows)
@@ -100,6 +111,16 @@ class BackgroundGenerator:
             "try float32 or bfloat16, or a VAE that is stable in float16"
         )
         return out
+
+
+def _fit_prompts_to(tokenizer, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Prompts cut to the tokens the text encoder reads (CLIP: `model_max_length` with its start and end
+    tokens), and the number of tokens cut per row. The pipeline would cut them anyway, silently but for a
+    warning per batch; cut here, the stored prompt is the text that drew the image and run.json counts it."""
+    limit = tokenizer.model_max_length - 2
+    ids = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    fitted = [p if len(i) <= limit else tokenizer.decode(i[:limit]) for p, i in zip(prompts, ids, strict=True)]
+    return fitted, np.array([max(len(i) - limit, 0) for i in ids], dtype=np.int64)
 
 
 def _column(batch: dict[str, np.ndarray], name: str, num_rows: int) -> np.ndarray:

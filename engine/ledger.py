@@ -22,9 +22,17 @@ class RunLedger:
         self.errors: list[dict[str, str]] = []
 
     def record_batch(
-        self, stage: str, rows_in: int, rows_out: int, synthetic_out: int, seconds: float
+        self,
+        stage: str,
+        rows_in: int,
+        rows_out: int,
+        synthetic_out: int,
+        seconds: float,
+        counts: dict[str, int] | None = None,
     ) -> None:
         entry = self.stages[stage]
+        for name, count in (counts or {}).items():  # see Stage.counts
+            entry[f"count:{name}"] = entry.get(f"count:{name}", 0) + count
         entry["rows_in"] += rows_in
         entry["rows_out"] += rows_out
         entry["synthetic_out"] += synthetic_out

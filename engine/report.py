@@ -66,6 +66,9 @@ def build_report(
             "first_batch_s": _since(s.get("first_batch_at"), started_at),
             "last_batch_s": _since(s.get("last_batch_at"), started_at),
         }
+        counts = {k.removeprefix("count:"): int(v) for k, v in s.items() if k.startswith("count:")}
+        if counts:
+            stages[name]["counts"] = counts
     errors = snapshot["errors"]
     written, duplicates = count_rows(data_dir)
     real_in = stages.get("decode", {}).get("rows_in", 0)

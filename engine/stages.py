@@ -38,6 +38,9 @@ class Stage:
     writes: tuple[str, ...] = ()  # columns it adds: present (None-filled) even when no row applies
     only_synthetic: bool = False  # real rows (recipe "real") pass through untouched
     only_splits: tuple[str, ...] | None = None  # rows of other splits pass through untouched
+    # Columns the stage writes whose non-zero rows run.json counts (stages.<name>.counts), e.g. prompts
+    # trimmed to the text encoder's length, template fallbacks: what a user should know happened.
+    counts: tuple[str, ...] = ()
     # A stage made of several Ray Data operators rather than one map_batches callable (a `ray.data.llm`
     # Processor): `fn(ds, stage=, ledger=, task_num_cpus=)` returns the new dataset and records rows, errors
     # and busy time in the ledger itself; `reserves` is what its actor pools hold ({"CPU": n, "GPU": n}).
@@ -102,7 +105,10 @@ def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) 
         ray.get(ledger.record_errors.remote(_error_records(take(out, np.flatnonzero(failed)), stage.name)))
     kept = take(out, np.flatnonzero(~failed))
     synthetic = int((kept[schema.RECIPE] != schema.RECIPE_REAL).sum()) if schema.RECIPE in kept else 0
-    ray.get(ledger.record_batch.remote(stage.name, num_rows(live), num_rows(kept), synthetic, seconds))
+    counts = {name: int(np.count_nonzero(kept[name])) for name in stage.counts if name in kept}
+    ray.get(
+        ledger.record_batch.remote(stage.name, num_rows(live), num_rows(kept), synthetic, seconds, counts)
+    )
     return pack(concat([take(batch, np.flatnonzero(~applies)), kept]))
 
 

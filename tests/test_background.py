@@ -159,3 +159,22 @@ def test_channels_last_and_fused_qkv_are_applied_and_keep_the_images(sdxl_dir, g
     # The same math in another memory layout and one matmul for q/k/v: float32 rounding differs at most.
     for a, b in zip(expected, got, strict=True):
         assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
+
+
+def test_long_prompts_are_cut_to_what_the_text_encoder_reads(generator, caplog):
+    """A prompt past CLIP's 77 tokens: the row keeps the text that was read and the number of tokens cut,
+    and the tokenizer's per-batch 'sequence length' warning no longer appears."""
+    import logging
+
+    from actors.background import PROMPT_TRIMMED
+
+    long_prompt = " ".join(["a quiet meadow under soft morning light"] * 20)
+    with caplog.at_level(logging.WARNING):
+        out = generator(make_batch([long_prompt, "a quiet meadow"], [1, 2]))
+    trimmed = list(out[PROMPT_TRIMMED])
+    tokenizer = generator.pipe.tokenizer
+    assert trimmed[0] == len(tokenizer(long_prompt, add_special_tokens=False, verbose=False).input_ids) - 75
+    assert trimmed[1] == 0 and out[schema.PROMPT][1] == "a quiet meadow"
+    assert len(tokenizer(out[schema.PROMPT][0], add_special_tokens=False).input_ids) <= 75
+    assert out[schema.PROMPT][0].startswith("a quiet meadow under soft morning light")
+    assert "sequence length" not in caplog.text and "truncated" not in caplog.text

@@ -6,7 +6,7 @@ decode -> detect+segment (GroundingDINO + SAM, or dataset masks) -> expand x K -
 
 from __future__ import annotations
 
-from actors.background import BackgroundGenerator
+from actors.background import PROMPT_TRIMMED, BackgroundGenerator
 from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
 from actors.segmenter import DETECT_SCORE, Segmenter
@@ -94,8 +94,9 @@ def aga_stages(
             config.background.stage,
             {"config": config.background},
             reads=(schema.PROMPT, schema.SEED),
-            writes=(schema.BACKGROUND,),
+            writes=(schema.BACKGROUND, PROMPT_TRIMMED),
             only_synthetic=True,
+            counts=(PROMPT_TRIMMED,),
         )
     )
     stages.append(
