@@ -119,7 +119,9 @@ def _fit_prompts_to(tokenizer, prompts: list[str]) -> tuple[list[str], np.ndarra
     warning per batch; cut here, the stored prompt is the text that drew the image and run.json counts it."""
     limit = tokenizer.model_max_length - 2
     ids = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    fitted = [p if len(i) <= limit else tokenizer.decode(i[:limit]) for p, i in zip(prompts, ids, strict=True)]
+    fitted = [
+        p if len(i) <= limit else tokenizer.decode(i[:limit]) for p, i in zip(prompts, ids, strict=True)
+    ]
     return fitted, np.array([max(len(i) - limit, 0) for i in ids], dtype=np.int64)
 
 

@@ -63,7 +63,9 @@ def test_cluster_walkthrough_runs_as_written():
         assert rows.count("aga") == run["rows"]["synthetic_written"]
         (metrics_file,) = OUTPUTS[1].glob("*/metrics.json")
         metrics = json.loads(metrics_file.read_text())
-        assert metrics["config"]["mix"]["strategy"] == "concat", "the walkthrough trains on the synthetic rows"
+        assert metrics["config"]["mix"]["strategy"] == "concat", (
+            "the walkthrough trains on the synthetic rows"
+        )
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120, cwd=ROOT)
         shutil.rmtree(temp_dir, ignore_errors=True)
