@@ -198,7 +198,18 @@ def check_resource_budget(stages: list[Stage], cluster: dict[str, float], task_n
             f"cluster has {have_cpus:g}: lower <stage>.stage.num_cpus/concurrency or add CPUs (ray.num_cpus)"
         )
     if gpus > have_gpus + 1e-9:
-        raise ValueError(f"actor pools reserve {gpus:g} GPUs but the cluster has {have_gpus:g}")
+        pools = ", ".join(
+            f"{s.name}={s.spec.num_gpus:g}x{s.spec.concurrency}"
+            if s.is_actor
+            else f"{s.name}={s.reserves.get('GPU', 0.0):g}"
+            for s in stages
+            if (s.is_actor and s.spec.num_gpus) or (s.on_dataset and s.reserves.get("GPU"))
+        )
+        raise ValueError(
+            f"actor pools reserve {gpus:g} GPUs ({pools}) but the cluster has {have_gpus:g}: lower "
+            "<stage>.stage.num_gpus/concurrency, add GPU nodes, or set ray.check_resources=false on an "
+            "autoscaling cluster"
+        )
     custom: dict[str, float] = {}
     for s in stages:
         for name, amount in (s.spec.resources if s.is_actor else {}).items():

@@ -73,3 +73,22 @@ def test_missing_columns_are_named(ledger):
     stage = Stage("needs", lambda b: b, reads=(schema.PROMPT,))
     with pytest.raises(ValueError, match=r"stage 'needs' needs columns \['prompt'\]"):
         run_batch(stage.fn, stage, ledger, batch(2))
+
+
+def test_gpu_shortfall_names_the_pools_like_the_cpu_one():
+    from engine.config import StageSpec
+    from engine.stages import check_resource_budget
+
+    class Model:
+        pass
+
+    stages = [
+        Stage("segment", Model, StageSpec(num_gpus=1, concurrency=1, num_cpus=0)),
+        Stage("background", Model, StageSpec(num_gpus=1, concurrency=4, num_cpus=0)),
+        Stage("composite", Model, StageSpec(num_gpus=0, concurrency=2, num_cpus=0)),
+    ]
+    with pytest.raises(
+        ValueError, match=r"reserve 5 GPUs \(segment=1x1, background=1x4\) but the cluster has 4"
+    ):
+        check_resource_budget(stages, {"CPU": 8, "GPU": 4}, task_num_cpus=0.5)
+    check_resource_budget(stages, {"CPU": 8, "GPU": 5}, task_num_cpus=0.5)
