@@ -1,0 +1,149 @@
+"""One section per model stage of the generation recipes (what the stage computes; `stage:` says how Ray
+schedules it). A new recipe's stages add their sections in a module of their own."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
+
+
+class SegmentConfig(Strict):
+    backend: Literal["transformers", "segment_anything"] = Field(
+        default="transformers",
+        description="SAM through transformers (SamModel) or the segment-anything package",
+    )
+    detector: ModelRef = Field(description="GroundingDINO checkpoint")
+    sam: ModelRef = Field(description="SAM: a transformers directory, or a segment-anything .pth file")
+    sam_model_type: str = Field(default="vit_h", description="segment-anything registry key (vit_h/l/b)")
+    box_threshold: float = Field(default=0.35, ge=0, le=1)
+    text_threshold: float = Field(default=0.25, ge=0, le=1)
+    superclasses: dict[str, str] = Field(
+        default_factory=dict, description="class name -> detection prompt; default the class name"
+    )
+    use_dataset_masks: bool = Field(
+        default=False, description="Use the dataset's masks instead of the models"
+    )
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
+
+
+class VLLMConfig(Strict):
+    """vLLM engine settings for a stage whose `backend` is `vllm` (it runs through `ray.data.llm`).
+
+    The stage's `stage:` spec keeps its meaning: batch_size = rows per engine call, concurrency = engine
+    replicas (data parallel), num_gpus / num_cpus = per engine worker (one per tensor-parallel rank).
+    """
+
+    tensor_parallel_size: int = scheduling_field(
+        default=1, ge=1, description="GPUs one engine shards the model over"
+    )
+    max_num_seqs: int | None = scheduling_field(
+        default=None, ge=1, description="Sequences one engine decodes at once (None: vLLM's default)"
+    )
+    max_model_len: int | None = Field(default=None, ge=1, description="Context length (None: the model's)")
+    gpu_memory_utilization: float = scheduling_field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory for weights and KV cache; on vLLM's CPU backend a fraction of "
+        "host memory (keep it small there)",
+    )
+    enforce_eager: bool = scheduling_field(
+        default=False, description="No CUDA graphs / compilation: faster start-up"
+    )
+    template_num_cpus: float = scheduling_field(
+        default=0.25, ge=0, description="CPUs per ray.data.llm chat-template (and image-prep) actor"
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments, passed through as they are"
+    )
+
+
+class PromptConfig(Strict):
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
+    )
+    model: ModelRef = Field(description="Instruction LLM")
+    num_instructions: int = Field(default=3, ge=1, description="Instruction templates used")
+    num_scenes: int = Field(default=18, ge=1, description="Scene templates used")
+    num_times: int = Field(default=13, ge=1, description="Time-of-day/season templates used")
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.8, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    extra_forbidden_words: list[str] = Field(default_factory=list)
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
+
+
+class CaptionConfig(Strict):
+    """Image captions from a VLM, with a class prefix (MVC: "This is an image of <class>. <caption>")."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
+    )
+    model: ModelRef = Field(description="Vision-language chat model (image + text in, text out)")
+    instruction: str = Field(
+        default="Describe this image in one sentence.", description="The user message sent with the image"
+    )
+    prefix: str = Field(
+        default="This is an image of {class_name}. ",
+        description="Put before every caption; {class_name} is replaced by the row's class ('' for none)",
+    )
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy; else sampled with the row's seed")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
+
+    @model_validator(mode="after")
+    def _prefix_names_only_the_class(self) -> CaptionConfig:
+        try:
+            self.prefix.format(class_name="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"caption.prefix may only use {{class_name}}: {err!r}") from None
+        return self
+
+
+class BackgroundConfig(Strict):
+    model: ModelRef = Field(description="SDXL text-to-image pipeline")
+    height: int = Field(default=1024, ge=8)
+    width: int = Field(default=1024, ge=8)
+    num_inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0)
+    negative_prompt: str = "people, person, animal, text, watermark, blurry"
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    # GPU tunings (see benchmarks/gpu_stages.py). Off by default: each changes numerics or start-up time a
+    # little, and none pays on CPU.
+    channels_last: bool = scheduling_field(
+        default=False, description="UNet and VAE in channels-last memory format (faster convolutions on GPU)"
+    )
+    fuse_qkv: bool = scheduling_field(
+        default=False, description="Fuse the attention q/k/v projections into one matmul (UNet and VAE)"
+    )
+    compile_mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = scheduling_field(
+        default=None,
+        description="torch.compile the UNet with this mode ('reduce-overhead' adds CUDA graphs); "
+        "None runs eagerly. The first batch of each new shape pays the compile time",
+    )
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
+
+
+class CompositeConfig(Strict):
+    flip_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip")
+    rotation_deg: tuple[float, float] = Field(default=(-15.0, 15.0), description="Rotation range, degrees")
+    scale: tuple[float, float] = Field(default=(0.8, 1.2), description="Subject scale range")
+    feather_px: float = Field(default=1.5, ge=0, description="Gaussian edge feathering of the mask, px")
+    stage: StageSpec = scheduling_field(default_factory=lambda: StageSpec(batch_size=8))
