@@ -13,7 +13,8 @@ import numpy as np
 
 from engine import schema
 from engine.config import BackgroundConfig
-from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
+from engine.diffusion import load_pipeline
+from engine.models import resolve_device
 
 STAGE = "background"
 NONFINITE = "background_nonfinite"
@@ -25,14 +26,13 @@ class BackgroundGenerator:
 
     def __init__(self, config: BackgroundConfig):
         import torch
-        from diffusers import DiffusionPipeline
 
         self.config = config
-        path, revision = resolve_model(config.model, STAGE)
         self.device = resolve_device(config.device)
-        self.pipe = DiffusionPipeline.from_pretrained(
-            path, dtype=torch_dtype(config.dtype, self.device), **pretrained_kwargs(config.model, revision)
-        ).to(self.device)
+        # The one loader of every generating actor: loading policy, dtype/device, then TI tokens and LoRA.
+        self.pipe = load_pipeline(
+            config.model, role=STAGE, device=self.device, dtype=config.dtype, adapters=config.adapters
+        )
         # Ray Data reports progress; a tqdm bar per batch per actor would only flood the logs.
         self.pipe.set_progress_bar_config(disable=True)
         if self.device.startswith("cuda"):
@@ -44,7 +44,7 @@ class BackgroundGenerator:
         if config.height % multiple or config.width % multiple:
             raise ValueError(
                 f"background height/width ({config.height}x{config.width}) must be multiples of {multiple} "
-                f"(the VAE scale factor of {path})"
+                f"(the VAE scale factor of {config.model.id})"
             )
         # An empty negative prompt means None, so pipelines with `force_zeros_for_empty_prompt` (SDXL base)
         # use zero embeddings as they were trained to, rather than the embedding of "".

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from engine.tiny.clip import build_clip
 from engine.tiny.llm import build_llm
+from engine.tiny.sd15 import build_sd15
 from engine.tiny.sdxl import build_sdxl
 from engine.tiny.segmentation import build_grounding_dino, build_sam, build_sam_checkpoint
 from engine.tiny.vlm import build_vlm
@@ -21,8 +23,10 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sam": build_sam,
     "sam-tiny.safetensors": build_sam_checkpoint,
     "sdxl": build_sdxl,
+    "sd15": build_sd15,
     "llm": build_llm,
     "vlm": build_vlm,
+    "clip": build_clip,
 }
 
 DEFAULT_DIR = Path(".cache/tiny-models")

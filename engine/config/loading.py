@@ -90,6 +90,8 @@ def content_of(config: BaseModel) -> dict:
         if (field.json_schema_extra or {}).get("scheduling"):
             continue
         value = getattr(config, name)
+        if value is None and (field.json_schema_extra or {}).get("content_omit_if_none"):
+            continue  # an optional section added later: runs without it keep their hash
         if isinstance(value, BaseModel):
             out[name] = content_of(value)
         else:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from engine.config.adapters import AdapterConfig
 from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
 
 
@@ -121,6 +122,11 @@ class BackgroundConfig(Strict):
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=5.0, ge=0)
     negative_prompt: str = "people, person, animal, text, watermark, blurry"
+    adapters: AdapterConfig | None = Field(
+        default=None,
+        description="Textual-inversion tokens / LoRA from `synthray finetune` (None: the base pipeline)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     # GPU tunings (see benchmarks/gpu_stages.py). Off by default: each changes numerics or start-up time a
