@@ -20,7 +20,7 @@ from engine import schema
 from engine.batch import Batch
 from engine.config import CaptionConfig
 from engine.llm_stage import image_part, sampling_params, text_part, vllm_stage
-from engine.models import resolve_device, resolve_model, torch_dtype
+from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 from engine.stages import Stage
 
 CAPTION = "caption"
@@ -67,14 +67,16 @@ class Captioner:
         self.config = config
         path, revision = resolve_model(config.model, "caption VLM")
         self.device = resolve_device(config.device)
-        self.processor = AutoProcessor.from_pretrained(path, revision=revision)
+        self.processor = AutoProcessor.from_pretrained(
+            path, **pretrained_kwargs(config.model, revision, False)
+        )
         tokenizer = self.processor.tokenizer
         if not (self.processor.chat_template or tokenizer.chat_template):
             raise ValueError(f"caption VLM {config.model.id!r} has no chat_template: use an instruction VLM")
         # Decoder-only batches pad on the left so every row's last position is its real last token.
         tokenizer.padding_side = "left"
         self.model = AutoModelForImageTextToText.from_pretrained(
-            path, revision=revision, dtype=torch_dtype(config.dtype, self.device)
+            path, dtype=torch_dtype(config.dtype, self.device), **pretrained_kwargs(config.model, revision)
         )
         self.model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id

@@ -106,6 +106,7 @@ def vllm_stage(
     spec: StageSpec = section.stage
     vllm: VLLMConfig = section.vllm
     _engine_bundle(spec)  # an empty bundle is a config mistake: say so before the run
+    engine_kwargs(section.model, section.dtype, vllm, None, task.multimodal)  # the same, for engine options
     ranks = vllm.tensor_parallel_size * spec.concurrency
     reserves = {
         # The engines, and ray.data.llm's chat-template actors.
@@ -155,28 +156,15 @@ def build_vllm_processor(stage: Stage, task_num_cpus: float):
     vllm: VLLMConfig = stage.kwargs["vllm"]
     model: ModelRef = stage.kwargs["model"]
     multimodal = stage.kwargs["task"].multimodal
-    # ray.data.llm fetches s3:// and gs:// checkpoints on each engine's node itself.
+    # ray.data.llm fetches s3:// and gs:// checkpoints on each engine's node itself: there the engine's
+    # load_format is the only guard against pickled weights; local ones are checked here first.
     path, revision = (model.id, None) if model.is_uri() else resolve_model(model, stage.name)
-    engine_kwargs: dict[str, Any] = {
-        "tensor_parallel_size": vllm.tensor_parallel_size,
-        "gpu_memory_utilization": vllm.gpu_memory_utilization,
-        "dtype": stage.kwargs["dtype"],
-        "enforce_eager": vllm.enforce_eager,
-    }
-    if revision:
-        engine_kwargs.update(revision=revision, tokenizer_revision=revision)
-    if vllm.max_num_seqs is not None:
-        engine_kwargs["max_num_seqs"] = vllm.max_num_seqs
-    if vllm.max_model_len is not None:
-        engine_kwargs["max_model_len"] = vllm.max_model_len
-    if multimodal:
-        engine_kwargs["limit_mm_per_prompt"] = {"image": 1}
-    engine_kwargs.update(vllm.engine_kwargs)
+    kwargs = engine_kwargs(model, stage.kwargs["dtype"], vllm, revision, multimodal)
 
     cpu_stage = {"num_cpus": vllm.template_num_cpus, "concurrency": spec.concurrency}
     config = vLLMEngineProcessorConfig(
         model_source=path,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=kwargs,
         batch_size=spec.batch_size,
         concurrency=spec.concurrency,
         # Explicit bundles, one per tensor-parallel rank: without them ray.data.llm asks for a GPU per
@@ -205,6 +193,42 @@ def build_vllm_processor(stage: Stage, task_num_cpus: float):
         preprocess_map_kwargs={"num_cpus": task_num_cpus},
         postprocess_map_kwargs={"num_cpus": task_num_cpus},
     )
+
+
+# The loading policy's engine options: set from the model's ModelRef, never through `vllm.engine_kwargs`.
+POLICY_KWARGS = ("load_format", "trust_remote_code")
+
+
+def engine_kwargs(
+    model: ModelRef, dtype: str, vllm: VLLMConfig, revision: str | None, multimodal: bool
+) -> dict[str, Any]:
+    """vLLM engine arguments of a stage. The loading policy (engine.models): safetensors only unless the
+    model says `allow_pickle` ("auto" then also takes .bin/.pt), remote code only if it says
+    `trust_remote_code`; ray.data.llm passes `trust_remote_code` on to its tokenizer and template stages."""
+    overridden = sorted(set(POLICY_KWARGS) & set(vllm.engine_kwargs))
+    if overridden:
+        raise ValueError(
+            f"vllm.engine_kwargs may not set {overridden}: they follow the model's allow_pickle and "
+            "trust_remote_code (set those on the model in the config)"
+        )
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": vllm.tensor_parallel_size,
+        "gpu_memory_utilization": vllm.gpu_memory_utilization,
+        "dtype": dtype,
+        "enforce_eager": vllm.enforce_eager,
+        "load_format": "auto" if model.allow_pickle else "safetensors",
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if revision:
+        kwargs.update(revision=revision, tokenizer_revision=revision)
+    if vllm.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = vllm.max_num_seqs
+    if vllm.max_model_len is not None:
+        kwargs["max_model_len"] = vllm.max_model_len
+    if multimodal:
+        kwargs["limit_mm_per_prompt"] = {"image": 1}
+    kwargs.update(vllm.engine_kwargs)
+    return kwargs
 
 
 def _attach_image(row: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,9 @@ def resolve_model(ref: ModelRef, role: str) -> tuple[str, str | None]:
     if ref.is_uri():
         from engine.storage import fetch
 
-        return str(fetch(ref.id)), None
+        path = Path(fetch(ref.id))
+        check_weight_format(path, ref, role)
+        return str(path), None
     if ref.is_local():
         path = Path(ref.id).expanduser().resolve()
         if not path.exists():
@@ -26,12 +28,52 @@ def resolve_model(ref: ModelRef, role: str) -> tuple[str, str | None]:
                 f"{role} model not found at {path} (config id {ref.id!r}); {TINY_MODELS_HINT}, "
                 "or point the config at a real checkpoint"
             )
+        check_weight_format(path, ref, role)
         return str(path), None
     return ref.id, ref.revision
 
 
+# Weight files `torch.load` would unpickle, and files with those suffixes that are not model weights.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
+
+
+def pickled_weights(path: Path) -> list[Path]:
+    """Pickled weight files a loader would read at `path` (a file, or a checkpoint folder and its component
+    subfolders) that have no safetensors file beside them. Empty: nothing needs unpickling."""
+    if path.is_file():
+        return [path] if path.suffix in PICKLE_SUFFIXES else []
+    refused = []
+    for folder in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
+        files = [f for f in folder.iterdir() if f.is_file()]
+        if any(f.name.endswith(".safetensors") for f in files):
+            continue  # use_safetensors / load_format="safetensors" takes these and ignores the pickles
+        refused += sorted(
+            f for f in files if f.suffix in PICKLE_SUFFIXES and not f.name.startswith(NOT_WEIGHTS)
+        )
+    return refused
+
+
+def check_weight_format(path: Path, ref: ModelRef, role: str) -> None:
+    """The loading policy for local checkpoints (every loader resolves through here): safetensors only,
+    unless the model's config says `allow_pickle: true`. Hub ids are held to it by the loaders' own options
+    (`use_safetensors=True`, vLLM's `load_format="safetensors"`), see `pretrained_kwargs`."""
+    if ref.allow_pickle:
+        return
+    pickled = pickled_weights(path)
+    if pickled:
+        names = ", ".join(str(p.relative_to(path)) if p != path else p.name for p in pickled[:3])
+        raise ValueError(
+            f"{role} model at {path} has pickled weights only ({names}): synthray loads safetensors only. "
+            "Convert the checkpoint to .safetensors, or set allow_pickle: true on this model in the config "
+            "(loaded as tensors only)"
+        )
+
+
 def pretrained_kwargs(ref: ModelRef, revision: str | None, weights: bool = True) -> dict:
     """Keyword arguments for every `from_pretrained`: pinned revision, no remote code, safetensors only.
+
+    Remote code and pickled weights are per model (`ModelRef.trust_remote_code`, `ModelRef.allow_pickle`).
 
     `weights=False` for tokenizers and processors, which have no weights to restrict. Hub tokens are read
     by huggingface_hub from the HF_TOKEN environment variable and never pass through configs.
