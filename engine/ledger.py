@@ -20,6 +20,7 @@ class RunLedger:
             lambda: {"rows_in": 0, "rows_out": 0, "synthetic_out": 0, "batches": 0, "busy_s": 0.0}
         )
         self.errors: list[dict[str, str]] = []
+        self.filtered: list[dict[str, str]] = []
 
     def record_batch(
         self,
@@ -46,8 +47,11 @@ class RunLedger:
     def record_errors(self, errors: list[dict[str, str]]) -> None:
         self.errors.extend(errors)
 
+    def record_filtered(self, rows: list[dict[str, str]]) -> None:
+        self.filtered.extend(rows)
+
     def snapshot(self) -> dict:
-        return {"stages": dict(self.stages), "errors": list(self.errors)}
+        return {"stages": dict(self.stages), "errors": list(self.errors), "filtered": list(self.filtered)}
 
 
 def start_ledger(name: str | None = None):

@@ -21,11 +21,12 @@ from engine.batch import Batch, take
 from engine.config import GenerateConfig, config_hash, content_changes, content_of, save_resolved
 from engine.encode import encode_rows
 from engine.failures import ConfigError, RunFailed, describe, is_infrastructure_failure, setup_failure
+from engine.fidelity import filter_stage
 from engine.ledger import start_ledger
 from engine.models import check_local_models
 from engine.readers import SourceInfo, inspect_source, read_source
 from engine.recipes import build_stages, model_tags
-from engine.report import RunReport, build_report, count_rows, write_errors
+from engine.report import RunReport, build_report, count_rows, write_errors, write_filtered
 from engine.shards import (
     completed_ids,
     read_manifest,
@@ -74,7 +75,8 @@ def prepare_run(config: GenerateConfig) -> RunPlan:
     check_local_models(config)
     source = inspect_source(config.data)
     digest = resume_identity(out, config)
-    stages = build_stages(config, source.class_names, digest)  # unknown recipe, missing sections, prompts
+    # Unknown recipe, missing sections, class prompts: everything a stage checks when it is built.
+    stages = pipeline_stages(config, source.class_names, digest, frozenset(), storage.join(out, "data"))
     check_backends(config, stages)
     return RunPlan(out, digest, source)
 
@@ -135,6 +137,8 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
     # 4. Errors, run.json, manifest, dataset card, gallery.
     class_names = plan.source.class_names
     write_errors(snapshot["errors"], storage.join(out, "errors.parquet"))
+    if config.filter is not None:
+        write_filtered(snapshot["filtered"], storage.join(out, "filtered.parquet"))
     report = build_report(
         config,
         snapshot,
@@ -279,8 +283,11 @@ def write_real_rows(batch: Batch, **shard_format) -> Batch:
 def pipeline_stages(
     config: GenerateConfig, class_names: list[str], digest: str, done_ids: frozenset[str], data_uri: str
 ) -> list[Stage]:
-    """The recipe's stages as the pipeline runs them (the benchmarks run the same list)."""
+    """The recipe's stages as the pipeline runs them (the benchmarks run the same list), with the stages any
+    recipe gets from config: the real rows' early writer and the label-fidelity filter."""
     stages = build_stages(config, class_names, digest, done_ids)
+    if config.filter is not None:
+        stages.append(filter_stage(config.filter, class_names))
     return _write_real_rows_early(stages, config, data_uri, class_names)
 
 

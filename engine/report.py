@@ -20,6 +20,12 @@ class RunReport:
     data: dict
 
     @property
+    def filtered_fraction(self) -> float:
+        """Dropped by the filter, of the synthetic rows the filter saw this run."""
+        seen = self.data["stages"].get("filter", {}).get("rows_in", 0)
+        return self.data["filtered"]["total"] / seen if seen else 0.0
+
+    @property
     def error_fraction(self) -> float:
         real_in = self.data["rows"]["real_in"]
         return self.data["errors"]["total"] / real_in if real_in else 0.0
@@ -31,6 +37,12 @@ def write_errors(errors: list[dict], path: str | Path) -> None:
     pq.write_table(
         table.sort_by([(schema.SOURCE_ID, "ascending"), ("stage", "ascending")]), inner, filesystem=fs
     )
+
+
+def write_filtered(rows: list[dict], path: str | Path) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema.FILTERED_SCHEMA)
+    fs, inner = storage.filesystem(path)
+    pq.write_table(table.sort_by([(schema.ID, "ascending")]), inner, filesystem=fs)
 
 
 def count_rows(data_dir: Path) -> tuple[dict[str, int], int]:
@@ -76,6 +88,7 @@ def build_report(
     # Expansion emits the synthetic rows (K per expandable source); each later error costs one of them.
     synthetic_emitted = stages.get("expand", {}).get("synthetic_out", 0)
     later_errors = sum(1 for e in errors if e["stage"] not in ("decode", "segment", "expand"))
+    filtered = snapshot.get("filtered", [])
     synthetic_written = sum(v for k, v in written.items() if k != schema.RECIPE_REAL)
     data = {
         "recipe": config.recipe,
@@ -89,14 +102,21 @@ def build_report(
             "sources_already_done": skip["rows_in"] - skip["rows_out"],
             "real_in": real_in,
             "real_written": written.get(schema.RECIPE_REAL, 0),
-            "synthetic_expected": synthetic_before + synthetic_emitted - later_errors,
+            "synthetic_expected": synthetic_before + synthetic_emitted - later_errors - len(filtered),
             "synthetic_written": synthetic_written,
             "synthetic_generated_this_run": stages.get("expand", {}).get("synthetic_out", 0),
             "duplicate_ids": duplicates,
             # Rows this run made, not rows already in the shards (a rerun of a finished run made none).
-            "synthetic_per_s": round((synthetic_emitted - later_errors) / wall_s, 3) if wall_s > 0 else None,
+            "synthetic_per_s": (
+                round((synthetic_emitted - later_errors - len(filtered)) / wall_s, 3) if wall_s > 0 else None
+            ),
         },
         "stages": stages,
+        "filtered": {
+            "total": len(filtered),
+            "by_rule": dict(Counter(f["rule"] for f in filtered)),
+            "by_stage": dict(Counter(f["stage"] for f in filtered)),
+        },
         "errors": {
             "total": len(errors),
             "by_reason": dict(Counter(e["reason"] for e in errors)),
@@ -107,6 +127,8 @@ def build_report(
             "errors": storage.join(storage.parent(data_dir), "errors.parquet"),
         },
     }
+    if config.filter is not None:
+        data["output"]["filtered"] = storage.join(storage.parent(data_dir), "filtered.parquet")
     if config.output.gallery_classes:
         data["output"]["gallery"] = storage.join(storage.parent(data_dir), "gallery", "index.html")
     return RunReport(data)
@@ -136,6 +158,8 @@ def print_summary(report: RunReport) -> None:
         f"{rows['synthetic_written']} (expected {rows['synthetic_expected']}), "
         f"errors {data['errors']['total']} {data['errors']['by_reason']}"
     )
+    if data["filtered"]["total"]:
+        console.print(f"filtered {data['filtered']['total']} synthetic rows {data['filtered']['by_rule']}")
     for number, failure in enumerate(data.get("failed_attempts", []), start=1):
         console.print(f"[yellow]attempt {number} lost Ray workers and was resumed:[/yellow] {failure}")
     for note in data.get("data_notes", []):

@@ -43,6 +43,7 @@ VARIANT = "variant"  # 0 for the real row, 1..K for synthetic variants
 BACKGROUND = "background"  # HxWx3 uint8 array drawn by the background stage
 ERROR = "error"  # "" when the row is fine, else a short reason ("no_detection", "decode", ...)
 ERROR_MESSAGE = "error_message"  # free text detail for ERROR
+DROP = "drop"  # "" to keep the row, else the rule of a filtering stage that drops it (filtered.parquet)
 
 RECIPE_REAL = "real"
 
@@ -127,6 +128,18 @@ def dataset_card(class_names: Sequence[str] | None = None) -> str:
     )
     return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n\n" + body
 
+
+# Rows a filtering stage dropped on purpose (not errors): the rule, and the scores the stage wrote as JSON.
+FILTERED_SCHEMA = pa.schema(
+    [
+        pa.field(SOURCE_ID, pa.string()),
+        pa.field(ID, pa.string()),
+        pa.field(CLASS_NAME, pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("rule", pa.string()),
+        pa.field("scores", pa.string()),
+    ]
+)
 
 ERRORS_SCHEMA = pa.schema(
     [

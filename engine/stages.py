@@ -9,6 +9,7 @@ to, time the call, hand failed rows to the run ledger and drop them from the str
 from __future__ import annotations
 
 import inspect
+import json
 import time
 import traceback
 import warnings
@@ -103,7 +104,13 @@ def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) 
     failed = out[schema.ERROR] != ""
     if failed.any():
         ray.get(ledger.record_errors.remote(_error_records(take(out, np.flatnonzero(failed)), stage.name)))
-    kept = take(out, np.flatnonzero(~failed))
+    rules = out.pop(schema.DROP, None)  # a filtering stage's verdict: "" keeps the row
+    rules = np.full(num_rows(out), "", dtype=object) if rules is None else np.asarray(rules, dtype=object)
+    dropped = ~failed & (rules != "")
+    if dropped.any():  # to filtered.parquet, with the rule and the scores the stage wrote
+        index = np.flatnonzero(dropped)
+        ray.get(ledger.record_filtered.remote(_filtered_records(take(out, index), rules[index], stage)))
+    kept = take(out, np.flatnonzero(~failed & ~dropped))
     synthetic = int((kept[schema.RECIPE] != schema.RECIPE_REAL).sum()) if schema.RECIPE in kept else 0
     counts = {name: int(np.count_nonzero(kept[name])) for name in stage.counts if name in kept}
     ray.get(
@@ -176,6 +183,25 @@ def _error_records(failed: Batch, stage_name: str) -> list[dict[str, str]]:
         }
         for i in range(n)
     ]
+
+
+def _filtered_records(dropped: Batch, rules: np.ndarray, stage: Stage) -> list[dict[str, str]]:
+    scores = [name for name in stage.writes if name in dropped]
+    return [
+        {
+            schema.SOURCE_ID: str(dropped[schema.SOURCE_ID][i]),
+            schema.ID: str(dropped[schema.ID][i]),
+            schema.CLASS_NAME: str(dropped.get(schema.CLASS_NAME, [""] * num_rows(dropped))[i]),
+            "stage": stage.name,
+            "rule": str(rules[i]),
+            "scores": json.dumps({name: _json_value(dropped[name][i]) for name in scores}),
+        }
+        for i in range(num_rows(dropped))
+    ]
+
+
+def _json_value(value):
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def check_resource_budget(stages: list[Stage], cluster: dict[str, float], task_num_cpus: float) -> None:

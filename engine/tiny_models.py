@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from engine.tiny.clip import build_clip
 from engine.tiny.llm import build_llm
 from engine.tiny.sd15 import build_sd15
 from engine.tiny.sdxl import build_sdxl
@@ -25,6 +26,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sd15": build_sd15,
     "llm": build_llm,
     "vlm": build_vlm,
+    "clip": build_clip,
 }
 
 DEFAULT_DIR = Path(".cache/tiny-models")

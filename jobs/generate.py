@@ -43,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print_summary(report)
+    if config.filter is not None and report.filtered_fraction > config.filter.max_filtered_fraction:
+        filtered = report.data["filtered"]
+        print(
+            f"error: the filter dropped {filtered['total']} of {report.data['stages']['filter']['rows_in']} "
+            f"synthetic rows ({report.filtered_fraction:.1%}), above filter.max_filtered_fraction="
+            f"{config.filter.max_filtered_fraction:.1%}: {filtered['by_rule']} (a broken generator?); see "
+            f"{report.data['output']['filtered']}",
+            file=sys.stderr,
+        )
+        return 1
     if report.error_fraction > config.max_error_fraction:
         print(
             f"error: {report.data['errors']['total']} of {report.data['rows']['real_in']} rows failed "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from engine.config.base import Strict, scheduling_field
+from engine.config.filter import FilterConfig
 from engine.config.run import DataConfig, OutputConfig, RayConfig
 from engine.config.stages import BackgroundConfig, CaptionConfig, CompositeConfig, PromptConfig, SegmentConfig
 
@@ -22,3 +23,6 @@ class GenerateConfig(Strict):
     caption: CaptionConfig | None = None
     background: BackgroundConfig | None = None
     composite: CompositeConfig | None = None
+    filter: FilterConfig | None = Field(
+        default=None, description="Label-fidelity filter after the recipe's last stage (None: no filter)"
+    )

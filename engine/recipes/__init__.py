@@ -38,4 +38,6 @@ def model_tags(config: GenerateConfig) -> dict[str, str]:
         tags["prompt_llm"] = config.prompt.model.tag()
     if config.background:
         tags["background"] = config.background.model.tag()
+    if config.filter:
+        tags["filter"] = config.filter.model.tag()
     return tags
