@@ -2,8 +2,9 @@
 
 Runs every variant (a name plus TrainConfig overrides: strategy, synthetic ratio, data) for every seed on
 one Ray cluster, one training run after another, then prints a table of mean +- std over seeds and writes
-<output>/sweep.json and <output>/sweep.md. Runs live in <output>/runs/<variant>-seed<seed>; a run that
-exists is resumed (a finished one only re-evaluated) unless `overwrite: true`.
+<output>/sweep.json and <output>/sweep.md. Runs live in <output>/runs/<variant>-seed<seed>; a finished run
+of the same config is reused from its metrics.json (nothing retrained or re-evaluated), an unfinished one
+resumes from its latest checkpoint, unless `overwrite: true`.
 
 `compare_strategies` is the short form the demo calls on a generation run's shards.
 """
@@ -54,20 +55,31 @@ def run_config(config: SweepConfig, variant: SweepVariant, seed: int) -> TrainCo
 
 def run_sweep(config: SweepConfig) -> list[dict]:
     """Train every (variant, seed); return one row per run and write sweep.json / sweep.md."""
-    from engine.train.data import shard_files
+    from engine.train.data import load_training_data
     from jobs.train import run_training
 
-    # Every run config is built and its shards found first, so that a typo fails before hours of training.
+    # Every run config is built and its shards checked first, so that a typo or a bad shard fails before
+    # hours of training.
     plan = [(v, seed, run_config(config, v, seed)) for v in config.variants for seed in config.seeds]
+    checked: set[str] = set()
     for variant, _, train_config in plan:
-        try:
-            shard_files(train_config.data.paths)
-        except ValueError as err:
-            raise ValueError(f"variant {variant.name!r}: {err}") from None
+        data = train_config.data.model_dump_json()
+        if data not in checked:
+            try:
+                load_training_data(train_config.data)
+            except ValueError as err:
+                raise ValueError(f"variant {variant.name!r}: {err}") from None
+            checked.add(data)
     rows = []
     for variant, seed, train_config in plan:
-        print(f"sweep: {variant.name} seed {seed} ({len(rows) + 1}/{len(plan)})", flush=True)
-        rows.append(run_row(variant.name, run_training(train_config)))
+        title = f"sweep: {variant.name} seed {seed} ({len(rows) + 1}/{len(plan)})"
+        metrics = finished_run(train_config)
+        if metrics is not None:
+            print(f"{title}: finished earlier, reusing {train_config.run_dir() / 'metrics.json'}", flush=True)
+        else:
+            print(title, flush=True)
+            metrics = run_training(train_config)
+        rows.append(run_row(variant.name, metrics))
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(
@@ -78,6 +90,25 @@ def run_sweep(config: SweepConfig) -> list[dict]:
     )
     (out / "sweep.md").write_text(format_markdown(rows) + "\n")
     return rows
+
+
+def finished_run(config: TrainConfig) -> dict | None:
+    """The metrics.json of a finished run of this config (all its epochs, same settings but `ray` and
+    `output.overwrite`), or None: the run then trains, resuming from its checkpoints if it has some."""
+    path = config.run_dir() / "metrics.json"
+    if config.output.overwrite or not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+
+    def settings(dumped: dict) -> dict:
+        return {
+            **{k: v for k, v in dumped.items() if k != "ray"},
+            "output": {k: v for k, v in dumped.get("output", {}).items() if k != "overwrite"},
+        }
+
+    same = settings(metrics.get("config", {})) == settings(config.model_dump(mode="json"))
+    finished = len(metrics.get("history", [])) == config.epochs and "test" in metrics
+    return metrics if same and finished else None
 
 
 def compare_strategies(

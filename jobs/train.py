@@ -63,6 +63,7 @@ def run_training(config: TrainConfig) -> dict:
         datasets,
         run_dir=run_dir,
         config=config,
+        preserve_order=config.ray.preserve_order,
     )
     # 5. Report.
     summary = read_summary(result)
@@ -89,6 +90,7 @@ def run_training(config: TrainConfig) -> dict:
             **{split: len(table) for split, table in data.eval.items()},
             "excluded": data.excluded,
             "class_names": data.class_names,
+            "sources": data.sources,
         },
         "plan": plan_summary,
         "checkpoint": result.checkpoint.path,

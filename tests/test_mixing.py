@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from engine import schema
@@ -50,9 +52,11 @@ def write_toy_shards(
     synthetic_splits: tuple[str, ...] = ("train",),
     run_tag: str = "run",
     seed: int = 0,
+    num_files: int = 2,
     **toy_kwargs,
 ) -> Path:
-    """Toy dataset -> `<out>/data/part-{0,1}.parquet` in OUTPUT_SCHEMA; returns the data folder.
+    """Toy dataset -> `<out>/data/part-<n>.parquet` (`num_files` of them) in OUTPUT_SCHEMA; returns the data
+    folder.
 
     Real rows keep the toy image and group; each synthetic row (recipe "aga", `num_variants` per real row of
     `synthetic_splits`) pastes the real subject, through its mask, onto a random background type, with
@@ -107,9 +111,9 @@ def write_toy_shards(
     table = pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    half = len(table) // 2
-    pq.write_table(table.slice(0, half), data / "part-0.parquet")
-    pq.write_table(table.slice(half), data / "part-1.parquet")
+    bounds = np.linspace(0, len(table), num_files + 1).astype(int)
+    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        pq.write_table(table.slice(start, stop - start), data / f"part-{number}.parquet")
     return data
 
 
@@ -156,6 +160,45 @@ def test_several_runs_share_their_real_rows(tmp_path, shards):
     assert len(only_other.index.synthetic_positions) == 0
     with pytest.raises(ValueError, match="listed twice"):
         load_training_data(ShardsConfig(paths=[str(shards), str(shards)]))
+
+
+def as_generation_run(data: Path, dataset_path: str, config_hash: str) -> Path:
+    """Make `data`'s parent look like a generation run's output: manifest.json and the saved config."""
+    run = data.parent
+    (run / "manifest.json").write_text(json.dumps({"config_hash": config_hash, "complete": True}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"data": {"format": "image_folder", "path": dataset_path}})
+    )
+    return run
+
+
+def test_runs_of_two_datasets_are_refused_naming_both(tmp_path, shards):
+    # A 4-class and a 6-class toy set: the same relative paths (train/circle/0000.png, ...) name other images.
+    four = write_toy_shards(tmp_path / "four", num_variants=1, **SMALL)
+    six = write_toy_shards(tmp_path / "six", num_variants=1, run_tag="six", **{**SMALL, "num_classes": 6})
+    for paths in ([four, six], [six, four]):
+        with pytest.raises(ValueError, match="mixes two datasets") as refused:
+            load_training_data(ShardsConfig(paths=[str(p) for p in paths]))
+        assert str(four) in str(refused.value) and str(six) in str(refused.value)
+        assert "classes differ" in str(refused.value)
+    # The same classes drawn with another seed: shared source_ids whose rows disagree.
+    reseeded = write_toy_shards(tmp_path / "seed1", num_variants=1, run_tag="s1", seed=1, **SMALL)
+    with pytest.raises(ValueError, match=r"mixes two datasets.*their image '.+' has") as refused:
+        load_training_data(ShardsConfig(paths=[str(shards), str(reseeded)]))
+    assert str(reseeded) in str(refused.value)
+    # Generation runs: their saved configs say which dataset each read.
+    run_a = as_generation_run(four, "/datasets/toy-a", "a" * 64)
+    other_k = write_toy_shards(tmp_path / "four-k2", num_variants=2, run_tag="k2", **SMALL)
+    as_generation_run(other_k, "/datasets/toy-a", "b" * 64)
+    same = load_training_data(ShardsConfig(paths=[str(four), str(other_k)]))
+    assert same.excluded["duplicate_real_rows"] == 48 + 16 + 16, "one dataset: real rows kept once"
+    assert [s["config_hash"] for s in same.sources] == ["a" * 64, "b" * 64]
+    run_b = as_generation_run(other_k, "/datasets/toy-b", "b" * 64)
+    with pytest.raises(ValueError, match="mixes two datasets") as refused:
+        load_training_data(ShardsConfig(paths=[str(four), str(other_k)]))
+    assert f"{run_a} (generation run aaaaaaaaaaaa)" in str(refused.value)
+    assert f"{run_b} (generation run bbbbbbbbbbbb)" in str(refused.value)
+    assert "/datasets/toy-b" in str(refused.value)
 
 
 def test_missing_shards_are_named(tmp_path):

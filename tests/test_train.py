@@ -4,8 +4,11 @@ decode/augment step. The shards are toy-dataset rows written by tests/test_mixin
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ TINY = {"num_classes": 3, "train_per_class": 8, "val_per_class": 3, "test_per_cl
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return write_toy_shards(tmp_path_factory.mktemp("train-shards"), num_variants=2, **TINY)
+    # Several files, as generation writes them: Ray Data reads them in parallel tasks.
+    return write_toy_shards(tmp_path_factory.mktemp("train-shards"), num_variants=2, num_files=6, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,49 @@ def test_decode_and_transform_makes_normalized_tensors(shards):
     assert train["synthetic"].tolist() == [int(r != schema.RECIPE_REAL) for r in batch[schema.RECIPE]]
 
 
+def bad_shards(shards: Path, folder: Path) -> dict[str, str]:
+    """Unusable shards next to a good one: file name -> what the error must say."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    # Other rows than the good file's: each bad file alone would pass the row-level checks.
+    good, other, third = (pq.read_table(f) for f in sorted(shards.glob("*.parquet"))[:3])
+    pq.write_table(good, folder / "good.parquet")
+    (folder / "garbage.parquet").write_bytes(b"these bytes are not a Parquet file " * 8)
+    labels = other.schema.get_field_index(schema.LABEL)
+    pq.write_table(
+        other.set_column(labels, schema.LABEL, other[schema.LABEL].cast(pa.string())),
+        folder / "str-label.parquet",
+    )
+    pq.write_table(third.drop_columns([schema.IMAGE]), folder / "no-image.parquet")
+    return {
+        "garbage.parquet": "not a readable Parquet file",
+        "str-label.parquet": "column 'label' is string, expected integer",
+        "no-image.parquet": "no 'image' column",
+    }
+
+
+@pytest.mark.parametrize("bad", ["garbage.parquet", "str-label.parquet", "no-image.parquet", "all"])
+def test_bad_shards_are_named_before_anything_runs(shards, tmp_path, capsys, bad):
+    from jobs.train import main
+
+    expected = bad_shards(shards, tmp_path / "shards")
+    if bad != "all":
+        for name in set(expected) - {bad}:
+            (tmp_path / "shards" / name).unlink()
+        expected = {bad: expected[bad]}
+    out = tmp_path / "out"
+    args = overrides(tmp_path / "shards", out)
+    status = main(["--config", str(ROOT / "configs" / "train_toy_cpu.yaml"), *(f"--set={a}" for a in args)])
+    error = capsys.readouterr().err
+    assert status == 2, error
+    for name, why in expected.items():
+        assert f"{tmp_path / 'shards' / name}: {why}" in error
+    assert "good.parquet" not in error
+    assert not out.exists(), "nothing written, no Ray started"
+
+
 def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path, local_ray):
     from jobs.train import run_training
 
@@ -152,31 +199,7 @@ def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path
     assert test["worst_group"] is not None and test["worst_group"] <= test["top1"]
 
 
-def test_a_second_run_resumes_from_the_latest_checkpoint(shards, tmp_path, local_ray):
-    from engine.train.runner import prepare_run_dir
-    from jobs.train import main, run_training
-
-    first = run_training(make_config(shards, tmp_path, "epochs=1", "mix.strategy=replace"))
-    assert first["resumed_from_epoch"] is None and len(first["history"]) == 1
-
-    # The second run goes through the command line, as a user resuming would.
-    args = overrides(shards, tmp_path, "epochs=2", "mix.strategy=replace")
-    assert (
-        main(["--config", str(ROOT / "configs" / "train_toy_cpu.yaml"), *(f"--set={a}" for a in args)]) == 0
-    )
-    second = json.loads((tmp_path / "replace-seed0" / "metrics.json").read_text())
-    assert second["resumed_from_epoch"] == 0
-    assert len(second["history"]) == 2 and second["history"][0] == first["history"][0]
-    # The resumed epoch used the plan an uninterrupted run would have: epoch 1's own replacement draw.
-    assert second["history"][1]["train_rows"]["synthetic"] == second["plan"][1]["synthetic"]
-
-    with pytest.raises(ValueError, match=r"different \['mix'\]"):
-        prepare_run_dir(
-            make_config(shards, tmp_path, "epochs=2", "mix.strategy=replace", "mix.replace_prob=0.9")
-        )
-
-
-def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, capsys):
+def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, capsys, monkeypatch):
     from jobs.sweep import compare_strategies, print_table
 
     overrides = ("data.image_size=32", "epochs=1", "batch_size=8", "scaling.num_workers=1")
@@ -189,6 +212,28 @@ def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, 
     assert "| concat | concat | 1 |" in (tmp_path / "sweep.md").read_text()
     print_table(rows)
     assert "concat" in capsys.readouterr().out
+
+    # Run again over the same output: the finished run is reused from its metrics.json, in one line.
+    import jobs.train
+    from engine.train.config import SweepConfig, SweepVariant
+    from jobs.sweep import run_sweep
+
+    def retrain(config):
+        raise AssertionError(f"{config.run_name()} trained again")
+
+    monkeypatch.setattr(jobs.train, "run_training", retrain)
+    again = SweepConfig(
+        train_config=str(ROOT / "configs" / "train_toy_cpu.yaml"),
+        overrides=[f"data.paths={json.dumps([str(shards)])}", *overrides],
+        variants=[SweepVariant(name="concat", set=["mix.strategy=concat"])],
+        seeds=[0],
+        output=str(tmp_path),
+    )
+    assert run_sweep(again) == rows
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        f"sweep: concat seed 0 (1/1): finished earlier, reusing {tmp_path}/runs/concat-seed0/metrics.json"
+    ]
 
 
 def test_sweep_summary_is_mean_and_std_over_seeds():
@@ -218,3 +263,105 @@ def test_sweep_summary_is_mean_and_std_over_seeds():
     assert summary[1]["test_worst_group"]["mean"] == pytest.approx(0.3)
     assert summary[0]["val_top1"]["mean"] is None
     assert "| real | real | 2 | 60.0 ± 14.1 | 5.0 ± 7.1 | n/a | 5 |" in format_markdown(rows)
+
+
+# ---------------------------------------------------------------- determinism
+
+# Everything random at once: per-epoch replacement draws, crops + flips + RandAugment, dropout, 2 ranks.
+RANDOM_RUN = (
+    "epochs=2",
+    "mix.strategy=replace",
+    "augment.rand_augment=true",
+    "model.drop_rate=0.2",
+    "scaling.num_workers=2",
+    "output.name=random",
+)
+
+
+def comparable(metrics: dict) -> dict:
+    """A run's per-epoch history and final metrics without wall times."""
+    return {
+        "history": [{k: v for k, v in h.items() if k != "epoch_s"} for h in metrics["history"]],
+        "val": metrics["val"],
+        "test": metrics["test"],
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory, local_ray) -> dict:
+    from jobs.train import run_training
+
+    return run_training(make_config(shards, tmp_path_factory.mktemp("uninterrupted"), *RANDOM_RUN))
+
+
+def test_an_epoch_reaches_a_rank_in_one_order_with_the_same_crops(shards, tmp_path, local_ray):
+    from engine.train.data import build_datasets, load_training_data, plan_epochs, summarize_plan, train_key
+    from engine.train.loop import loop_config, train_batches
+
+    config = make_config(shards, tmp_path, *RANDOM_RUN, "data.decode_batch_size=8")
+    data = load_training_data(config.data)
+    plan = plan_epochs(data, config)
+    loop = loop_config(config, data.class_names, summarize_plan(data, plan, config), sorted(data.eval))
+
+    def epoch_one_rank_one() -> list:
+        # A fresh pool each time, as a second run (or a resumed one) builds it.
+        dataset = build_datasets(data, plan, config)[train_key(1, 1)]
+        return [
+            (b["label"].tolist(), b["image"].numpy()) for b in train_batches(dataset, loop, epoch=1, rank=1)
+        ]
+
+    first, second = epoch_one_rank_one(), epoch_one_rank_one()
+    assert [labels for labels, _ in first] == [labels for labels, _ in second], "same rows, same order"
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, second, strict=True)), (
+        "same augmentation"
+    )
+
+
+def test_two_runs_with_one_seed_give_the_same_model(shards, tmp_path, uninterrupted, local_ray):
+    from jobs.train import run_training
+
+    again = run_training(make_config(shards, tmp_path, *RANDOM_RUN))
+    assert comparable(again) == comparable(uninterrupted)
+    losses = [h["train_loss"] for h in again["history"]]
+    print(f"per-epoch train loss, both runs: {losses}")
+    assert len(set(losses)) == 2, "the epochs differ from each other"
+
+
+def test_a_killed_run_resumes_to_the_same_model(shards, tmp_path, uninterrupted, local_ray):
+    import ray
+
+    from engine.train.runner import prepare_run_dir
+    from jobs.train import main
+
+    # The job as a user runs it (a driver on this module's Ray, as `ray job submit` would run it), SIGKILLed
+    # once Ray Train has registered its first checkpoint; then the same command again, which resumes.
+    args = overrides(shards, tmp_path, *RANDOM_RUN)
+    command = ["--config", str(ROOT / "configs" / "train_toy_cpu.yaml"), *(f"--set={a}" for a in args)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *command],
+        cwd=ROOT,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    run_dir = tmp_path / "random"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (
+            list(run_dir.glob("checkpoint_*/state.pt"))
+            and (run_dir / "checkpoint_manager_snapshot.json").exists()
+        ):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert main(command) == 0
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["resumed_from_epoch"] == 0, "killed after its first epoch"
+    assert comparable(resumed) == comparable(uninterrupted)
+    # Resuming with another sampling rule would mix two runs in one folder.
+    with pytest.raises(ValueError, match=r"different \['mix'\]"):
+        prepare_run_dir(make_config(shards, tmp_path, *RANDOM_RUN, "mix.replace_prob=0.9"))

@@ -18,8 +18,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ShardsConfig(Strict):
     paths: list[str] = Field(
         min_length=1,
-        description="Shard folders (a generation run's <out>/data) or .parquet files; with several, real rows "
-        "are kept once per source_id (from the first path that has them)",
+        description="Shard folders (a generation run's <out>/data) or .parquet files, all of one dataset "
+        "(engine.train.sources); with several, real rows are kept once per source_id (from the first path "
+        "that has them)",
     )
     recipes: list[str] | None = Field(
         default=None, description="Synthetic recipes to use (None: every recipe other than 'real')"
@@ -109,6 +110,11 @@ class ScalingSpec(Strict):
         gt=0,
         description="Ray Train controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; None: Ray's 2 s); "
         "each report waits for a poll, so sub-second epochs want less",
+    )
+    deterministic: bool = Field(
+        default=True,
+        description="GPU: deterministic cuDNN/cuBLAS kernels (torch.use_deterministic_algorithms), often "
+        "slower; CPU runs are deterministic either way",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",

@@ -13,6 +13,13 @@ a later epoch's datasets, and the plan of every epoch is the same as in an unint
 Scale: the pool (encoded bytes) is materialized once in the object store by default; every (epoch, rank)
 dataset scans it and keeps its rows, so a scan costs O(pool) but decode costs O(selected rows). With
 `data.cache_in_object_store: false` each epoch re-reads the Parquet shards instead.
+
+Determinism. What a rank sees in an epoch is a function of the config and the shard files alone, not of the
+cluster's size or of which task finished first: the pool is read one block per file, every dataset runs
+with `preserve_order` (`ray.preserve_order`, on by default; without it Ray Data emits blocks in completion
+order), the block order and the
+workers' local shuffle are seeded by (seed, epoch, rank), and each row's augmentation draws from a torch
+generator seeded by (seed, epoch, row id, draw), so it does not depend on which rows share its batch.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +37,7 @@ import pyarrow.parquet as pq
 from engine import schema
 from engine.train.config import AugmentConfig, ShardsConfig, TrainConfig
 from engine.train.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
+from engine.train.sources import Source, check_one_dataset, different_datasets, find_sources, merge_sources
 
 INDEX_COLUMNS = (
     schema.ID,
@@ -45,23 +52,7 @@ POOL_COLUMNS = (schema.ID, schema.IMAGE, schema.LABEL, schema.GROUP, schema.RECI
 EVAL_SPLITS = ("val", "test")
 SYNTHETIC = "synthetic"  # working column: 1 for a synthetic row, so workers can count what they saw
 ROW = "row"  # working column: the row's number in the pool, which the epoch plans refer to
-
-
-def shard_files(paths: list[str]) -> list[str]:
-    """The .parquet files under each path (a folder's files sorted by name), in the order of `paths`."""
-    files: list[str] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found = sorted(str(p) for p in path.glob("*.parquet"))
-            if not found:
-                raise ValueError(f"no .parquet shards in {path} (expected a generation run's <out>/data)")
-            files.extend(found)
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise ValueError(f"data path {raw!r} does not exist")
-    return files
+DRAW = "draw"  # working column: 0 for a row's first copy in an epoch, 1 for its second (repeats), ...
 
 
 @dataclass
@@ -73,6 +64,7 @@ class TrainingData:
     eval: dict[str, pa.Table]  # val/test: real rows only
     class_names: list[str]
     excluded: dict[str, int] = field(default_factory=dict)  # rows left out, by reason
+    sources: list[dict] = field(default_factory=list)  # per data.paths entry: its generation run and rows
 
     @cached_property
     def index(self) -> RowIndex:
@@ -80,15 +72,16 @@ class TrainingData:
 
 
 def _read_index_file(path: str, source: int) -> pa.Table:
+    """The index columns of one (validated) shard, `group` -1 where absent, plus `_source`: its path's number."""
     names = pq.read_schema(path).names
-    missing = [c for c in INDEX_COLUMNS if c not in names and c != schema.GROUP]
-    if missing:
-        raise ValueError(f"shard {path} lacks columns {missing} (see engine/schema.py OUTPUT_SCHEMA)")
     table = pq.read_table(path, columns=[c for c in INDEX_COLUMNS if c in names])
     if schema.GROUP not in names:
         table = table.append_column(schema.GROUP, pa.array(np.full(len(table), -1, np.int64)))
     table = table.set_column(
         table.schema.get_field_index(schema.GROUP), schema.GROUP, pc.fill_null(table[schema.GROUP], -1)
+    )
+    table = table.set_column(
+        table.schema.get_field_index(schema.LABEL), schema.LABEL, table[schema.LABEL].cast(pa.int64())
     )
     return table.select(list(INDEX_COLUMNS)).append_column("_source", pa.array(np.full(len(table), source)))
 
@@ -96,20 +89,31 @@ def _read_index_file(path: str, source: int) -> pa.Table:
 def load_training_data(config: ShardsConfig) -> TrainingData:
     """Read the index columns of every shard and sort rows into train candidates and real val/test rows.
 
-    Several paths (e.g. two generation runs over the same real images) share their real rows: a real
-    row is kept from the first path holding its source_id. Synthetic rows of a recipe outside
-    `config.recipes` and synthetic rows of val/test are left out (counted in `excluded`).
+    Every shard is validated first (engine.train.sources: one error naming each bad file). Several paths
+    must come from one dataset (e.g. two generation runs over the same real images, K=2 and K=5); they
+    share their real rows, kept from the first path holding each source_id (counted in `excluded` as
+    `duplicate_real_rows`). Paths of different datasets are refused, naming the two runs. Synthetic rows
+    of a recipe outside `config.recipes` and synthetic rows of val/test are left out (counted too).
     """
-    files = shard_files(config.paths)
-    source_of_file = []
-    for number, raw in enumerate(config.paths):
-        source_of_file += [number] * len(shard_files([raw]))
-    table = pa.concat_tables(_read_index_file(f, s) for f, s in zip(files, source_of_file, strict=True))
+    paths = find_sources(config.paths)
+    check_one_dataset(paths)
+    files = [file for path in paths for file in path.files]
+    # Paths in one folder or generation run (e.g. its files listed one by one) are one source of rows.
+    units = list(dict.fromkeys(path.unit for path in paths))
+    sources = [merge_sources([p for p in paths if p.unit == unit]) for unit in units]
+    table = pa.concat_tables(
+        _read_index_file(file, units.index(path.unit)) for path in paths for file in path.files
+    )
     ids = table[schema.ID]
     if pc.count_distinct(ids).as_py() != len(ids):
         counts = pc.value_counts(ids)
         repeated = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:3]
-        raise ValueError(f"row ids repeat across the shards (e.g. {repeated}): is a path listed twice?")
+        holders = sorted(set(table.filter(pc.is_in(ids, pa.array(repeated)))["_source"].to_pylist()))
+        raise ValueError(
+            f"row ids repeat across the shards (e.g. {repeated}, in {[sources[h].describe() for h in holders]}): "
+            "is a path listed twice?"
+        )
+    check_rows_agree(table, sources)
 
     recipe = np.asarray(table[schema.RECIPE].to_pylist(), dtype=object)
     split = np.asarray(table[schema.SPLIT].to_pylist(), dtype=object)
@@ -118,9 +122,8 @@ def load_training_data(config: ShardsConfig) -> TrainingData:
     # Real rows: first path wins per source_id.
     keep = np.ones(len(table), bool)
     first_source = {}
-    sources = table["_source"].to_numpy()
     for position, (source_id, source) in enumerate(
-        zip(table[schema.SOURCE_ID].to_pylist(), sources.tolist(), strict=True)
+        zip(table[schema.SOURCE_ID].to_pylist(), table["_source"].to_pylist(), strict=True)
     ):
         if is_real[position]:
             owner = first_source.setdefault(source_id, source)
@@ -134,6 +137,7 @@ def load_training_data(config: ShardsConfig) -> TrainingData:
     excluded["synthetic_in_val_test"] = int((eval_synthetic & keep).sum())
     keep &= ~eval_synthetic
 
+    sources_of_kept = table["_source"].to_numpy()[keep]
     table = table.filter(pa.array(keep)).drop_columns(["_source"])
     split = split[keep]
     train = table.filter(pa.array(split == "train"))
@@ -142,13 +146,57 @@ def load_training_data(config: ShardsConfig) -> TrainingData:
         or (train[schema.RECIPE].to_numpy(zero_copy_only=False) == schema.RECIPE_REAL).sum() == 0
     ):
         raise ValueError(f"no real train rows in {config.paths}")
+    per_source = np.bincount(sources_of_kept, minlength=len(sources)) if len(sources_of_kept) else None
     return TrainingData(
         files=files,
         train=train,
         eval={name: table.filter(pa.array(split == name)) for name in EVAL_SPLITS},
         class_names=class_names_of(table),
         excluded=excluded,
+        sources=[
+            {**source.summary(), "rows_used": 0 if per_source is None else int(per_source[number])}
+            for number, source in enumerate(sources)
+        ],
     )
+
+
+def check_rows_agree(table: pa.Table, sources: list[Source]) -> None:
+    """Refuse two paths whose rows show different datasets: a label or class named differently, another
+    set of classes, or one real image (source_id) with another split, label, class or group."""
+    columns = (schema.SPLIT, schema.LABEL, schema.CLASS_NAME, schema.GROUP)
+    pairs = table.group_by(["_source", schema.LABEL, schema.CLASS_NAME]).aggregate([]).to_pylist()
+    classes: dict[int, list] = {}
+    for pair in sorted(pairs, key=lambda p: (p["_source"], p[schema.LABEL], p[schema.CLASS_NAME])):
+        classes.setdefault(pair["_source"], []).append((pair[schema.LABEL], pair[schema.CLASS_NAME]))
+    numbers = sorted(classes)
+    for number in numbers[1:]:
+        if classes[number] != classes[numbers[0]]:
+            first, other = classes[numbers[0]], classes[number]
+            raise ValueError(
+                different_datasets(
+                    sources[numbers[0]],
+                    sources[number],
+                    f"their classes differ: {[n for _, n in first]} vs {[n for _, n in other]}"
+                    if [n for _, n in first] != [n for _, n in other]
+                    else f"their labels differ: {first} vs {other}",
+                )
+            )
+    real = table.filter(pc.equal(table[schema.RECIPE], schema.RECIPE_REAL))
+    seen: dict[str, tuple[int, tuple]] = {}
+    for row in real.select([schema.SOURCE_ID, "_source", *columns]).to_pylist():
+        facts = tuple(row[c] for c in columns)
+        owner, known = seen.setdefault(row[schema.SOURCE_ID], (row["_source"], facts))
+        if owner != row["_source"] and known != facts:
+            described = ", ".join(
+                f"{c} {a!r} vs {b!r}" for c, a, b in zip(columns, known, facts, strict=True) if a != b
+            )
+            raise ValueError(
+                different_datasets(
+                    sources[owner],
+                    sources[row["_source"]],
+                    f"their image {row[schema.SOURCE_ID]!r} has {described}",
+                )
+            )
 
 
 def class_names_of(table: pa.Table) -> list[str]:
@@ -228,15 +276,20 @@ def take_planned(batch: pa.Table, plan) -> pa.Table:
     each repeated counts[i] times."""
     rows, counts = _resolve(plan)
     if len(rows) == 0:
-        return batch.slice(0, 0)
+        return batch.slice(0, 0).append_column(DRAW, pa.array([], pa.int64()))
     numbers = batch[ROW].to_numpy()
     at = np.minimum(np.searchsorted(rows, numbers), len(rows) - 1)
     repeats = np.where(rows[at] == numbers, counts[at], 0)
-    return batch.take(pa.array(np.repeat(np.arange(len(batch)), repeats)))
+    # Copies of a row are adjacent: draw = position within its run of copies (own augmentation seed each).
+    starts = np.repeat(np.cumsum(repeats) - repeats, repeats)
+    draw = np.arange(int(repeats.sum())) - starts
+    taken = batch.take(pa.array(np.repeat(np.arange(len(batch)), repeats)))
+    return taken.append_column(DRAW, pa.array(draw.astype(np.int64)))
 
 
-def _batch_seed(seed: int, epoch: int, ids: np.ndarray) -> int:
-    digest = hashlib.sha1(f"{seed}\x1f{epoch}\x1f{'|'.join(map(str, ids))}".encode()).digest()
+def row_seed(seed: int, epoch: int, row_id: str, draw: int = 0) -> int:
+    """The augmentation seed of one copy of a row in an epoch: a pure function of its arguments."""
+    digest = hashlib.sha1(f"{seed}\x1f{epoch}\x1f{row_id}\x1f{draw}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -246,9 +299,10 @@ def decode_and_transform(
     """Encoded rows -> model inputs: decode, then RandomResizedCrop + flip (+ RandAugment) for training or
     resize + center crop for evaluation, then normalize.
 
-    Reads `image`, `label`, `group`, `recipe`, `id`; writes `image` (N x 3 x S x S float32), `label`,
-    `group` and `synthetic` (int8). Augmentation draws from a generator seeded by (seed, epoch, row ids),
-    so a rerun draws the same crops.
+    Reads `image`, `label`, `group`, `recipe`, `id` and `draw` (0 when absent); writes `image`
+    (N x 3 x S x S float32), `label`, `group` and `synthetic` (int8). Each row's augmentation draws from
+    torch's generator seeded by `row_seed(seed, epoch, id, draw)`, so a rerun draws the same crops whatever
+    the batching.
     """
     import torch
     from PIL import Image
@@ -273,12 +327,13 @@ def decode_and_transform(
     transform = v2.Compose(
         [*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(options.mean), list(options.std))]
     )
-    if train:
-        torch.manual_seed(_batch_seed(seed, epoch, batch[schema.ID]))
+    draws = batch[DRAW] if DRAW in batch else np.zeros(len(batch[schema.ID]), np.int64)
     images = []
-    for data in batch[schema.IMAGE]:
+    for data, row_id, draw in zip(batch[schema.IMAGE], batch[schema.ID], draws, strict=True):
         with Image.open(io.BytesIO(data)) as image:
             array = np.array(image.convert("RGB"))
+        if train:
+            torch.manual_seed(row_seed(seed, epoch, str(row_id), int(draw)))
         images.append(transform(torch.from_numpy(array).permute(2, 0, 1)))
     return {
         "image": torch.stack(images).numpy()
@@ -297,8 +352,10 @@ def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
     import ray.data
 
     task_cpus = config.ray.task_num_cpus
-    pool = ray.data.read_parquet(data.files, num_cpus=task_cpus).select_columns(list(POOL_COLUMNS))
-    pool = pool.map_batches(
+    # One read task per file: the pool's blocks are the same on any cluster, so are the seeded block orders.
+    pool = ray.data.read_parquet(data.files, num_cpus=task_cpus, override_num_blocks=len(data.files))
+    pool.context.execution_options.preserve_order = config.ray.preserve_order  # this dataset's own context
+    pool = pool.select_columns(list(POOL_COLUMNS)).map_batches(
         number_rows,
         fn_kwargs={"ids": ray.put(pool_ids)},
         batch_format="pyarrow",
@@ -316,7 +373,7 @@ def rows_dataset(pool, rows: np.ndarray, *, config: TrainConfig, train: bool, ep
     plan = ray.put(np.unique(rows, return_counts=True))
     task_cpus = config.ray.task_num_cpus
     ds = pool.randomize_block_order(seed=config.seed * 100_003 + epoch) if train else pool
-    return ds.map_batches(
+    ds = ds.map_batches(
         take_planned, fn_kwargs={"plan": plan}, batch_format="pyarrow", batch_size=None, num_cpus=task_cpus
     ).map_batches(
         decode_and_transform,
@@ -331,6 +388,9 @@ def rows_dataset(pool, rows: np.ndarray, *, config: TrainConfig, train: bool, ep
         batch_size=config.data.decode_batch_size,
         num_cpus=task_cpus,
     )
+    # Ray Train replaces this with its own options: engine.train.runner.fit sets it there too.
+    ds.context.execution_options.preserve_order = config.ray.preserve_order
+    return ds
 
 
 def build_datasets(data: TrainingData, plan: list[list[np.ndarray]], config: TrainConfig) -> dict:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from engine.train.config import ModelConfig, OptimConfig, TrainConfig
 
@@ -42,6 +45,7 @@ def loop_config(
         "checkpoint_every": config.checkpoint.every_epochs,
         "shuffle_seed": config.seed,
         "shuffle_buffer_rows": config.data.shuffle_buffer_rows,
+        "deterministic": config.scaling.deterministic,
     }
 
 
@@ -111,12 +115,43 @@ def _autocast(precision: str, device):
     return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
 
 
+def worker_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one rank's epoch (dropout, stochastic depth)."""
+    return int(np.random.SeedSequence([seed, 3, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def use_deterministic_kernels(deterministic: bool, device) -> None:
+    """On GPUs, pick deterministic kernels (cuDNN, cuBLAS, scatter/index ops) when `deterministic`; CPU
+    kernels of a given thread count are deterministic already. Ops without a deterministic GPU version warn
+    (torch's warn_only) instead of failing the run."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible matmuls (CUDA docs, "Results reproducibility").
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def train_batches(dataset, loop: dict, *, epoch: int, rank: int, device="auto"):
+    """One rank's batches of one epoch from its dataset (a Dataset or Ray Train's DataIterator of it),
+    through a local shuffle seeded by (shuffle_seed, epoch, rank)."""
+    return dataset.iter_torch_batches(
+        batch_size=loop["batch_size"],
+        device=device,
+        local_shuffle_buffer_size=max(min(loop["rows_per_rank"][epoch], loop["shuffle_buffer_rows"]), 1),
+        local_shuffle_seed=loop["shuffle_seed"] * 100_003 + epoch * 101 + rank,
+    )
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """One DDP rank: resume from Ray Train's latest checkpoint, then per epoch train on this rank's part of
     the plan (`train_e<epoch>_r<rank>`), evaluate val, checkpoint and report; test after the last epoch."""
     import contextlib
 
-    import numpy as np
     import ray.train
     import ray.train.torch
     import torch
@@ -130,6 +165,7 @@ def train_loop_per_worker(loop: dict) -> None:
     # A fractional CPU reservation leaves torch at all cores; workers sharing a node would oversubscribe it.
     torch.set_num_threads(loop["torch_threads"])
     device = ray.train.torch.get_device()
+    use_deterministic_kernels(loop["deterministic"], device)
     class_names = loop["class_names"]
 
     # 1. Model, optimizer, precision (the seed makes every rank build the same initial weights).
@@ -196,17 +232,17 @@ def train_loop_per_worker(loop: dict) -> None:
     # 3. Epochs.
     epochs = loop["epochs"]
     for epoch in range(start_epoch, epochs):
+        # Dropout (and any other draw in the model) restarts from (seed, epoch, rank): a run resumed at this
+        # epoch draws what an uninterrupted one does.
+        torch.manual_seed(worker_seed(loop["seed"], epoch, rank))
         model.train()
         started = time.perf_counter()
         phase = 1 if epoch < loop["phase1_epochs"] else 2
         steps_per_epoch = max(1, math.ceil(loop["rows_per_rank"][epoch] / loop["batch_size"]))
         loss_sum = correct = seen = synthetic = 0.0
         lr = 0.0
-        batches = ray.train.get_dataset_shard(train_key(epoch, rank)).iter_torch_batches(
-            batch_size=loop["batch_size"],
-            device=device,
-            local_shuffle_buffer_size=max(min(loop["rows_per_rank"][epoch], loop["shuffle_buffer_rows"]), 1),
-            local_shuffle_seed=loop["shuffle_seed"] * 100_003 + epoch * 101 + rank,
+        batches = train_batches(
+            ray.train.get_dataset_shard(train_key(epoch, rank)), loop, epoch=epoch, rank=rank, device=device
         )
         for step, batch in enumerate(batches):
             lr = learning_rate(

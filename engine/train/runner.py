@@ -94,14 +94,21 @@ def fit(
     *,
     run_dir: Path,
     config,
+    preserve_order: bool = True,
 ):
     """Run `train_loop(loop_config)` on `config.scaling` workers with `datasets` (none split by Ray Train:
     each worker asks for its own by name), checkpointing into `run_dir`; returns Ray Train's Result.
+    Workers get each dataset's blocks in order (`preserve_order`) unless told otherwise.
 
     `config` has `scaling` (ScalingSpec) and `checkpoint` (CheckpointSpec) sections.
     """
     from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    # Ray Train gives each dataset the driver's global execution options; the datasets' own preserve_order
+    # (engine.train.data) would be lost, and blocks would reach the workers in task completion order.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = preserve_order
 
     # Ray Train hands the poll interval from the driver's environment to its controller.
     if config.scaling.controller_poll_s is not None:
@@ -123,7 +130,7 @@ def fit(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     return trainer.fit()
 
