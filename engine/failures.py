@@ -42,6 +42,7 @@ _CONFIG_MISTAKES = (
     "ImportError",
     "ModuleNotFoundError",
     "NotImplementedError",
+    "ValidationError",  # pydantic: a vLLM engine argument its model refuses (max_model_len, ...)
 )
 _SETUP_MARK = re.compile(r"StageSetupError: \[(config|error)\] (stage '[^']+' could not start: [^\n]*)")
 _LAST_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
@@ -69,12 +70,13 @@ class StageSetupError(RuntimeError):
         return f"stage {self.stage!r} could not start: {self.detail}"
 
 
-def setup_failure(err: BaseException) -> StageSetupError | None:
+def setup_failure(err: BaseException, stage_names: dict[str, str] | None = None) -> StageSetupError | None:
     """The StageSetupError behind a Ray error, when an actor died in its constructor; else None.
 
     Ray reports it as ActorDiedError(actor_init_failed) whose text holds the remote traceback: our stages
     raise StageSetupError there (engine.stages.StageRunner); other actors (ray.data.llm's vLLM engine) are
-    named from the actor's class and their last exception line.
+    named from the actor's class, through `stage_names` (operator name -> our stage), and their last
+    exception.
     """
     text = str(err)
     marked = _SETUP_MARK.search(text)
@@ -83,9 +85,25 @@ def setup_failure(err: BaseException) -> StageSetupError | None:
     if marked:
         stage, _, detail = marked.group(2).partition(" could not start: ")
         return StageSetupError(stage[len("stage '") : -1], detail, marked.group(1) == "config")
-    found = _LAST_EXCEPTION.findall(text)
-    kind, message = found[-1] if found else ("Error", text.strip().splitlines()[0][:300])
-    return StageSetupError(failed_stage(err) or "?", f"{kind}: {message[:500]}", kind in _CONFIG_MISTAKES)
+    kind, message = _last_exception(text)
+    operator = failed_stage(err) or "?"
+    stage = (stage_names or {}).get(operator, operator)
+    return StageSetupError(stage, f"{kind}: {message[:500]}", kind in _CONFIG_MISTAKES)
+
+
+def _last_exception(text: str) -> tuple[str, str]:
+    """The type and message of the last exception in a traceback text. A pydantic ValidationError's first
+    line only counts the errors ("1 validation error for ModelConfig"): the reason is on the next lines."""
+    found = list(_LAST_EXCEPTION.finditer(text))
+    if not found:
+        return "Error", (text.strip().splitlines() or [""])[0][:300]
+    last = found[-1]
+    kind, message = last.group(1), last.group(2).strip()
+    if re.match(r"\d+ validation errors? for ", message):
+        following = [line.strip() for line in text[last.end() :].splitlines() if line.strip()]
+        reasons = [line for line in following if not line.startswith("For further information")][:2]
+        message = " ".join([message, *reasons])
+    return kind, message
 
 
 def is_infrastructure_failure(err: BaseException) -> bool:

@@ -114,7 +114,7 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
             snapshot = ray.get(ledger.snapshot.remote())
             break
         except Exception as err:
-            setup = setup_failure(err)
+            setup = setup_failure(err, _operator_stages(config, plan))
             if setup is not None:  # a stage that cannot start fails the same way on every attempt
                 raise setup from None
             if not is_infrastructure_failure(err):
@@ -210,6 +210,14 @@ def _check_cluster(config: GenerateConfig, plan: RunPlan) -> None:
         check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _operator_stages(config: GenerateConfig, plan: RunPlan) -> dict[str, str]:
+    """Ray Data operator names of stages that are not our callable classes -> the stage: a `ray.data.llm`
+    processor's engine actors are `vLLMEngineStageUDF` (one vLLM stage per run at most names it)."""
+    stages = pipeline_stages(config, plan.source.class_names, plan.digest, frozenset(), plan.data_dir)
+    on_dataset = [stage.name for stage in stages if stage.on_dataset]
+    return {"vLLMEngineStageUDF": on_dataset[0]} if len(on_dataset) == 1 else {}
 
 
 def _manifest(config: GenerateConfig, digest: str, complete: bool) -> dict:

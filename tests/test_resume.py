@@ -148,13 +148,15 @@ def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
 
     # Resumed with other scheduling settings (batch sizes, block and shard sizes): the same rows.
     other = ("data.rows_per_block=8", "output.rows_per_shard=16", "background.stage.batch_size=4")
-    subprocess.run(
+    result = subprocess.run(
         generate_cmd(toy, tiny_models_dir, out, *slow, *other),
         cwd=ROOT,
         env=env(),
-        check=True,
         capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert result.returncode == 0, result.stderr[-4000:]
     resumed = run_json(out)
     ids = ids_in(out)
     assert len(ids) == len(set(ids)) == 48 * 3, "every expected row exactly once"

@@ -228,3 +228,42 @@ def test_captions_through_vllm(ray_local, toy, tiny_models_dir):
     snapshot = ray.get(ledger.snapshot.remote())
     assert snapshot["stages"]["caption"]["rows_in"] == snapshot["stages"]["caption"]["rows_out"] == n
     assert snapshot["errors"] == []
+
+
+def test_engine_that_refuses_its_settings_ends_the_run_once(toy, tiny_models_dir, tmp_path):
+    """A vLLM setting the model refuses at engine start-up (max_model_len above the tiny Llama's 512) is the
+    prompt stage's error: exit 2 at the first attempt, one `error:` line with vLLM's reason, not 'Ray
+    workers were lost' after ray.max_run_attempts retries."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    sets = [
+        f"data.path={toy}",
+        f"data.masks_path={toy / 'masks'}",
+        "data.max_images=4",
+        f"output.path={tmp_path / 'out'}",
+        f"segment.detector.id={tiny_models_dir / 'grounding-dino'}",
+        f"segment.sam.id={tiny_models_dir / 'sam'}",
+        f"prompt.model.id={tiny_models_dir / 'llm'}",
+        f"background.model.id={tiny_models_dir / 'sdxl'}",
+        "ray.num_cpus=2",
+        "ray.progress_bars=false",
+        *VLLM_ON_CPU,
+        "prompt.vllm.max_model_len=100000",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.generate", *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert len(errors) == 1 and "stage 'prompt' could not start" in errors[0], errors
+    assert "max_model_len (100000) is greater" in errors[0], errors
+    assert "lost Ray workers" not in result.stderr
