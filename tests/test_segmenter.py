@@ -113,6 +113,21 @@ def test_no_detection_above_threshold(tiny_models_dir):
     assert ((out[DETECT_SCORE] > 0) & (out[DETECT_SCORE] <= 1)).all()
 
 
+def test_box_threshold_selects_which_rows_get_a_box(tiny_models_dir, segmenters):
+    """The tiny detector's scores do not saturate, so a threshold between them splits the batch: rows whose
+    best score is above it get a box, the others are `no_detection` with that score."""
+    batch = make_batch()
+    scores = segmenters["transformers"](dict(batch))[DETECT_SCORE]  # box_threshold 0.3: every row
+    assert scores.max() < 0.95 and np.unique(scores).size == len(scores), scores
+    cut = float(np.median(scores))
+    out = Segmenter(segment_config(tiny_models_dir, box_threshold=cut))(dict(batch))
+    rejected = [error == "no_detection" for error in out[ERROR]]
+    assert rejected == list(scores <= cut) and 0 < sum(rejected) < len(rejected), (scores, cut)
+    for i, is_rejected in enumerate(rejected):
+        assert (out[BBOX][i] is None) == is_rejected
+        np.testing.assert_allclose(out[DETECT_SCORE][i], scores[i], rtol=1e-5)
+
+
 def test_superclass_prompt(tiny_models_dir, segmenters):
     mapped = Segmenter(segment_config(tiny_models_dir, superclasses={"golden_retriever": "Dog"}))
     plain = segmenters["transformers"]

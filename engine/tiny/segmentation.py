@@ -2,7 +2,7 @@
 
 They keep the real loading paths (`from_pretrained`, `torch.load` + `load_state_dict`) runnable offline
 and fast on CPU: 64-96 px inputs, 32-wide layers. Random weights mean boxes and masks are arbitrary;
-the tiny configs use low thresholds.
+detection scores are kept below saturation (about 0.6-0.8) so thresholds still select.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 TINY_IMAGE_SIZE = 64  # SAM input side; GroundingDINO resizes the short side to this (long side <= 96)
 TINY_MAX_TEXT_LEN = 64
+TEXT_SCALE = 0.1  # tiny GroundingDINO's text features, scaled so scores do not saturate (see the builder)
 
 
 def tokenizer_vocab() -> dict[str, int]:
@@ -96,10 +97,16 @@ def build_grounding_dino(out: Path) -> Path:
     model = GroundingDinoForObjectDetection(config).eval()
     # The box heads start at zero, so random-weight boxes are the encoder's anchor proposals (5-40% of the
     # image side). A +1 logit on width/height, applied once per decoder layer, gives object-sized boxes
-    # (about 30-80%), so the tiny pipeline segments and composites something visible. Scores stay untouched
-    # (random weights put them near 1.0: only box_threshold=1.0 rejects every box).
+    # (about 30-80%), so the tiny pipeline segments and composites something visible.
+    # Scores are query-text dot products: with random 32-wide features they are about 10, so every score was
+    # sigmoid(10) ~ 1.0 and no threshold below 1 ever mattered. The encoder's text output (its last
+    # LayerNorm's affine) scaled by TEXT_SCALE puts the best scores near 0.6-0.8, varying with the image and
+    # the prompt, so box_threshold decides which rows get a box, as with a real checkpoint.
     with torch.no_grad():
         model.bbox_embed[0].layers[-1].bias[2:] = 1.0
+        text_norm = model.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after
+        text_norm.weight.mul_(TEXT_SCALE)
+        text_norm.bias.mul_(TEXT_SCALE)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
