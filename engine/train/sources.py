@@ -39,8 +39,17 @@ REQUIRED_COLUMNS: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     schema.RECIPE: ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
 }
 OPTIONAL_COLUMNS = {schema.GROUP: ("integer", pa.types.is_integer)}
-# The generation config's `data` fields that say which images a source_id names.
-DATASET_FIELDS = ("format", "path", "image_column", "label_column", "class_names", "groups_file")
+# The generation config's `data` fields that say which images a source_id names (absent ones read as None).
+DATASET_FIELDS = (
+    "format",
+    "path",
+    "image_column",
+    "label_column",
+    "id_column",
+    "split_files",
+    "class_names",
+    "groups_file",
+)
 MAX_LISTED_ERRORS = 20
 
 
