@@ -58,7 +58,7 @@ def make_config(shards: Path, out: Path, *extra: str) -> TrainConfig:
 
 def test_driver_modules_do_not_import_torch():
     code = (
-        "import sys, engine.train, engine.train.config, engine.train.mixing, engine.train.data, "
+        "import sys, engine.train, engine.train.config, engine.train.sources, engine.train.mixing, engine.train.data, "
         "engine.train.evaluation, engine.train.loop, engine.train.runner, jobs.train, jobs.sweep\n"
         "heavy = [m for m in ('torch', 'torchvision', 'timm', 'transformers') if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"

@@ -1,6 +1,8 @@
 """Training on generated shards with Ray Train: what `jobs.train` (and the fine-tuning jobs) are built from.
 
 - `config`: the typed configs of a training run and of a sweep.
+- `sources`: the shard files of each data path, validated up front, and the generation run and dataset
+  each belongs to (paths of two datasets are refused).
 - `data`: the shards' row index (pyarrow, no images), the sampling plan, and the Ray Datasets the workers
   iterate (decode + augment in `map_batches`).
 - `mixing`: the utilization strategies (which train rows an epoch sees), pure seedable functions.
