@@ -27,6 +27,10 @@ def subject(mode: str = "RGB", size=(32, 32)) -> Image.Image:
 
 
 GOOD_MASK = png(Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8)))
+# exif.jpg is stored landscape (48 wide, 32 tall) with orientation 6 (rotate 90 degrees to display): upright it
+# is 32 wide and 48 tall, and so is its mask. Not square, so a decoder that ignored the tag would fail it.
+EXIF_STORED, EXIF_UPRIGHT = (48, 32), (32, 48)
+EXIF_MASK = png(Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), ((16, 16), (8, 8)))))
 
 
 def build_corpus(root):
@@ -43,7 +47,7 @@ def build_corpus(root):
         "cmyk.jpg": png(subject("CMYK"), "JPEG"),
         "sixteen.png": png(sixteen),
         "palette.png": png(palette, transparency=0),
-        "exif.jpg": png(subject(size=(32, 32)), "JPEG", exif=exif),
+        "exif.jpg": png(subject(size=EXIF_STORED), "JPEG", exif=exif),
     }
     full = png(subject())
     bad = {
@@ -62,7 +66,8 @@ def build_corpus(root):
     for name, data in {**good, **bad}.items():
         (folder / name).write_bytes(data)
         if name != "nomask.png":
-            (masks / (name.rsplit(".", 1)[0] + ".png")).write_bytes(GOOD_MASK)
+            mask = EXIF_MASK if name == "exif.jpg" else GOOD_MASK
+            (masks / (name.rsplit(".", 1)[0] + ".png")).write_bytes(mask)
     return good, bad
 
 
@@ -121,9 +126,9 @@ def test_bad_files_become_error_rows(ray_local, tiny_models_dir, tmp_path, capsy
     assert set(real) == set(good)
     assert sum(r[schema.RECIPE] == "aga" for r in rows) == 2 * len(good)
     # Good rows untouched: upright, RGB, original size (the EXIF-rotated one decoded upright).
-    for r in real.values():
+    for name, r in real.items():
         img = Image.open(io.BytesIO(r[schema.IMAGE]))
-        assert img.mode == "RGB" and img.size == (32, 32)
+        assert img.mode == "RGB" and img.size == (EXIF_UPRIGHT if name == "exif.jpg" else (32, 32)), name
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["errors"]["total"] == len(bad) and run["errors"]["by_reason"]["decode"] == 4
     assert "errors 7" in capsys.readouterr().out
