@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "generate": "run a generation recipe (python -m jobs.generate)",
     "train": "fit a timm classifier on real + synthetic shards with Ray Train (python -m jobs.train)",
+    "finetune": "textual inversion / DreamBooth-LoRA of a diffusion pipeline with Ray Train (python -m jobs.finetune)",
     "sweep": "train several strategies / ratios / seeds on the same data and print a table",
     "demo": "build tiny models and the toy dataset if missing, run the AGA demo, then compare training",
     "tiny-models": "build the offline tiny random-weight models",
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.generate import main as run
     elif command == "train":
         from jobs.train import main as run
+    elif command == "finetune":
+        from jobs.finetune import main as run
     elif command == "sweep":
         from jobs.sweep import main as run
     elif command == "demo":

@@ -1,0 +1,119 @@
+"""Typed config of `synthray finetune`, in the style of engine.config (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from engine.config import DataConfig, ModelRef, RayConfig, Strict
+from engine.train.config import ScalingSpec
+
+METHODS = ("textual_inversion", "dreambooth_lora")
+
+
+class TextualInversionSpec(Strict):
+    placeholder: str = Field(
+        default="<{class_name}>",
+        description="The new token of each class; {class_name} is the class (spaces become '_')",
+    )
+    initializer: str = Field(
+        default="the",
+        description="Word whose embedding (mean over its tokens) starts every placeholder: 'the', or a "
+        "superclass such as 'bird'",
+    )
+    initializers: dict[str, str] = Field(
+        default_factory=dict, description="class name -> initializer word, for classes that differ"
+    )
+    learning_rate: float = Field(default=5e-4, gt=0, description="Before scale_lr (diffusers example: 5e-4)")
+
+
+class LoraSpec(Strict):
+    rank: int = Field(default=4, ge=1, description="LoRA rank r")
+    alpha: float = Field(default=4.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    target_modules: list[str] = Field(
+        default=["to_k", "to_q", "to_v", "to_out.0"],
+        description="UNet attention projections to adapt; add_k_proj/add_v_proj are added where the UNet "
+        "has them",
+    )
+    textual_inversion: ModelRef | None = Field(
+        default=None,
+        description="A textual-inversion run's output (folder or textual_inversion.safetensors), loaded "
+        "first; the prompt's {token} is then each class's token",
+    )
+    prompt: str = Field(
+        default="a photo of a {token}",
+        description="Instance prompt; {token}: the class's TI token (else its name), {class_name}: its name",
+    )
+    learning_rate: float = Field(default=1e-4, gt=0, description="Before scale_lr")
+
+    @field_validator("textual_inversion", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value):
+        return {"id": value} if isinstance(value, str) else value
+
+
+class FinetuneCheckpointSpec(Strict):
+    every_steps: int = Field(
+        default=100, ge=1, description="Checkpoint every N optimizer steps (and the last)"
+    )
+    num_to_keep: int = Field(default=2, ge=1)
+
+
+class FinetuneOutputConfig(Strict):
+    path: str = Field(default="outputs/finetune", description="Runs live in <path>/<name>")
+    name: str | None = Field(
+        default=None, description="Run name (None: <method>-seed<seed>); same name resumes"
+    )
+    overwrite: bool = Field(
+        default=False, description="Delete an existing run of that name instead of resuming"
+    )
+
+
+class FinetuneConfig(Strict):
+    method: Literal["textual_inversion", "dreambooth_lora"] = Field(description="What to train")
+    model: ModelRef = Field(description="Base pipeline (SD1.5 or SDXL, diffusers format)")
+    data: DataConfig = Field(description="Real training images, read by engine.readers")
+    seed: int = Field(default=0, ge=0)
+    resolution: int = Field(default=512, ge=8, description="Training side, px (resize + center crop)")
+    hflip: bool = Field(default=True, description="Random horizontal flips")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps")
+    batch_size: int = Field(default=4, ge=1, description="Images per worker per micro-batch")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    scale_lr: bool = Field(
+        default=True,
+        description="Multiply the learning rate by batch_size x gradient_accumulation_steps x num_workers "
+        "(the diffusers examples' --scale_lr)",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    timestep_range: tuple[int, int] | None = Field(
+        default=None,
+        description="[t_min, t_max] (inclusive) to sample timesteps from; None: all of them. De-DA's "
+        "truncated-timestep inversion matches it to the SDEdit strength that will use the tokens",
+    )
+    textual_inversion: TextualInversionSpec = Field(default_factory=TextualInversionSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    log_every: int = Field(default=10, ge=1, description="Progress line every N steps (rank 0)")
+    scaling: ScalingSpec = Field(default_factory=lambda: ScalingSpec(num_workers=1))
+    checkpoint: FinetuneCheckpointSpec = Field(default_factory=FinetuneCheckpointSpec)
+    output: FinetuneOutputConfig = Field(default_factory=FinetuneOutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _timesteps_ordered(self) -> FinetuneConfig:
+        if self.timestep_range is not None:
+            low, high = self.timestep_range
+            if not 0 <= low <= high:
+                raise ValueError(f"timestep_range {list(self.timestep_range)} must be 0 <= t_min <= t_max")
+        return self
+
+    def run_name(self) -> str:
+        return self.output.name or f"{self.method}-seed{self.seed}"
+
+    def run_dir(self) -> Path:
+        return Path(self.output.path).expanduser().resolve() / self.run_name()
+
+
+# Changing these between a run and its resumption keeps the run meaningful (engine.train.runner.prepare_run_dir).
+RESUMABLE_KEYS = ("max_steps", "log_every", "output", "ray", "scaling", "checkpoint")

@@ -1,0 +1,113 @@
+"""The driver's side of fine-tuning data: real rows through the project's readers, decoded and cropped to
+the training resolution, with every class checked to have usable images before any worker starts.
+
+Rows of the dataset handed to the workers: `pixels` (resolution x resolution x 3 uint8), `label` (int64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine import schema
+from engine.batch import Batch
+
+PIXELS = "pixels"
+
+# The 27 prompt templates of the textual-inversion paper's code (diffusers' textual_inversion example).
+IMAGENET_TEMPLATES_SMALL = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+
+def decode_for_training(batch: Batch, resolution: int, max_pixels: int, min_side: int) -> Batch:
+    """image_bytes -> `pixels` (shorter side resized to `resolution`, center crop), `label`; a row that does
+    not decode keeps a black image and `usable` False (counted per class by the driver, then dropped)."""
+    from PIL import Image
+
+    from engine.decode import RowError, decode_image
+
+    n = len(batch[schema.IMAGE_BYTES])
+    pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
+    usable = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if batch[schema.LABEL][i] < 0:
+            continue
+        try:
+            rgb = decode_image(batch[schema.IMAGE_BYTES][i], max_pixels, min_side)
+        except RowError:
+            continue
+        image = Image.fromarray(rgb)
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        pixels[i] = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+        usable[i] = True
+    return {
+        PIXELS: pixels,
+        schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
+        "usable": usable,
+    }
+
+
+def load_training_rows(config, ray_data):
+    """(materialized Ray Dataset of usable rows, class names, images per class). Raises ValueError naming
+    every class without a usable image (its token or LoRA prompt would never be trained)."""
+    from engine.readers import inspect_source, read_source
+
+    info = inspect_source(config.data)
+    source, class_names = read_source(config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info)
+    decoded = source.map_batches(
+        decode_for_training,
+        fn_kwargs={
+            "resolution": config.resolution,
+            "max_pixels": config.data.max_pixels,
+            "min_side": config.data.min_side,
+        },
+        batch_format="numpy",
+        num_cpus=config.ray.task_num_cpus,
+    ).materialize()
+    labels = decoded.select_columns([schema.LABEL, "usable"]).to_pandas()
+    counts = labels[labels["usable"]][schema.LABEL].value_counts().to_dict()
+    per_class = {name: int(counts.get(label, 0)) for label, name in enumerate(class_names)}
+    empty = [name for name, count in per_class.items() if count == 0]
+    if empty:
+        raise ValueError(
+            f"classes {empty} have no usable images in {config.data.path} (splits {config.data.splits}): "
+            "every class needs at least one image that decodes"
+        )
+    rows = decoded.map_batches(
+        _usable_rows, batch_format="numpy", num_cpus=config.ray.task_num_cpus
+    ).materialize()
+    return rows, class_names, per_class
+
+
+def _usable_rows(batch: Batch) -> Batch:
+    keep = np.asarray(batch["usable"], dtype=bool)
+    return {PIXELS: batch[PIXELS][keep], schema.LABEL: batch[schema.LABEL][keep]}

@@ -1,0 +1,347 @@
+"""What runs in each Ray Train worker of `synthray finetune`: load the base pipeline through engine.diffusion,
+set up the method (textual inversion or DreamBooth-LoRA), resume from Ray Train's latest checkpoint, then take
+optimizer steps of the denoising loss, averaging gradients across ranks, checkpointing every N steps.
+
+Every draw of a step (images, flips, templates, VAE sample, noise, timesteps) comes from a generator seeded by
+(seed, step, rank, micro-batch), so a resumed run takes the steps an uninterrupted one would. The loop reads
+one plain dict (`loop_config`) and the `train` dataset (engine.finetune.data rows, all of them on every rank).
+torch and diffusers are imported inside the functions: the driver imports this module without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.finetune.config import FinetuneConfig
+from engine.finetune.data import IMAGENET_TEMPLATES_SMALL, PIXELS
+
+STATE_FILE = "state.json"  # step, loss history, timing: the driver reads it from the last checkpoint
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def learning_rate(config: FinetuneConfig) -> float:
+    base = config.textual_inversion.learning_rate
+    if config.method == "dreambooth_lora":
+        base = config.lora.learning_rate
+    if config.scale_lr:
+        base *= config.batch_size * config.gradient_accumulation_steps * config.scaling.num_workers
+    return base
+
+
+def _absolute(ref) -> dict | None:
+    """A model reference as plain values, local paths made absolute (Ray Train workers run elsewhere)."""
+    if ref is None:
+        return None
+    if ref.is_local():
+        ref = ref.model_copy(update={"id": str(Path(ref.id).expanduser().resolve())})
+    return ref.model_dump(mode="json")
+
+
+def loop_config(config: FinetuneConfig, class_names: list[str]) -> dict:
+    """What each worker needs, as plain values (it crosses process boundaries)."""
+    lora = config.lora.model_dump(mode="json")
+    lora["textual_inversion"] = _absolute(config.lora.textual_inversion)
+    return {
+        "method": config.method,
+        "model": _absolute(config.model),
+        "class_names": class_names,
+        "seed": config.seed,
+        "resolution": config.resolution,
+        "hflip": config.hflip,
+        "max_steps": config.max_steps,
+        "batch_size": config.batch_size,
+        "accumulation": config.gradient_accumulation_steps,
+        "learning_rate": learning_rate(config),
+        "weight_decay": config.weight_decay,
+        "timestep_range": list(config.timestep_range) if config.timestep_range else None,
+        "textual_inversion": config.textual_inversion.model_dump(mode="json"),
+        "lora": lora,
+        "precision": config.scaling.precision,
+        "torch_threads": max(1, math.floor(config.scaling.resources_per_worker.get("CPU", 1.0))),
+        "checkpoint_every": config.checkpoint.every_steps,
+        "log_every": config.log_every,
+    }
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    return int(np.random.SeedSequence([seed, 7, step, rank, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def encode_prompts(pipe, prompts: list[str], resolution: int, device):
+    """(encoder_hidden_states, added_cond_kwargs or None) as the pipeline's UNet expects them: SD1.5 the
+    text encoder's last hidden state; SDXL both encoders' penultimate states, the pooled projection and
+    the micro-conditioning time ids (original = target = training size, no crop)."""
+    import torch
+
+    def ids(tokenizer):
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.text_encoder(ids(pipe.tokenizer))[0], None
+    first = pipe.text_encoder(ids(pipe.tokenizer), output_hidden_states=True)
+    second = pipe.text_encoder_2(ids(pipe.tokenizer_2), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device)
+    added = {"text_embeds": second[0], "time_ids": time_ids.repeat(len(prompts), 1).to(hidden.dtype)}
+    return hidden, added
+
+
+def training_step(
+    pipe,
+    noise_scheduler,
+    method,
+    optimizer,
+    pixels,
+    labels,
+    loop: dict,
+    *,
+    step: int,
+    rank: int,
+    device,
+    autocast=None,
+    all_mean_=None,
+) -> tuple[float, tuple[int, int]]:
+    """One optimizer step of the denoising loss over `loop["accumulation"]` micro-batches; returns (the
+    step's loss, (lowest, highest) timestep drawn). `pixels`: N x 3 x H x W uint8 tensor, `labels`: N ints.
+    `all_mean_` averages the gradients (and loss) across ranks in place; None for one process."""
+    import contextlib
+
+    import torch
+
+    autocast = autocast or contextlib.nullcontext
+    t_min, t_max = loop["timestep_range"] or (0, noise_scheduler.config.num_train_timesteps - 1)
+    scaling_factor = pipe.vae.config.scaling_factor
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)
+    low, high = t_max, t_min
+    for micro in range(loop["accumulation"]):
+        # Every draw from one generator seeded by (seed, step, rank, micro): resumable, rank-distinct.
+        g = torch.Generator("cpu").manual_seed(step_seed(loop["seed"], step, rank, micro))
+        index = torch.randint(len(labels), (loop["batch_size"],), generator=g)
+        images = pixels[index].float() / 127.5 - 1.0
+        if loop["hflip"]:
+            flip = torch.rand(len(index), generator=g) < 0.5
+            images[flip] = images[flip].flip(-1)
+        if loop["method"] == "textual_inversion":
+            picks = torch.randint(len(IMAGENET_TEMPLATES_SMALL), (len(index),), generator=g).tolist()
+            prompts = [
+                IMAGENET_TEMPLATES_SMALL[p].format(method.prompt_word(int(labels[i])))
+                for p, i in zip(picks, index.tolist(), strict=True)
+            ]
+        else:
+            prompts = [method.instance_prompt(int(labels[i])) for i in index.tolist()]
+        timesteps = torch.randint(t_min, t_max + 1, (len(index),), generator=g)
+        with torch.no_grad(), autocast():
+            latent_dist = pipe.vae.encode(images.to(device)).latent_dist
+            sample = torch.randn(latent_dist.mean.shape, generator=g).to(device, latent_dist.mean.dtype)
+            latents = ((latent_dist.mean + latent_dist.std * sample) * scaling_factor).float()
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        timesteps = timesteps.to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with autocast():
+            hidden, added = encode_prompts(pipe, prompts, loop["resolution"], device)
+            prediction = pipe.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float()) / loop["accumulation"]
+        loss.backward()
+        step_loss += loss.detach()
+        low, high = min(low, int(timesteps.min())), max(high, int(timesteps.max()))
+    method.after_backward()
+    if all_mean_ is not None:
+        all_mean_([p.grad for p in method.parameters() if p.grad is not None] + [step_loss])
+    optimizer.step()
+    method.after_step()
+    return float(step_loss), (low, high)
+
+
+def finetune_loop_per_worker(loop: dict) -> None:
+    """One rank: pipeline + method, resume, then optimizer steps until `max_steps`; checkpoints every N."""
+    import contextlib
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from diffusers import DDPMScheduler
+
+    from engine.config import AdapterConfig, ModelRef
+    from engine.diffusion import load_pipeline, read_textual_inversion
+    from engine.finetune.lora import DreamBoothLora
+    from engine.finetune.textual_inversion import TextualInversion
+    from engine.train.loop import _quiet_report_logs
+
+    _quiet_report_logs()  # Ray Train's per-report INFO lines; the progress line says the same
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(loop["torch_threads"])
+    device = ray.train.torch.get_device()
+    class_names = loop["class_names"]
+
+    # 1. The base pipeline (fp32 weights; autocast below on GPU), through the generators' own loader.
+    ti_ref = loop["lora"]["textual_inversion"] if loop["method"] == "dreambooth_lora" else None
+    adapters = AdapterConfig(textual_inversion=ti_ref) if ti_ref else None
+    pipe = load_pipeline(
+        ModelRef(**loop["model"]), role="finetune", device=str(device), dtype="float32", adapters=adapters
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    pipe.vae.eval()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if loop["timestep_range"] and loop["timestep_range"][1] >= num_train_timesteps:
+        raise ValueError(
+            f"timestep_range {loop['timestep_range']} is beyond the scheduler's {num_train_timesteps}"
+        )
+
+    # 2. The method; the seed makes every rank start from the same weights (LoRA init).
+    torch.manual_seed(loop["seed"])
+    if loop["method"] == "textual_inversion":
+        method = TextualInversion(pipe, class_names, loop["textual_inversion"])
+    else:
+        tokens = None
+        if ti_ref:
+            path = Path(ModelRef(**ti_ref).id).expanduser()
+            tokens, _ = read_textual_inversion(
+                path if path.is_file() else path / "textual_inversion.safetensors"
+            )
+            if len(tokens) != len(class_names):
+                raise ValueError(
+                    f"textual inversion {path} has {len(tokens)} tokens for {len(class_names)} classes"
+                )
+        method = DreamBoothLora(pipe, class_names, loop["lora"], tokens)
+    optimizer = torch.optim.AdamW(
+        method.parameters(), lr=loop["learning_rate"], weight_decay=loop["weight_decay"]
+    )
+    amp_dtype = None
+    if device.type == "cuda" and loop["precision"] != "fp32":
+        amp_dtype = torch.bfloat16 if loop["precision"] in ("auto", "bf16") else torch.float16
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    # 3. This rank's copy of the rows (fine-tuning sets are few-shot: they fit in memory).
+    pixels, labels = [], []
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy"):
+        pixels.append(batch[PIXELS])
+        labels.append(batch["label"])
+    pixels = torch.from_numpy(np.concatenate(pixels)).permute(0, 3, 1, 2).contiguous()  # N, 3, H, W uint8
+    labels = np.concatenate(labels)
+
+    # 4. Resume.
+    start_step, history, segments, resumed_from = 0, [], [], None
+    timesteps_seen = [None, None]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        from safetensors.torch import load_file
+
+        with checkpoint.as_directory() as folder:
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+            method.load_state_tensors(load_file(str(Path(folder) / TRAINABLE_FILE)))
+            optimizer.load_state_dict(
+                torch.load(Path(folder) / OPTIMIZER_FILE, map_location=device, weights_only=True)
+            )
+        start_step, history, segments = state["step"], state["loss_history"], state["segments"]
+        timesteps_seen, resumed_from = state["timesteps_seen"], state["step"]
+
+    def all_mean_(tensors: list) -> None:
+        if world_size > 1:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+                tensor /= world_size
+
+    # 5. Steps.
+    started = time.perf_counter()
+    for step in range(start_step, loop["max_steps"]):
+        step_loss, (low, high) = training_step(
+            pipe,
+            noise_scheduler,
+            method,
+            optimizer,
+            pixels,
+            labels,
+            loop,
+            step=step,
+            rank=rank,
+            device=device,
+            autocast=autocast,
+            all_mean_=all_mean_,
+        )
+        timesteps_seen = [
+            low if timesteps_seen[0] is None else min(timesteps_seen[0], low),
+            high if timesteps_seen[1] is None else max(timesteps_seen[1], high),
+        ]
+        history.append(step_loss)
+        done = step + 1
+        if rank == 0 and (done % loop["log_every"] == 0 or done == loop["max_steps"]):
+            rate = (done - start_step) / max(time.perf_counter() - started, 1e-9)
+            print(
+                f"finetune step {done}/{loop['max_steps']}  loss {history[-1]:.4f}  {rate:.2f} steps/s",
+                flush=True,
+            )
+        if done % loop["checkpoint_every"] == 0 or done == loop["max_steps"]:
+            segment = {
+                "from_step": start_step,
+                "to_step": done,
+                "train_s": round(time.perf_counter() - started, 3),
+            }
+            state = {
+                "step": done,
+                "loss_history": history,
+                "segments": [*segments, segment],
+                "timesteps_seen": timesteps_seen,
+                "resumed_from_step": resumed_from,
+                "tokens": getattr(method, "tokens", None),
+            }
+            _report(state, method, optimizer, rank)
+
+    # 6. A run resumed at its last step still ends on a checkpoint carrying its state and adapter files.
+    if start_step >= loop["max_steps"]:
+        state = {
+            "step": start_step,
+            "loss_history": history,
+            "segments": segments,
+            "timesteps_seen": timesteps_seen,
+            "resumed_from_step": resumed_from,
+            "tokens": getattr(method, "tokens", None),
+        }
+        _report(state, method, optimizer, rank)
+
+
+def _report(state: dict, method, optimizer, rank: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint: trainable tensors, optimizer, state and the
+    exported adapter files (what the driver copies out as the run's result)."""
+    import tempfile
+
+    import ray.train
+    import torch
+    from safetensors.torch import save_file
+
+    metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(method.state_tensors(), str(Path(folder) / TRAINABLE_FILE))
+        torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_FILE)
+        (Path(folder) / STATE_FILE).write_text(json.dumps(state))
+        method.export(Path(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

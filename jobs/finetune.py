@@ -1,0 +1,147 @@
+"""Fine-tuning job: `python -m jobs.finetune --config configs/finetune_ti_tiny_cpu.yaml [--set key=value ...]`.
+
+Adapts a diffusion pipeline to a dataset with Ray Train (`TorchTrainer`, gradients averaged over
+`scaling.num_workers` workers): `method: textual_inversion` learns one token per class, `dreambooth_lora` a UNet
+LoRA (on top of a textual-inversion run's tokens when `lora.textual_inversion` names one). Writes into
+<output.path>/<run name>/: the Ray Train checkpoints, train_config.yaml, the adapter files
+(textual_inversion.safetensors or lora/pytorch_lora_weights.safetensors, which generators load with
+`adapters:`), finetune.json (steps, loss history, wall time, steps/s) and loss.png. Running again with the same
+run name resumes from the latest checkpoint. Also the entry for `ray job submit --working-dir . -- python -m
+jobs.finetune --config ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from engine.config import load_config, parse_job_args
+from engine.finetune.config import RESUMABLE_KEYS, FinetuneConfig
+from engine.finetune.loop import STATE_FILE, finetune_loop_per_worker, loop_config
+from engine.train.runner import check_budget, fit, init_ray, prepare_run_dir
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_ti_tiny_cpu.yaml"
+ADAPTER_OUTPUTS = ("textual_inversion.safetensors", "lora")
+
+
+def main(argv: list[str] | None = None) -> int:
+    # 1. Config.
+    args = parse_job_args(
+        argv, "synthray finetune", __doc__.splitlines()[0], str(DEFAULT_CONFIG), "max_steps=200"
+    )
+    try:
+        config = load_config(FinetuneConfig, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # 2. Fine-tune, 3. report.
+    try:
+        report = run_finetune(config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    resumed = report["resumed_from_step"]
+    print(
+        f"{report['run']}: {report['method']}, {report['steps']} steps"
+        f"{f' (resumed at step {resumed})' if resumed is not None else ''}, "
+        f"final loss {report['final_loss']:.4f}, {report['steps_per_s']:.2f} steps/s\n"
+        f"  {report['run_dir']}: {', '.join(report['outputs'])}, finetune.json, loss.png ({report['wall_s']}s)"
+    )
+    return 0
+
+
+def run_finetune(config: FinetuneConfig) -> dict:
+    """One run: rows -> TorchTrainer.fit -> adapter files + finetune.json + loss.png; returns the report."""
+    import ray
+
+    from engine.finetune.data import load_training_rows
+    from engine.finetune.textual_inversion import check_tokenizers, placeholder_tokens
+    from engine.models import check_local_models, resolve_model
+
+    start = time.perf_counter()
+    # 1. Models exist and placeholders are new, before anything starts.
+    check_local_models(config, "finetune")
+    # 2. Run folder: resume or start over, never mix two configs in one folder.
+    run_dir = prepare_run_dir(config, RESUMABLE_KEYS)
+    # 3. Ray, with the reservation checked before anything waits on it; the real rows, every class usable.
+    check_budget(config, init_ray(config.ray))
+    rows, class_names, per_class = load_training_rows(config, ray.data)
+    if config.method == "textual_inversion":
+        tokens = placeholder_tokens(class_names, config.textual_inversion.placeholder)
+        check_tokenizers(resolve_model(config.model, "finetune")[0], config.model, tokens)
+    # 4. Fit.
+    result = fit(
+        finetune_loop_per_worker,
+        loop_config(config, class_names),
+        {"train": rows},
+        run_dir=run_dir,
+        config=config,
+    )
+    # 5. Report: the adapter files of the last checkpoint, its state, the loss curve.
+    with result.checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        outputs = []
+        for name in ADAPTER_OUTPUTS:
+            source, target = Path(folder) / name, run_dir / name
+            if not source.exists():
+                continue
+            if target.is_dir():
+                shutil.rmtree(target)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+            outputs.append(name)
+    segment = state["segments"][-1] if state["segments"] else None
+    trained = segment["to_step"] - segment["from_step"] if segment else 0
+    report = {
+        "run": run_dir.name,
+        "run_dir": str(run_dir),
+        "method": config.method,
+        "steps": state["step"],
+        "resumed_from_step": state["resumed_from_step"],
+        "loss_history": state["loss_history"],
+        "final_loss": state["loss_history"][-1] if state["loss_history"] else float("nan"),
+        "steps_per_s": trained / segment["train_s"] if segment and segment["train_s"] else 0.0,
+        "segments": state["segments"],
+        "timesteps_seen": state["timesteps_seen"],
+        "classes": class_names,
+        "images_per_class": per_class,
+        "tokens": state["tokens"],
+        "outputs": outputs,
+        "checkpoint": result.checkpoint.path,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "config": config.model_dump(mode="json"),
+    }
+    (run_dir / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    if state["loss_history"]:
+        plot_loss(state["loss_history"], run_dir / "loss.png", title=f"{run_dir.name} ({config.method})")
+    return report
+
+
+def plot_loss(history: list[float], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = np.arange(1, len(history) + 1)
+    ax.plot(steps, history, alpha=0.4, label="loss")
+    window = max(1, len(history) // 20)
+    if window > 1:
+        smooth = np.convolve(history, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("denoising MSE")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

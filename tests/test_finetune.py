@@ -1,0 +1,294 @@
+"""Fine-tuning (engine.finetune, jobs/finetune.py) and the adapter loader (engine.diffusion), on the tiny
+offline SD1.5 pipeline and the toy dataset, CPU only.
+
+The in-process tests drive `training_step` (the step every Ray Train worker takes) directly; the job tests run
+`run_finetune` on a local Ray: one textual-inversion run, its resumption, and a LoRA run on its tokens.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.config import AdapterConfig, ModelRef, load_config
+from engine.finetune.config import FinetuneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_CONFIGS = sorted((ROOT / "configs").glob("finetune_*.yaml"))
+PROMPT = "a photo of a <circle>"
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_finetune_configs_validate(path):
+    assert path.read_text().splitlines()[0].startswith("# Run: ")
+    raw = yaml.safe_load(path.read_text())
+    assert "method" in raw
+    config = load_config(FinetuneConfig, path)
+    if "gpu" in path.name:
+        assert config.model.revision and config.scaling.use_gpu
+
+
+def test_there_are_tiny_and_gpu_finetune_configs():
+    names = {p.name for p in FINETUNE_CONFIGS}
+    assert {"finetune_ti_tiny_cpu.yaml", "finetune_lora_tiny_cpu.yaml"} <= names
+    assert any("gpu" in n for n in names)
+
+
+# --------------------------------------------------------------------------- in process, no Ray
+
+
+def tiny_pipe(models: Path, adapters: AdapterConfig | None = None):
+    from engine.diffusion import load_pipeline
+
+    pipe = load_pipeline(ModelRef(id=str(models / "sd15")), role="test", device="cpu", adapters=adapters)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str = PROMPT) -> np.ndarray:
+    import torch
+
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=1.0,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images[0]
+
+
+def ti_loop(**changes) -> dict:
+    loop = {
+        "method": "textual_inversion",
+        "seed": 0,
+        "resolution": 64,
+        "hflip": True,
+        "batch_size": 2,
+        "accumulation": 1,
+        "timestep_range": None,
+        "textual_inversion": {"placeholder": "<{class_name}>", "initializer": "the", "initializers": {}},
+    }
+    return {**loop, **changes}
+
+
+def run_steps(pipe, method, loop: dict, num_steps: int, weight_decay: float = 0.01):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from engine.finetune.loop import training_step
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=0.05, weight_decay=weight_decay)
+    pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    labels = np.array([0, 1, 0, 1])
+    seen = []
+    for step in range(num_steps):
+        _, span = training_step(
+            pipe, scheduler, method, optimizer, pixels, labels, loop, step=step, rank=0, device="cpu"
+        )
+        seen.append(span)
+    return seen
+
+
+def test_only_the_placeholder_rows_change(tiny_models_dir):
+    from engine.finetune.textual_inversion import TextualInversion
+
+    pipe = tiny_pipe(tiny_models_dir)
+    method = TextualInversion(pipe, ["circle", "square"], ti_loop()["textual_inversion"])
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    before = weight.detach().clone()
+    ids = pipe.tokenizer.convert_tokens_to_ids(method.tokens)
+    # Weight decay touches every row of the matrix: only restoring the others keeps them bit-identical.
+    run_steps(pipe, method, ti_loop(), num_steps=3, weight_decay=0.01)
+    after = weight.detach()
+    others = np.setdiff1d(np.arange(after.shape[0]), ids)
+    assert (after[others] == before[others]).all(), "rows other than the placeholders changed"
+    for token_id in ids:
+        assert not (after[token_id] == before[token_id]).all(), "a placeholder row did not train"
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_timestep_range_is_honoured(tiny_models_dir):
+    from engine.finetune.textual_inversion import TextualInversion
+
+    pipe = tiny_pipe(tiny_models_dir)
+    method = TextualInversion(pipe, ["circle", "square"], ti_loop()["textual_inversion"])
+    spans = run_steps(pipe, method, ti_loop(timestep_range=[100, 130], batch_size=4), num_steps=4)
+    assert all(100 <= low <= high <= 130 for low, high in spans), spans
+
+
+def test_a_token_already_in_the_tokenizer_is_refused_by_name(tiny_models_dir):
+    from engine.finetune.textual_inversion import TextualInversion
+
+    pipe = tiny_pipe(tiny_models_dir)
+    # "grass" is a word of the tiny vocabulary: training it would change every prompt that says grass.
+    with pytest.raises(ValueError, match=r"\['grass'\] already exist"):
+        TextualInversion(
+            pipe, ["grass", "circle"], {**ti_loop()["textual_inversion"], "placeholder": "{class_name}"}
+        )
+
+
+def test_embedding_file_of_another_width_is_refused_with_both_shapes(tiny_models_dir, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "textual_inversion.safetensors"
+    save_file({"clip_l": torch.zeros(2, 16)}, str(path), metadata={"tokens": json.dumps(["<a>", "<b>"])})
+    with pytest.raises(ValueError, match=r"shape \(2, 16\).*needs \(2, 32\)"):
+        tiny_pipe(tiny_models_dir, AdapterConfig(textual_inversion=str(tmp_path)))
+
+
+def test_pickled_adapter_needs_allow_pickle(tiny_models_dir, tmp_path):
+    import torch
+
+    path = tmp_path / "embeds.bin"
+    torch.save({"clip_l": torch.zeros(1, 32)}, path)
+    with pytest.raises(ValueError, match="safetensors only"):
+        tiny_pipe(tiny_models_dir, AdapterConfig(textual_inversion=str(path)))
+
+
+# --------------------------------------------------------------------------- the job on a local Ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def job_config(config: str, toy: Path, models: Path, out: Path, *extra: str) -> FinetuneConfig:
+    return load_config(
+        FinetuneConfig,
+        ROOT / "configs" / config,
+        [
+            f"data.path={toy}",
+            f"model.id={models / 'sd15'}",
+            f"output.path={out}",
+            "batch_size=2",
+            "checkpoint.every_steps=3",
+            "ray.progress_bars=false",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def ti_run(toy, tiny_models_dir, tmp_path_factory, local_ray):
+    """A textual-inversion run of 6 steps, then the same run again with max_steps=8 (rerun = resume)."""
+    from jobs.finetune import run_finetune
+
+    out = tmp_path_factory.mktemp("finetune")
+    first = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=6"))
+    second = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=8"))
+    return first, second, Path(second["run_dir"])
+
+
+def test_textual_inversion_job_writes_its_outputs(ti_run):
+    first, _, run_dir = ti_run
+    assert first["steps"] == 6 and first["resumed_from_step"] is None
+    assert len(first["loss_history"]) == 6 and first["steps_per_s"] > 0
+    assert first["tokens"] == ["<circle>", "<cross>", "<diamond>"]
+    for name in ("textual_inversion.safetensors", "finetune.json", "loss.png", "train_config.yaml"):
+        assert (run_dir / name).exists(), name
+
+
+def test_rerun_resumes_from_the_last_checkpoint(ti_run):
+    first, second, run_dir = ti_run
+    assert second["resumed_from_step"] == 6 and second["steps"] == 8
+    assert second["loss_history"][:6] == first["loss_history"]
+    assert [s["from_step"] for s in second["segments"]] == [0, 6]
+    assert json.loads((run_dir / "finetune.json").read_text())["steps"] == 8
+
+
+def test_tokens_load_with_load_textual_inversion_and_change_the_image(ti_run, tiny_models_dir):
+    from engine.diffusion import read_textual_inversion
+
+    _, _, run_dir = ti_run
+    base = generate(tiny_pipe(tiny_models_dir))
+    # diffusers' own loader, given the file's tensor and tokens.
+    pipe = tiny_pipe(tiny_models_dir)
+    tokens, tensors = read_textual_inversion(run_dir / "textual_inversion.safetensors")
+    pipe.load_textual_inversion(tensors["clip_l"], token=tokens)
+    assert pipe.tokenizer("<circle>", add_special_tokens=False).input_ids == [
+        pipe.tokenizer.convert_tokens_to_ids("<circle>")
+    ]
+    with_tokens = generate(pipe)
+    assert not np.array_equal(with_tokens, base)
+    # Through the generators' loader (adapters by config): the same image.
+    loaded = generate(tiny_pipe(tiny_models_dir, AdapterConfig(textual_inversion=str(run_dir))))
+    np.testing.assert_array_equal(loaded, with_tokens)
+
+
+def test_lora_job_saves_weights_that_load_and_change_the_image(ti_run, toy, tiny_models_dir, tmp_path):
+    from jobs.finetune import run_finetune
+
+    _, _, ti_dir = ti_run
+    report = run_finetune(
+        job_config(
+            "finetune_lora_tiny_cpu.yaml",
+            toy,
+            tiny_models_dir,
+            tmp_path,
+            "max_steps=3",
+            f"lora.textual_inversion={ti_dir}",
+            "lora.learning_rate=0.01",
+        )
+    )
+    lora_dir = Path(report["run_dir"]) / "lora"
+    assert report["outputs"] == ["lora"] and (lora_dir / "pytorch_lora_weights.safetensors").exists()
+
+    tokens_only = generate(tiny_pipe(tiny_models_dir, AdapterConfig(textual_inversion=str(ti_dir))))
+    # diffusers' own loader.
+    pipe = tiny_pipe(tiny_models_dir, AdapterConfig(textual_inversion=str(ti_dir)))
+    pipe.load_lora_weights(str(lora_dir))
+    assert not np.array_equal(generate(pipe), tokens_only)
+    # By config, at scale 1 and at scale 0 (the base image back).
+    with_lora = AdapterConfig(textual_inversion=str(ti_dir), lora=str(lora_dir), lora_scale=1.0)
+    assert not np.array_equal(generate(tiny_pipe(tiny_models_dir, with_lora)), tokens_only)
+    off = with_lora.model_copy(update={"lora_scale": 0.0})
+    np.testing.assert_array_equal(generate(tiny_pipe(tiny_models_dir, off)), tokens_only)
+
+    # A LoRA for another UNet (a matrix of another width) is refused with both shapes.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in state if "lora" in k and ("lora_A" in k or "lora.down" in k))
+    state[key] = state[key][:, :-1].contiguous()
+    bad = tmp_path / "bad-lora"
+    bad.mkdir()
+    save_file(state, str(bad / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ValueError, match=r"has shape .* needs"):
+        tiny_pipe(tiny_models_dir, AdapterConfig(lora=str(bad)))
+
+
+def test_a_class_without_usable_images_is_named(toy, tiny_models_dir, tmp_path, local_ray):
+    import shutil
+
+    from jobs.finetune import run_finetune
+
+    data = tmp_path / "toy"
+    shutil.copytree(toy, data)
+    for image in (data / "train" / "cross").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"\['cross'\] have no usable images"):
+        run_finetune(job_config("finetune_ti_tiny_cpu.yaml", data, tiny_models_dir, tmp_path / "out"))
+
+
+def test_driver_side_of_finetuning_does_not_import_the_gpu_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jobs.finetune, jobs.cli, engine.diffusion, engine.finetune.loop, engine.finetune.data, "
+        "engine.finetune.lora, engine.finetune.textual_inversion\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
