@@ -76,6 +76,16 @@ def toy(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray (2 CPUs, no dashboard, offline hub clients on the workers) for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
 def demo_overrides(toy: Path, models: Path, out: Path) -> list[str]:
     """Overrides for the demo config (configs/aga_tiny_cpu.yaml): this toy dataset, the tiny models, 32 px
     backgrounds in 2 steps, everything named by absolute path."""

@@ -86,15 +86,6 @@ def test_clip_actor_drops_an_image_that_matches_another_class(tiny_models_dir):
     assert out[FIDELITY_PROB][0] > 1 / 3 >= out[FIDELITY_PROB][2]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_run_writes_filtered_rows_with_rule_and_scores(ray_local, toy, tiny_models_dir, tmp_path):
     from jobs.generate import main

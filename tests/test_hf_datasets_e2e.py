@@ -20,15 +20,6 @@ CLASSES = ["spring_rolls", "winter melon", "crème brûlée"]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def hub_dataset(toy, tmp_path_factory):
     """<root>/images/<split>/<file>.png and <root>/data/{train,test}-00000-of-00001.parquet, paths stored
     relative to <root> with no bytes (what `to_parquet` writes for images loaded from files)."""

@@ -11,26 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import demo_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def generate(toy: Path, tiny: Path, out: Path, *extra: str, timeout: int = 300):
-    sets = [
-        f"data.path={toy}",
-        f"data.masks_path={toy / 'masks'}",
-        f"output.path={out}",
-        "output.gallery_classes=0",
-        "ray.progress_bars=false",
-        "ray.num_cpus=2",
-        f"segment.detector.id={tiny / 'grounding-dino'}",
-        f"segment.sam.id={tiny / 'sam'}",
-        f"prompt.model.id={tiny / 'llm'}",
-        f"background.model.id={tiny / 'sdxl'}",
-        "background.height=32",
-        "background.width=32",
-        "background.num_inference_steps=1",
-        *extra,
-    ]
+    sets = [*demo_overrides(toy, tiny, out), "ray.num_cpus=2", *extra]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     start = time.monotonic()
     result = subprocess.run(

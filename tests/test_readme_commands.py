@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,6 +39,9 @@ def walkthrough() -> str:
 def test_cluster_walkthrough_runs_as_written():
     script = walkthrough()
     assert "ray job submit" in script and "jobs.train" in script and "ray stop" in script
+    for port in (6379, 8265):  # the walkthrough's head and dashboard ports
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken: is another Ray running?"
     for path in OUTPUTS:
         shutil.rmtree(path, ignore_errors=True)
     temp_dir = tempfile.mkdtemp(prefix="sr-readme-", dir="/tmp")  # Unix socket paths stay short

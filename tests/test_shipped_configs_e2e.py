@@ -28,15 +28,6 @@ CPU_STAGE = {"batch_size": 4, "concurrency": 1, "num_gpus": 0, "num_cpus": 0.25}
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
 def with_tiny_models(raw: dict, toy: Path, models: Path, out: Path) -> dict:
     """The shipped config with only the things that cannot run here swapped (see the module docstring)."""
     raw = dict(raw)

@@ -20,15 +20,6 @@ from tests.conftest import ROOT, demo_overrides
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
 def test_synthetic_shards_land_while_the_last_stage_still_runs(ray_local, tiny_models_dir, tmp_path):
     from engine.config import GenerateConfig, load_config
     from engine.pipeline import run_generate
