@@ -292,3 +292,42 @@ def test_driver_side_of_finetuning_does_not_import_the_gpu_stack():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_sdxl_tokens_go_into_both_encoders_and_the_background_stage_loads_them(tiny_models_dir, tmp_path):
+    from actors.background import BackgroundGenerator
+    from engine import schema
+    from engine.config import BackgroundConfig
+    from engine.finetune.textual_inversion import TextualInversion
+
+    pipe = tiny_pipe_of(tiny_models_dir / "sdxl")
+    method = TextualInversion(pipe, ["circle", "square"], ti_loop()["textual_inversion"])
+    run_steps(pipe, method, ti_loop(), num_steps=1)
+    (path,) = method.export(tmp_path)
+    from engine.diffusion import read_textual_inversion
+
+    tokens, tensors = read_textual_inversion(path)
+    assert tokens == ["<circle>", "<square>"] and sorted(tensors) == ["clip_g", "clip_l"]
+
+    def backgrounds(adapters):
+        config = BackgroundConfig(
+            model=ModelRef(id=str(tiny_models_dir / "sdxl")),
+            adapters=adapters,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            device="cpu",
+            dtype="float32",
+        )
+        batch = {schema.PROMPT: np.array(["a <circle> on grass"], dtype=object), schema.SEED: np.array([3])}
+        return BackgroundGenerator(config)(batch)[schema.BACKGROUND][0]
+
+    assert not np.array_equal(backgrounds(AdapterConfig(textual_inversion=str(tmp_path))), backgrounds(None))
+
+
+def tiny_pipe_of(path: Path):
+    from engine.diffusion import load_pipeline
+
+    pipe = load_pipeline(ModelRef(id=str(path)), role="test", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
