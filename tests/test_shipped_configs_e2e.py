@@ -61,6 +61,7 @@ def test_shipped_config_runs_end_to_end(ray_local, toy, tiny_models_dir, tmp_pat
     run = run_generate(config).data
 
     assert run["errors"]["total"] == 0, run["errors"]
+    assert "gallery" not in run["output"], "gallery_classes=0 writes no gallery, so none is named"
     real_train = run["stages"]["expand"]["rows_in"] - (run["rows"]["real_in"] - run["rows"]["real_written"])
     expanded = [r for r in pq.read_table(tmp_path / "out" / "data").to_pylist() if r[schema.RECIPE] != "real"]
     assert run["rows"]["real_written"] == run["rows"]["real_in"] == 12

@@ -92,3 +92,24 @@ def test_gpu_shortfall_names_the_pools_like_the_cpu_one():
     ):
         check_resource_budget(stages, {"CPU": 8, "GPU": 4}, task_num_cpus=0.5)
     check_resource_budget(stages, {"CPU": 8, "GPU": 5}, task_num_cpus=0.5)
+
+
+def test_actor_stage_sets_restarts_without_ray_deprecation_warnings(ledger):
+    """Ray 2.60 takes actor restarts/retries only through the deprecated `**ray_remote_args`; the stage loop
+    passes them (they are real settings) without flooding every run with the warning."""
+    import warnings
+
+    import ray
+
+    from engine.config import StageSpec
+    from engine.stages import apply_stages
+
+    class Model:
+        def __call__(self, batch):
+            return batch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = apply_stages(ray.data.range(4), [Stage("model", Model, StageSpec(max_restarts=1))], ledger, 0.25)
+    assert not [w for w in caught if "ray_remote_args" in str(w.message)]
+    assert ds._logical_plan.dag.ray_remote_args["max_restarts"] == 1, "the setting still reaches Ray"
