@@ -215,7 +215,12 @@ def list_image_folder(data: DataConfig, splits: list[str] | None = None) -> tupl
             files.append((split, parts[1], rel))
     class_names = sorted(classes)
     label_of = {name: i for i, name in enumerate(class_names)}
-    groups = _read_groups(fs, data.groups_file or posixpath.join(root, "groups.csv"))
+    # A configured groups file is read from its own location (it may live apart from the images).
+    groups = (
+        _read_groups(*filesystem(data.groups_file), required=True)
+        if data.groups_file
+        else _read_groups(fs, posixpath.join(root, "groups.csv"))
+    )
     masks_root = filesystem(data.masks_path)[1] if data.masks_path else None
     files.sort()
     rows = []
@@ -691,13 +696,21 @@ def _read_bytes(path: str) -> bytes | None:
         return None
 
 
-def _read_groups(fs, path: str) -> dict[str, int]:
+def _read_groups(fs, path: str, required: bool = False) -> dict[str, int]:
+    """`source_id -> group` from a CSV. The default `<path>/groups.csv` is optional; a configured
+    `data.groups_file` (`required`) that is missing or lacks the columns is an error, not groups of -1."""
     try:
         with fs.open_input_stream(path) as stream:
             text = stream.read().decode()
     except (FileNotFoundError, OSError):
+        if required:
+            raise ValueError(f"data.groups_file {path} does not exist") from None
         return {}
-    return {row["source_id"]: int(row["group"]) for row in csv.DictReader(io.StringIO(text))}
+    reader = csv.DictReader(io.StringIO(text))
+    missing = sorted({"source_id", "group"} - set(reader.fieldnames or ()))
+    if missing:
+        raise ValueError(f"groups file {path} has no column {missing} (it needs `source_id,group`)")
+    return {row["source_id"]: int(row["group"]) for row in reader}
 
 
 def _with_scheme(original: str | None, inner_path: str) -> str:

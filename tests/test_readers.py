@@ -260,3 +260,24 @@ def test_image_folder_missing_splits_and_path(toy, tmp_path):
     assert {(r[schema.SPLIT], r[schema.LABEL]) for r in sample.rows} == {
         (s, c) for s in ("train", "val", "test") for c in range(3)
     }
+
+
+def test_groups_file_from_config_or_default(toy, tmp_path):
+    """`<path>/groups.csv` by default; a configured `data.groups_file` (anywhere) instead; a configured one
+    that is missing or lacks the columns is an error before Ray, not a run with every group -1."""
+    default = {r[schema.SOURCE_ID]: r[schema.GROUP] for r in inspect_source(DataConfig(path=str(toy))).rows}
+    assert set(default.values()) != {-1}  # the toy dataset ships groups.csv
+    ids = sorted(default)
+    groups_file = tmp_path / "elsewhere" / "my_groups.csv"
+    groups_file.parent.mkdir()
+    groups_file.write_text("source_id,group\n" + "".join(f"{s},{100 + i}\n" for i, s in enumerate(ids)))
+    configured = inspect_source(DataConfig(path=str(toy), groups_file=str(groups_file))).rows
+    assert {r[schema.SOURCE_ID]: r[schema.GROUP] for r in configured} == {
+        s: 100 + i for i, s in enumerate(ids)
+    }
+
+    with pytest.raises(ValueError, match=r"data.groups_file .*no-such.csv does not exist"):
+        inspect_source(DataConfig(path=str(toy), groups_file=str(tmp_path / "no-such.csv")))
+    (tmp_path / "bad.csv").write_text("source_id,cluster\na,1\n")
+    with pytest.raises(ValueError, match=r"no column \['group'\]"):
+        inspect_source(DataConfig(path=str(toy), groups_file=str(tmp_path / "bad.csv")))
