@@ -105,6 +105,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
         "steps_per_s": trained / segment["train_s"] if segment and segment["train_s"] else 0.0,
         "segments": state["segments"],
         "timesteps_seen": state["timesteps_seen"],
+        "rank_weight_digests": state["rank_weight_digests"],
         "classes": class_names,
         "images_per_class": per_class,
         "tokens": state["tokens"],

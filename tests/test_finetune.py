@@ -154,15 +154,6 @@ def test_pickled_adapter_needs_allow_pickle(tiny_models_dir, tmp_path):
 # --------------------------------------------------------------------------- the job on a local Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def job_config(config: str, toy: Path, models: Path, out: Path, *extra: str) -> FinetuneConfig:
     return load_config(
         FinetuneConfig,
@@ -180,7 +171,7 @@ def job_config(config: str, toy: Path, models: Path, out: Path, *extra: str) -> 
 
 
 @pytest.fixture(scope="module")
-def ti_run(toy, tiny_models_dir, tmp_path_factory, local_ray):
+def ti_run(toy, tiny_models_dir, tmp_path_factory, ray_local):
     """A textual-inversion run of 6 steps, then the same run again with max_steps=8 (rerun = resume)."""
     from jobs.finetune import run_finetune
 
@@ -188,6 +179,24 @@ def ti_run(toy, tiny_models_dir, tmp_path_factory, local_ray):
     first = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=6"))
     second = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=8"))
     return first, second, Path(second["run_dir"])
+
+
+def test_two_workers_end_with_identical_weights(toy, tiny_models_dir, tmp_path, ray_local):
+    from jobs.finetune import run_finetune
+
+    report = run_finetune(
+        job_config(
+            "finetune_ti_tiny_cpu.yaml",
+            toy,
+            tiny_models_dir,
+            tmp_path,
+            "max_steps=2",
+            "scaling.num_workers=2",
+            "scaling.resources_per_worker={CPU: 0.5}",
+        )
+    )
+    digests = report["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
 
 
 def test_textual_inversion_job_writes_its_outputs(ti_run):
@@ -268,7 +277,7 @@ def test_lora_job_saves_weights_that_load_and_change_the_image(ti_run, toy, tiny
         tiny_pipe(tiny_models_dir, AdapterConfig(lora=str(bad)))
 
 
-def test_a_class_without_usable_images_is_named(toy, tiny_models_dir, tmp_path, local_ray):
+def test_a_class_without_usable_images_is_named(toy, tiny_models_dir, tmp_path, ray_local):
     import shutil
 
     from jobs.finetune import run_finetune
@@ -331,3 +340,28 @@ def tiny_pipe_of(path: Path):
     pipe = load_pipeline(ModelRef(id=str(path)), role="test", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_gpu_finetune_benchmark_smoke_run(tmp_path):
+    from benchmarks import gpu_finetune
+
+    data = gpu_finetune.main(
+        ["--tiny", "--device", "cpu", "--only", "sd15", "--batches", "1", "--out-dir", str(tmp_path)]
+    )
+    assert [(r["method"], "steps_per_s" in r) for r in data["results"]] == [
+        ("textual_inversion", True),
+        ("dreambooth_lora", True),
+    ]
+    assert "TINY smoke run" in (tmp_path / "gpu_finetune.md").read_text()
+
+
+def test_gpu_finetune_benchmark_sd15_has_the_published_sizes():
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from benchmarks.gpu_finetune import SD15_UNET, SD15_VAE
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 859.5
+    assert round(sum(p.numel() for p in vae.parameters()) / 1e6, 1) == 83.7

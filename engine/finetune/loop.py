@@ -311,7 +311,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
                 "resumed_from_step": resumed_from,
                 "tokens": getattr(method, "tokens", None),
             }
-            _report(state, method, optimizer, rank)
+            _report(state, method, optimizer, rank, world_size)
 
     # 6. A run resumed at its last step still ends on a checkpoint carrying its state and adapter files.
     if start_step >= loop["max_steps"]:
@@ -323,17 +323,36 @@ def finetune_loop_per_worker(loop: dict) -> None:
             "resumed_from_step": resumed_from,
             "tokens": getattr(method, "tokens", None),
         }
-        _report(state, method, optimizer, rank)
+        _report(state, method, optimizer, rank, world_size)
 
 
-def _report(state: dict, method, optimizer, rank: int) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint: trainable tensors, optimizer, state and the
-    exported adapter files (what the driver copies out as the run's result)."""
+def weights_digest(tensors: dict) -> str:
+    """sha1 of the trainable tensors (name order): equal on every rank when the ranks stayed in sync."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _report(state: dict, method, optimizer, rank: int, world_size: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint: trainable tensors, optimizer, state (with every
+    rank's weights digest) and the exported adapter files (what the driver copies out as the run's result)."""
     import tempfile
 
     import ray.train
     import torch
+    import torch.distributed as dist
     from safetensors.torch import save_file
+
+    digests = [weights_digest(method.state_tensors())]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, digests[0])
+        digests = gathered
+    state = {**state, "rank_weight_digests": digests}
 
     metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
     if rank != 0:

@@ -69,11 +69,13 @@ class TextualInversion:
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).requires_grad_(False)  # only the embedding rows train
         self.encoders = []  # (key, embedding weight, new token ids, frozen copy of the rows that must not change)
+        extended = set()  # a pipeline may share one tokenizer object between its two encoders
         for encoder_name, tokenizer_name, key in TEXT_ENCODERS:
             encoder, tokenizer = getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None)
             if encoder is None:
                 continue
-            check_new_tokens(tokenizer, self.tokens, tokenizer_name)
+            if id(tokenizer) not in extended:
+                check_new_tokens(tokenizer, self.tokens, tokenizer_name)
             init_ids = []
             for name in class_names:
                 word = spec["initializers"].get(name, spec["initializer"])
@@ -81,7 +83,9 @@ class TextualInversion:
                 if not ids:
                     raise ValueError(f"initializer word {word!r} of class {name!r} has no tokens")
                 init_ids.append(ids)
-            tokenizer.add_tokens(self.tokens)
+            if id(tokenizer) not in extended:
+                tokenizer.add_tokens(self.tokens)
+                extended.add(id(tokenizer))
             token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
             for token, token_id in zip(self.tokens, token_ids, strict=True):
                 encoded = tokenizer(token, add_special_tokens=False).input_ids
