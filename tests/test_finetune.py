@@ -365,3 +365,38 @@ def test_gpu_finetune_benchmark_sd15_has_the_published_sizes():
         unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 859.5
     assert round(sum(p.numel() for p in vae.parameters()) / 1e6, 1) == 83.7
+
+
+def test_subject_only_cuts_to_the_mask_and_greys_the_rest():
+    import io
+
+    from PIL import Image
+
+    from engine import schema
+    from engine.finetune.data import PIXELS, SUBJECT_FILL, decode_for_training
+
+    def png(array) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="PNG")
+        return out.getvalue()
+
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    image[:, :, 0] = 200  # red everywhere; the subject is the blue square
+    image[10:20, 30:50] = (0, 0, 255)
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[10:20, 30:50] = 255  # 10 x 20: padded to 20 x 20 with gray bands above and below
+    batch = {
+        schema.IMAGE_BYTES: np.array([png(image), png(image)], dtype=object),
+        schema.MASK_BYTES: np.array([png(mask), None], dtype=object),
+        schema.LABEL: np.array([0, 1]),
+    }
+    out = decode_for_training(batch, resolution=16, max_pixels=10**6, min_side=8, subject_only=True)
+    assert out["usable"].tolist() == [True, False]  # no mask: not a subject
+    subject = out[PIXELS][0].astype(int)
+    assert np.abs(subject[6:10] - (0, 0, 255)).max() <= 2  # the subject, centred
+    assert np.abs(subject[:2] - SUBJECT_FILL).max() <= 2 and np.abs(subject[-2:] - SUBJECT_FILL).max() <= 2
+    assert not (subject[:, :, 0] > 150).any()  # nothing of the red background is left
+    plain = decode_for_training(batch, resolution=16, max_pixels=10**6, min_side=8)
+    assert plain["usable"].tolist() == [True, True] and (plain[PIXELS][:, :, :, 0] > 150).any()
+    with pytest.raises(ValueError, match="data.masks_path"):
+        load_config(FinetuneConfig, ROOT / "configs" / "finetune_ti_tiny_cpu.yaml", ["subject_only=true"])

@@ -78,6 +78,11 @@ class FinetuneConfig(Strict):
     seed: int = Field(default=0, ge=0)
     resolution: int = Field(default=512, ge=8, description="Training side, px (resize + center crop)")
     hflip: bool = Field(default=True, description="Random horizontal flips")
+    subject_only: bool = Field(
+        default=False,
+        description="Train on the subjects only (De-DA): each image cut to its mask's box (data.masks_path), "
+        "the rest mid gray, padded square; images without a mask are not used",
+    )
     max_steps: int = Field(default=1000, ge=1, description="Optimizer steps")
     batch_size: int = Field(default=4, ge=1, description="Images per worker per micro-batch")
     gradient_accumulation_steps: int = Field(default=1, ge=1)
@@ -99,6 +104,12 @@ class FinetuneConfig(Strict):
     checkpoint: FinetuneCheckpointSpec = Field(default_factory=FinetuneCheckpointSpec)
     output: FinetuneOutputConfig = Field(default_factory=FinetuneOutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _subjects_need_masks(self) -> FinetuneConfig:
+        if self.subject_only and not self.data.masks_path:
+            raise ValueError("subject_only needs the dataset's masks: set data.masks_path")
+        return self
 
     @model_validator(mode="after")
     def _timesteps_ordered(self) -> FinetuneConfig:

@@ -45,14 +45,25 @@ IMAGENET_TEMPLATES_SMALL = (
 )
 
 
-def decode_for_training(batch: Batch, resolution: int, max_pixels: int, min_side: int) -> Batch:
+SUBJECT_FILL = 127  # the background of a subject-only crop: mid gray
+
+
+def decode_for_training(
+    batch: Batch, resolution: int, max_pixels: int, min_side: int, subject_only: bool = False
+) -> Batch:
     """image_bytes -> `pixels` (shorter side resized to `resolution`, center crop), `label`; a row that does
-    not decode keeps a black image and `usable` False (counted per class by the driver, then dropped)."""
+    not decode keeps a black image and `usable` False (counted per class by the driver, then dropped).
+
+    `subject_only` (De-DA's isolated subjects): the image is cut to its mask's bounding box, everything off
+    the mask is mid gray, and the crop is padded to a square (the subject is never cropped away); a row
+    without a mask, or with an empty one, is not usable."""
     from PIL import Image
 
-    from engine.decode import RowError, decode_image
+    from engine.batch import is_missing
+    from engine.decode import RowError, decode_image, decode_mask
 
     n = len(batch[schema.IMAGE_BYTES])
+    masks = batch.get(schema.MASK_BYTES, np.full(n, None, dtype=object))
     pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
     usable = np.zeros(n, dtype=bool)
     for i in range(n):
@@ -60,6 +71,12 @@ def decode_for_training(batch: Batch, resolution: int, max_pixels: int, min_side
             continue
         try:
             rgb = decode_image(batch[schema.IMAGE_BYTES][i], max_pixels, min_side)
+            if subject_only:
+                if is_missing(masks[i]):
+                    continue
+                rgb = subject_square(rgb, decode_mask(masks[i], rgb.shape[:2], max_pixels))
+                if rgb is None:
+                    continue
         except RowError:
             continue
         image = Image.fromarray(rgb)
@@ -76,6 +93,20 @@ def decode_for_training(batch: Batch, resolution: int, max_pixels: int, min_side
     }
 
 
+def subject_square(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The mask's bounding box of `rgb`, off-mask pixels SUBJECT_FILL, padded to a square; None: empty mask."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = np.where(mask[top:bottom, left:right, None] > 0, rgb[top:bottom, left:right], SUBJECT_FILL)
+    side = max(crop.shape[:2])
+    square = np.full((side, side, 3), SUBJECT_FILL, dtype=np.uint8)
+    y, x = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[y : y + crop.shape[0], x : x + crop.shape[1]] = crop
+    return square
+
+
 def load_training_rows(config, ray_data):
     """(materialized Ray Dataset of usable rows, class names, images per class). Raises ValueError naming
     every class without a usable image (its token or LoRA prompt would never be trained)."""
@@ -89,6 +120,7 @@ def load_training_rows(config, ray_data):
             "resolution": config.resolution,
             "max_pixels": config.data.max_pixels,
             "min_side": config.data.min_side,
+            "subject_only": config.subject_only,
         },
         batch_format="numpy",
         num_cpus=config.ray.task_num_cpus,
@@ -101,6 +133,7 @@ def load_training_rows(config, ray_data):
         raise ValueError(
             f"classes {empty} have no usable images in {config.data.path} (splits {config.data.splits}): "
             "every class needs at least one image that decodes"
+            + (" and has a non-empty mask (subject_only)" if config.subject_only else "")
         )
     rows = decoded.map_batches(
         _usable_rows, batch_format="numpy", num_cpus=config.ray.task_num_cpus
