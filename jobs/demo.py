@@ -7,6 +7,7 @@ worst-group accuracy on the shifted test split.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,19 @@ CACHE = ROOT / ".cache"
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Options first: `--help` answers before anything is built.
+    parser = argparse.ArgumentParser(
+        prog="synthray demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the demo's generation config (configs/aga_tiny_cpu.yaml); repeatable",
+    )
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from engine.tiny_models import build_tiny_models
     from engine.toy_dataset import make_toy_dataset
@@ -28,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (toy / "dataset.json").exists():
         make_toy_dataset(toy)
     # 2. Generation: the embedded default config is the demo.
-    status = generate.main(["--config", str(generate.DEFAULT_CONFIG), *(argv or [])])
+    sets = [arg for override in args.overrides for arg in ("--set", override)]
+    status = generate.main(["--config", str(generate.DEFAULT_CONFIG), *sets])
     if status:
         return status
     # 3. Training comparison on the demo's own shards (short: the demo's time budget).
