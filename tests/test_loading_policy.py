@@ -73,6 +73,13 @@ def build_background(models: Path, ref: ModelRef):
     return BackgroundGenerator(BackgroundConfig(model=ref, device="cpu", height=32, width=32))
 
 
+def build_fidelity_filter(models: Path, ref: ModelRef):
+    from actors.fidelity_filter import FidelityFilter
+    from engine.config import FilterConfig
+
+    return FidelityFilter(FilterConfig(model=ref, device="cpu"), class_names=["circle"])
+
+
 # loader -> (tiny model folder, builder, the `from_pretrained` classes it calls, which of them load weights)
 LOADERS = {
     "detector": (
@@ -84,9 +91,10 @@ LOADERS = {
     "prompt": ("llm", build_prompt_writer, ("AutoTokenizer", "AutoModelForCausalLM")),
     "caption": ("vlm", build_captioner, ("AutoProcessor", "AutoModelForImageTextToText")),
     "background": ("sdxl", build_background, ("DiffusionPipeline",)),
+    "filter": ("clip", build_fidelity_filter, ("CLIPProcessor", "CLIPModel")),
 }
 WEIGHT_LOADERS = {"AutoModelForZeroShotObjectDetection", "SamModel", "AutoModelForCausalLM"}
-WEIGHT_LOADERS |= {"AutoModelForImageTextToText", "DiffusionPipeline"}
+WEIGHT_LOADERS |= {"AutoModelForImageTextToText", "DiffusionPipeline", "CLIPModel"}
 
 
 @pytest.mark.parametrize("loader", list(LOADERS))
