@@ -102,3 +102,28 @@ def test_contact_sheet_draws_latin_letters(tmp_path):
     expected = Image.new("L", (sheet.width, 14), 255)
     ImageDraw.Draw(expected).text((2, 0), "Straße", fill=0, font=font)
     assert np.array_equal(np.asarray(sheet)[:14], np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("image_format", "pil_format", "tolerance"),
+    [("png", "PNG", 0), ("jpeg", "JPEG", 12), ("webp", "WEBP", 12)],
+)
+def test_every_output_format_decodes_to_the_image(image_format, pil_format, tolerance):
+    """Each `output.image_format` writes a standard file of that format, at the image's (non-square) size
+    and in RGB order (cv2 encodes BGR), within the lossy formats' error; quality trades size for error."""
+    import io
+
+    from engine.encode import encode_image
+
+    image = np.zeros((24, 40, 3), np.uint8)  # 40 wide, 24 tall; flat colour halves survive compression
+    image[:, :20] = (220, 30, 30)
+    image[:, 20:] = (30, 30, 220)
+    data = encode_image(image, image_format, quality=95)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == pil_format and decoded.size == (40, 24)
+    pixels = np.asarray(decoded.convert("RGB")).astype(int)
+    assert np.abs(pixels[4:20, 2:16] - (220, 30, 30)).max() <= tolerance  # red stays red
+    assert np.abs(pixels[4:20, 24:38] - (30, 30, 220)).max() <= tolerance
+    if image_format != "png":
+        noisy = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+        assert len(encode_image(noisy, image_format, 20)) < len(encode_image(noisy, image_format, 95))
