@@ -2,17 +2,19 @@
 
 Reads: source_id, split. Writes: id, recipe, variant, seed. Synthetic rows share the real row's image and
 mask arrays (the recipe's stages replace them); ids and seeds are derived, so a re-run makes the same rows
-and a resumed run can drop the ones already written (`done_ids`).
+and a resumed run can drop the ones already written (`done_ids`: an `engine.written_ids.WrittenIds`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine import schema
 from engine.batch import Batch, object_array, take
+from engine.written_ids import done_mask
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Expansion:
         return [self.row_id(source_id, v) for v in self.variants(split)]
 
 
-def expand_variants(batch: Batch, expansion: Expansion, done_ids: frozenset[str] = frozenset()) -> Batch:
+def expand_variants(batch: Batch, expansion: Expansion, done_ids: Collection[str] = frozenset()) -> Batch:
     index, variants = [], []
     for i, split in enumerate(batch[schema.SPLIT]):
         for v in expansion.variants(str(split)):
@@ -65,15 +67,20 @@ def expand_variants(batch: Batch, expansion: Expansion, done_ids: frozenset[str]
     if schema.GROUP in out:
         # Group labels describe the real image (e.g. its background); a synthetic variant's is unknown.
         out[schema.GROUP] = np.where(np.array(variants) == 0, out[schema.GROUP], -1).astype(np.int64)
-    if done_ids:
-        out = take(out, np.array([i not in done_ids for i in out[schema.ID]], dtype=bool))
+    if len(done_ids):
+        out = take(out, ~done_mask(done_ids, [str(i) for i in out[schema.ID]]))
     return out
 
 
-def skip_completed_sources(batch: Batch, expansion: Expansion, done_ids: frozenset[str]) -> Batch:
+def skip_completed_sources(batch: Batch, expansion: Expansion, done_ids: Collection[str]) -> Batch:
     """Before decoding: drop sources whose every output row is already written (a resumed run)."""
-    keep = [
-        not all(i in done_ids for i in expansion.expected_ids(str(s), str(sp)))
+    if not len(done_ids):
+        return batch
+    expected = [
+        expansion.expected_ids(str(s), str(sp))
         for s, sp in zip(batch[schema.SOURCE_ID], batch[schema.SPLIT], strict=True)
     ]
+    done = done_mask(done_ids, [i for ids in expected for i in ids])  # one lookup for the whole batch
+    bounds = np.cumsum([0] + [len(ids) for ids in expected])
+    keep = [not done[a:b].all() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return take(batch, np.array(keep, dtype=bool))

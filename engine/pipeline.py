@@ -12,6 +12,7 @@ import os
 import posixpath
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,6 @@ from engine.readers import SourceInfo, inspect_source, read_source
 from engine.recipes import build_stages, model_tags
 from engine.report import RunReport, build_report, count_rows, write_errors, write_filtered
 from engine.shards import (
-    completed_ids,
     read_manifest,
     remove_temporaries,
     shard_files,
@@ -36,6 +36,7 @@ from engine.shards import (
     write_shard,
 )
 from engine.stages import Stage, apply_stages, check_resource_budget
+from engine.written_ids import WrittenIds, written_ids
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
         synthetic_before = sum(n for recipe, n in counts.items() if recipe != schema.RECIPE_REAL)
         ledger = start_ledger()
         try:
-            _run_attempt(config, plan, ledger, frozenset(done_ids))
+            _run_attempt(config, plan, ledger, done_ids)
             snapshot = ray.get(ledger.snapshot.remote())
             break
         except Exception as err:
@@ -129,7 +130,7 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
                 "attempt %d lost Ray workers (%s); resuming from the shards", attempt, attempts[-1]
             )
             generated += _generated(ledger)
-            done_ids = completed_ids(str(data_dir))
+            done_ids = written_ids(str(data_dir))
             counts = count_rows(data_dir)[0]
         finally:
             ray.kill(ledger)
@@ -234,7 +235,7 @@ def _saved_content(out: str) -> dict | None:
         return None
 
 
-def _run_attempt(config: GenerateConfig, plan: RunPlan, ledger, done_ids: frozenset[str]) -> None:
+def _run_attempt(config: GenerateConfig, plan: RunPlan, ledger, done_ids: WrittenIds) -> None:
     """Source rows -> the recipe's stages (checked against the cluster) -> atomic shards."""
     import ray
     import ray.data
@@ -289,7 +290,7 @@ def write_real_rows(batch: Batch, **shard_format) -> Batch:
 
 
 def pipeline_stages(
-    config: GenerateConfig, class_names: list[str], digest: str, done_ids: frozenset[str], data_uri: str
+    config: GenerateConfig, class_names: list[str], digest: str, done_ids: Collection[str], data_uri: str
 ) -> list[Stage]:
     """The recipe's stages as the pipeline runs them (the benchmarks run the same list), with the stages any
     recipe gets from config: the real rows' early writer and the label-fidelity filter."""
@@ -330,11 +331,11 @@ def _shard_format(config: GenerateConfig, data_uri: str, class_names: list[str] 
     }
 
 
-def _prepare_output(out: str, overwrite: bool) -> set[str]:
+def _prepare_output(out: str, overwrite: bool) -> WrittenIds:
     """Returns the ids already written (`resume_identity` has checked that they are this config's)."""
     data_dir = storage.join(out, "data")
     if overwrite:
         storage.delete_dir(data_dir)
     storage.make_dirs(data_dir)
     remove_temporaries(str(data_dir))
-    return completed_ids(str(data_dir))
+    return written_ids(str(data_dir))

@@ -63,10 +63,6 @@ def read_column(data_uri: str, columns: list[str]) -> pa.Table:
     return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
 
 
-def completed_ids(data_uri: str) -> set[str]:
-    return set(read_column(data_uri, [schema.ID]).column(schema.ID).to_pylist())
-
-
 def remove_temporaries(data_uri: str) -> int:
     """Delete leftovers of writes a crash interrupted (never visible as shards)."""
     fs, root = filesystem(data_uri)

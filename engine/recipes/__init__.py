@@ -6,14 +6,14 @@ is shared.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from engine.config import GenerateConfig
 from engine.recipes.aga import aga_stages
 from engine.stages import Stage
 
-# (config, class names, config hash, ids already written) -> stages
-RecipeBuilder = Callable[[GenerateConfig, list[str], str, frozenset[str]], list[Stage]]
+# (config, class names, config hash, ids already written: engine.written_ids.WrittenIds) -> stages
+RecipeBuilder = Callable[[GenerateConfig, list[str], str, Collection[str]], list[Stage]]
 
 RECIPES: dict[str, RecipeBuilder] = {
     "aga": aga_stages,
@@ -21,7 +21,7 @@ RECIPES: dict[str, RecipeBuilder] = {
 
 
 def build_stages(
-    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: frozenset[str] = frozenset()
+    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: Collection[str] = frozenset()
 ) -> list[Stage]:
     if config.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {config.recipe!r}; available: {', '.join(sorted(RECIPES))}")

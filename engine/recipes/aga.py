@@ -6,6 +6,8 @@ decode -> detect+segment (GroundingDINO + SAM, or dataset masks) -> expand x K -
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from actors.background import PROMPT_TRIMMED, BackgroundGenerator
 from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
@@ -19,7 +21,7 @@ from engine.stages import Stage
 
 
 def aga_stages(
-    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: frozenset[str]
+    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: Collection[str]
 ) -> list[Stage]:
     missing = [
         name for name in ("segment", "prompt", "background", "composite") if getattr(config, name) is None
