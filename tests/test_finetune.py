@@ -172,30 +172,22 @@ def job_config(config: str, toy: Path, models: Path, out: Path, *extra: str) -> 
 
 @pytest.fixture(scope="module")
 def ti_run(toy, tiny_models_dir, tmp_path_factory, ray_local):
-    """A textual-inversion run of 6 steps, then the same run again with max_steps=8 (rerun = resume)."""
+    """A textual-inversion run of 6 steps on two workers, then the same run again with max_steps=8 on one
+    (rerun = resume; the worker count may change between the two)."""
     from jobs.finetune import run_finetune
 
     out = tmp_path_factory.mktemp("finetune")
-    first = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=6"))
+    two_workers = ("scaling.num_workers=2", "scaling.resources_per_worker={CPU: 0.5}")
+    first = run_finetune(
+        job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=6", *two_workers)
+    )
     second = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=8"))
     return first, second, Path(second["run_dir"])
 
 
-def test_two_workers_end_with_identical_weights(toy, tiny_models_dir, tmp_path, ray_local):
-    from jobs.finetune import run_finetune
-
-    report = run_finetune(
-        job_config(
-            "finetune_ti_tiny_cpu.yaml",
-            toy,
-            tiny_models_dir,
-            tmp_path,
-            "max_steps=2",
-            "scaling.num_workers=2",
-            "scaling.resources_per_worker={CPU: 0.5}",
-        )
-    )
-    digests = report["rank_weight_digests"]
+def test_two_workers_end_with_identical_weights(ti_run):
+    first, _, _ = ti_run
+    digests = first["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 

@@ -106,6 +106,13 @@ class FinetuneConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
+    def _no_fp16(self) -> FinetuneConfig:
+        # fp16 autocast needs loss scaling, which the fine-tuning loop does not do; bf16 does not.
+        if self.scaling.precision == "fp16":
+            raise ValueError("scaling.precision fp16 is not supported for fine-tuning: use bf16 (or fp32)")
+        return self
+
+    @model_validator(mode="after")
     def _subjects_need_masks(self) -> FinetuneConfig:
         if self.subject_only and not self.data.masks_path:
             raise ValueError("subject_only needs the dataset's masks: set data.masks_path")

@@ -230,8 +230,12 @@ def finetune_loop_per_worker(loop: dict) -> None:
         method.parameters(), lr=loop["learning_rate"], weight_decay=loop["weight_decay"]
     )
     amp_dtype = None
+    # bf16 autocast on GPUs that have it ("auto", "bf16"); fp32 otherwise (fp16 is refused by the config).
     if device.type == "cuda" and loop["precision"] != "fp32":
-        amp_dtype = torch.bfloat16 if loop["precision"] in ("auto", "bf16") else torch.float16
+        if torch.cuda.is_bf16_supported():
+            amp_dtype = torch.bfloat16
+        elif loop["precision"] == "bf16":
+            raise ValueError("scaling.precision bf16, but this GPU has no bf16: use fp32 (or auto)")
 
     def autocast():
         if amp_dtype is None:
