@@ -72,14 +72,26 @@ def run_finetune(config: FinetuneConfig) -> dict:
     if config.method == "textual_inversion":
         tokens = placeholder_tokens(class_names, config.textual_inversion.placeholder)
         check_tokenizers(resolve_model(config.model, "finetune")[0], config.model, tokens)
-    # 4. Fit.
-    result = fit(
-        finetune_loop_per_worker,
-        loop_config(config, class_names),
-        {"train": rows},
-        run_dir=run_dir,
-        config=config,
-    )
+    # 4. Fit; a user mistake found by a worker (an initializer word without tokens, a timestep range beyond
+    # the scheduler's) comes back as that error, not as Ray Train's wrapper around it.
+    try:
+        result = fit(
+            finetune_loop_per_worker,
+            loop_config(config, class_names),
+            {"train": rows},
+            run_dir=run_dir,
+            config=config,
+        )
+    except Exception as err:
+        mistakes = [
+            cause
+            for failure in (getattr(err, "worker_failures", None) or {}).values()
+            for cause in (failure, getattr(failure, "cause", None))
+            if isinstance(cause, (ValueError, FileNotFoundError))
+        ]
+        if mistakes:
+            raise ValueError(f"fine-tuning worker: {mistakes[0]}") from err
+        raise
     # 5. Report: the adapter files of the last checkpoint, its state, the loss curve.
     with result.checkpoint.as_directory() as folder:
         state = json.loads((Path(folder) / STATE_FILE).read_text())

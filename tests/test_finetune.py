@@ -392,3 +392,31 @@ def test_subject_only_cuts_to_the_mask_and_greys_the_rest():
     assert plain["usable"].tolist() == [True, True] and (plain[PIXELS][:, :, :, 0] > 150).any()
     with pytest.raises(ValueError, match="data.masks_path"):
         load_config(FinetuneConfig, ROOT / "configs" / "finetune_ti_tiny_cpu.yaml", ["subject_only=true"])
+
+
+def test_a_mistake_found_by_a_worker_is_reported_as_itself(
+    toy, tiny_models_dir, tmp_path, ray_local, capsys, monkeypatch
+):
+    from ray.train import WorkerGroupError
+
+    import jobs.finetune
+
+    def failing_fit(*args, **kwargs):
+        raise WorkerGroupError(
+            "rank 0 failed", {0: ValueError("initializer word '' of class 'circle' has no tokens")}
+        )
+
+    monkeypatch.setattr(jobs.finetune, "fit", failing_fit)
+    args = [
+        f"data.path={toy}",
+        f"model.id={tiny_models_dir / 'sd15'}",
+        f"output.path={tmp_path}",
+        "ray.progress_bars=false",
+    ]
+    status = jobs.finetune.main(
+        ["--config", str(ROOT / "configs" / "finetune_ti_tiny_cpu.yaml"), *(f"--set={a}" for a in args)]
+    )
+    assert status == 2
+    assert (
+        "fine-tuning worker: initializer word '' of class 'circle' has no tokens" in capsys.readouterr().err
+    )
