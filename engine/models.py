@@ -39,12 +39,20 @@ NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt",
 
 
 def pickled_weights(path: Path) -> list[Path]:
-    """Pickled weight files a loader would read at `path` (a file, or a checkpoint folder and its component
-    subfolders) that have no safetensors file beside them. Empty: nothing needs unpickling."""
+    """Pickled weight files a loader would read at `path` (a file; a checkpoint folder; for a diffusers
+    pipeline also the component folders its model_index.json names) that have no safetensors file beside
+    them. Other subfolders are not read by `from_pretrained` (e.g. a hub repo's `original/*.pth`). Empty:
+    nothing needs unpickling."""
+    import json
+
     if path.is_file():
         return [path] if path.suffix in PICKLE_SUFFIXES else []
+    folders = [path]
+    if (path / "model_index.json").is_file():
+        components = json.loads((path / "model_index.json").read_text())
+        folders += [path / name for name in sorted(components) if (path / name).is_dir()]
     refused = []
-    for folder in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
+    for folder in folders:
         files = [f for f in folder.iterdir() if f.is_file()]
         if any(f.name.endswith(".safetensors") for f in files):
             continue  # use_safetensors / load_format="safetensors" takes these and ignores the pickles

@@ -202,8 +202,11 @@ def test_remote_code_in_a_checkpoint_is_not_run_unless_trusted(tiny_models_dir, 
 def test_pickled_weights_finds_folders_without_safetensors(tmp_path):
     from engine.models import pickled_weights
 
+    (tmp_path / "model_index.json").write_text('{"_class_name": "P", "unet": ["x", "y"], "vae": ["x", "y"]}')
     (tmp_path / "unet").mkdir()
     (tmp_path / "vae").mkdir()
+    (tmp_path / "original").mkdir()  # not a pipeline component: from_pretrained never reads it
+    (tmp_path / "original" / "consolidated.00.pth").write_bytes(b"")
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "training_args.bin").write_bytes(b"")  # beside safetensors: ignored
     (tmp_path / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"")
