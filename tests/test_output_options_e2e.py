@@ -15,15 +15,6 @@ from engine.config import GenerateConfig, load_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
 def overrides(toy, tiny, out, *extra) -> list[str]:
     return [
         f"data.path={toy}",
