@@ -3,7 +3,8 @@
 Every ```bash block between the `cluster walkthrough` markers of README.md runs in one bash script (`set -e`)
 from the repository root: `ray start --head`, the demo inputs, `ray job submit` of generation and of training,
 `ray stop`. The harness only keeps the head on loopback (Ray's single-machine mode, as in test_cluster) and in
-a private temp dir; it changes no command.
+a private temp dir, and waits after the first block until the head's job agent is up (as a person does who
+reads "No available agent to submit job" and submits again); it changes no command.
 """
 
 import json
@@ -25,6 +26,26 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = (ROOT / "outputs" / "aga-cluster", ROOT / "outputs" / "train-cluster")
 
 
+# After `ray start`, the Jobs API's agent registers itself in the GCS a few seconds later (longer on a busy
+# machine); `ray job submit` waits only 10 s for it.
+WAIT_FOR_JOB_AGENT = """
+python - <<'PY'
+import time
+
+import ray
+from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+from ray.experimental.internal_kv import _internal_kv_list
+
+ray.init(address="auto", log_to_driver=False)
+deadline = time.time() + 180
+while not _internal_kv_list(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX, namespace=KV_NAMESPACE_DASHBOARD):
+    assert time.time() < deadline, "the head's job agent did not start within 180 s"
+    time.sleep(1)
+PY
+"""
+
+
 def walkthrough() -> str:
     readme = (ROOT / "README.md").read_text()
     section = re.search(
@@ -32,14 +53,14 @@ def walkthrough() -> str:
     ).group(1)
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     assert len(blocks) >= 4, "start, inputs, submit, stop"
-    return "\n".join(blocks)
+    return "\n".join([blocks[0], WAIT_FOR_JOB_AGENT, *blocks[1:]])
 
 
 @pytest.mark.timeout(900)
 def test_cluster_walkthrough_runs_as_written():
     script = walkthrough()
     assert "ray job submit" in script and "jobs.train" in script and "ray stop" in script
-    for port in (6379, 8265):  # the walkthrough's head and dashboard ports
+    for port in (6379, 8265, 52365):  # the walkthrough head's GCS, dashboard and dashboard agent ports
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken: is another Ray running?"
     for path in OUTPUTS:
