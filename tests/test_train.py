@@ -196,7 +196,14 @@ def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path
     assert test["num_rows"] == 9 and test["synthetic_rows"] == 0
     assert np.array(test["confusion_matrix"]).sum() == 9 and len(test["confusion_matrix"]) == 3
     assert set(test["per_class"]) == {"circle", "cross", "diamond"}
-    assert test["worst_group"] is not None and test["worst_group"] <= test["top1"]
+    # Groups flow from the shards into the report: every test group gets its accuracy, the worst is their min.
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(shards, columns=[schema.SPLIT, schema.GROUP]).to_pylist()
+    test_groups = {str(r[schema.GROUP]) for r in rows if r[schema.SPLIT] == "test" and r[schema.GROUP] >= 0}
+    assert set(test["group_accuracy"]) == test_groups and len(test_groups) > 1
+    assert test["worst_group"] == min(test["group_accuracy"].values())
+    assert test["top1"] == pytest.approx(np.trace(test["confusion_matrix"]) / 9)
 
 
 def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, capsys, monkeypatch):
@@ -205,7 +212,8 @@ def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, 
     overrides = ("data.image_size=32", "epochs=1", "batch_size=8", "scaling.num_workers=1")
     rows = compare_strategies([str(shards)], str(tmp_path), strategies=("concat",), overrides=overrides)
     assert [(r["variant"], r["seed"], r["synthetic_per_epoch"]) for r in rows] == [("concat", 0, 48)]
-    assert 0 <= rows[0]["test_top1"] <= 1
+    saved = json.loads((tmp_path / "runs" / "concat-seed0" / "metrics.json").read_text())
+    assert rows[0]["test_top1"] == saved["test"]["top1"], "the table reports the run's own test metric"
     assert Path(rows[0]["run_dir"]) == tmp_path / "runs" / "concat-seed0"
     summary = json.loads((tmp_path / "sweep.json").read_text())["summary"]
     assert [s["variant"] for s in summary] == ["concat"]
@@ -365,3 +373,59 @@ def test_a_killed_run_resumes_to_the_same_model(shards, tmp_path, uninterrupted,
     # Resuming with another sampling rule would mix two runs in one folder.
     with pytest.raises(ValueError, match=r"different \['mix'\]"):
         prepare_run_dir(make_config(shards, tmp_path, *RANDOM_RUN, "mix.replace_prob=0.9"))
+
+
+def write_separable_shards(
+    out: Path, per_split: dict[str, int], num_classes: int = 3, size: int = 32
+) -> Path:
+    """Shards where the class is the image's colour (plus pixel noise): any classifier that learns at all
+    separates them."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230]])[:num_classes]
+    rows = []
+    for split, count in per_split.items():
+        for label in range(num_classes):
+            for i in range(count):
+                pixels = np.clip(colours[label] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="PNG")
+                source = f"{split}/c{label}/{i}.png"
+                rows.append(
+                    {
+                        schema.ID: f"sep-{source}",
+                        schema.IMAGE: buf.getvalue(),
+                        schema.WIDTH: size,
+                        schema.HEIGHT: size,
+                        schema.LABEL: label,
+                        schema.CLASS_NAME: f"c{label}",
+                        schema.SPLIT: split,
+                        schema.SOURCE_ID: source,
+                        schema.RECIPE: schema.RECIPE_REAL,
+                        schema.GROUP: label,
+                        schema.SCHEMA_VERSION_COLUMN: schema.SCHEMA_VERSION,
+                    }
+                )
+    data = out / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA), data / "part-0.parquet")
+    return data
+
+
+def test_training_learns_separable_classes(tmp_path, local_ray):
+    """Not a range check: on data a classifier can separate, test top-1 beats chance by three binomial
+    standard deviations of the test split's size (a model that learned nothing scores chance)."""
+    from jobs.train import run_training
+
+    num_classes, test_per_class = 3, 10
+    shards = write_separable_shards(tmp_path, {"train": 16, "val": 4, "test": test_per_class}, num_classes)
+    metrics = run_training(make_config(shards, tmp_path / "out", "epochs=4", "mix.strategy=real"))
+    n, chance = num_classes * test_per_class, 1 / num_classes
+    margin = 3 * (chance * (1 - chance) / n) ** 0.5
+    assert metrics["test"]["num_rows"] == n
+    assert metrics["test"]["top1"] >= chance + margin, metrics["test"]
