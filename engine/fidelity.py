@@ -1,7 +1,7 @@
 """Label fidelity: which synthetic rows still show their class, by CLIP zero-shot scores (numpy only).
 
-The actor (`actors/fidelity_filter.py`) computes the scores; `judge` applies the configured rules, and
-`filter_stage` appends the stage after any recipe's last stage. Rules, in the order they are checked (the
+The actor (`actors/fidelity_filter.py`) computes the scores and `judge` applies the configured rules;
+`engine.recipes.filter.filter_stage` appends the stage after any recipe's last stage. Rules, in the order they are checked (the
 first that fires is recorded):
 - `negative`: a negative prompt ("a photo", "an image", ...) scores above every class prompt (ALIA's semantic
   filter: the subject is gone);
@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import schema
 from engine.config import FilterConfig
-from engine.stages import Stage
 
 FIDELITY_PROB = "fidelity_prob"  # the row's class probability (softmax over the class prompts)
 FIDELITY_TOP = "fidelity_top"  # the prompt that scored highest: a class name, or the negative prompt
@@ -62,18 +60,3 @@ def judge(logits: np.ndarray, labels: np.ndarray, num_classes: int, config: Filt
     for name, mask in fired:  # reversed priority: the last assignment wins, so `negative` is recorded first
         rule[mask] = name
     return Verdict(prob=prob.astype(np.float32), top=top, rule=rule)
-
-
-def filter_stage(config: FilterConfig, class_names: list[str]) -> Stage:
-    from actors.fidelity_filter import FidelityFilter
-
-    class_prompts(config, class_names)  # a config error here, on the driver, before any actor starts
-    return Stage(
-        "filter",
-        FidelityFilter,
-        config.stage,
-        {"config": config, "class_names": list(class_names)},
-        reads=(schema.IMAGE, schema.LABEL),
-        writes=(FIDELITY_PROB, FIDELITY_TOP),
-        only_synthetic=True,
-    )

@@ -22,11 +22,11 @@ from engine.batch import Batch, take
 from engine.config import GenerateConfig, config_hash, content_changes, content_of, save_resolved
 from engine.encode import encode_rows
 from engine.failures import ConfigError, RunFailed, describe, is_infrastructure_failure, setup_failure
-from engine.fidelity import filter_stage
 from engine.ledger import start_ledger
 from engine.models import check_local_models
 from engine.readers import SourceInfo, inspect_source, read_source
 from engine.recipes import build_stages, model_tags
+from engine.recipes.filter import filter_stage
 from engine.report import RunReport, build_report, count_rows, write_errors, write_filtered
 from engine.shards import (
     read_manifest,
