@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -92,7 +93,9 @@ def test_cluster_walkthrough_runs_as_written():
             "the walkthrough trains on the synthetic rows"
         )
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120, cwd=ROOT)
+        # `make test` runs pytest without activating the environment: name its `ray` CLI by path.
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120, cwd=ROOT)
         shutil.rmtree(temp_dir, ignore_errors=True)
         for path in OUTPUTS:
             shutil.rmtree(path, ignore_errors=True)
