@@ -68,7 +68,7 @@ class BackgroundGenerator:
         tokenizer = getattr(self.pipe, "tokenizer", None)
         if tokenizer is None or not prompts:
             return prompts, np.zeros(len(prompts), dtype=np.int64)
-        return _fit_prompts_to(tokenizer, prompts)
+        return fit_prompts(tokenizer, prompts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         schema.require_columns(batch, [schema.PROMPT, schema.SEED], STAGE)
@@ -113,7 +113,7 @@ class BackgroundGenerator:
         return out
 
 
-def _fit_prompts_to(tokenizer, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+def fit_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], np.ndarray]:
     """Prompts cut to the tokens the text encoder reads (CLIP: `model_max_length` with its start and end
     tokens), and the number of tokens cut per row. The pipeline would cut them anyway, silently but for a
     warning per batch; cut here, the stored prompt is the text that drew the image and run.json counts it."""
