@@ -62,6 +62,9 @@ class RunPlan:
     out: str  # the output root, a local path or a URI
     digest: str  # the content hash in every row id (see `resume_identity`)
     source: SourceInfo
+    # The stages as built for the checks (no ids written yet): their resources and names do not depend on
+    # what a resumed run skips, so the cluster check and the error mapping read them from here.
+    stages: tuple[Stage, ...]
 
     @property
     def data_dir(self) -> str:
@@ -79,7 +82,7 @@ def prepare_run(config: GenerateConfig) -> RunPlan:
     # Unknown recipe, missing sections, class prompts: everything a stage checks when it is built.
     stages = pipeline_stages(config, source.class_names, digest, frozenset(), storage.join(out, "data"))
     check_backends(config, stages)
-    return RunPlan(out, digest, source)
+    return RunPlan(out, digest, source, tuple(stages))
 
 
 def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunReport:
@@ -111,11 +114,12 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
         synthetic_before = sum(n for recipe, n in counts.items() if recipe != schema.RECIPE_REAL)
         ledger = start_ledger()
         try:
-            _run_attempt(config, plan, ledger, done_ids)
+            # The first attempt's cluster check ran before anything was written (`_check_cluster`).
+            _run_attempt(config, plan, ledger, done_ids, check_cluster=attempt > 1)
             snapshot = ray.get(ledger.snapshot.remote())
             break
         except Exception as err:
-            setup = setup_failure(err, _operator_stages(config, plan))
+            setup = setup_failure(err, _operator_stages(plan))
             if setup is not None:  # a stage that cannot start fails the same way on every attempt
                 raise setup from None
             if not is_infrastructure_failure(err):
@@ -206,18 +210,16 @@ def _check_cluster(config: GenerateConfig, plan: RunPlan) -> None:
 
     if not config.ray.check_resources:
         return
-    stages = pipeline_stages(config, plan.source.class_names, plan.digest, frozenset(), plan.data_dir)
     try:
-        check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
+        check_resource_budget(list(plan.stages), ray.cluster_resources(), config.ray.task_num_cpus)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def _operator_stages(config: GenerateConfig, plan: RunPlan) -> dict[str, str]:
+def _operator_stages(plan: RunPlan) -> dict[str, str]:
     """Ray Data operator names of stages that are not our callable classes -> the stage: a `ray.data.llm`
     processor's engine actors are `vLLMEngineStageUDF` (one vLLM stage per run at most names it)."""
-    stages = pipeline_stages(config, plan.source.class_names, plan.digest, frozenset(), plan.data_dir)
-    on_dataset = [stage.name for stage in stages if stage.on_dataset]
+    on_dataset = [stage.name for stage in plan.stages if stage.on_dataset]
     return {"vLLMEngineStageUDF": on_dataset[0]} if len(on_dataset) == 1 else {}
 
 
@@ -235,15 +237,17 @@ def _saved_content(out: str) -> dict | None:
         return None
 
 
-def _run_attempt(config: GenerateConfig, plan: RunPlan, ledger, done_ids: WrittenIds) -> None:
-    """Source rows -> the recipe's stages (checked against the cluster) -> atomic shards."""
-    import ray
+def _run_attempt(
+    config: GenerateConfig, plan: RunPlan, ledger, done_ids: WrittenIds, check_cluster: bool
+) -> None:
+    """Source rows -> the recipe's stages (checked against the cluster on a retry, which may have lost
+    nodes) -> atomic shards."""
     import ray.data
 
+    if check_cluster:
+        _check_cluster(config, plan)
     ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus, plan.source)
     stages = pipeline_stages(config, class_names, plan.digest, done_ids, plan.data_dir)
-    if config.ray.check_resources:
-        check_resource_budget(stages, ray.cluster_resources(), config.ray.task_num_cpus)
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
     write_shards(ds, config, plan.data_dir, class_names).take_all()  # one small manifest entry per shard
 

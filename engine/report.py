@@ -89,6 +89,7 @@ def build_report(
     synthetic_emitted = stages.get("expand", {}).get("synthetic_out", 0)
     later_errors = sum(1 for e in errors if e["stage"] not in ("decode", "segment", "expand"))
     filtered = snapshot.get("filtered", [])
+    made = synthetic_emitted - later_errors - len(filtered)  # synthetic rows this run made and kept
     synthetic_written = sum(v for k, v in written.items() if k != schema.RECIPE_REAL)
     data = {
         "recipe": config.recipe,
@@ -102,14 +103,12 @@ def build_report(
             "sources_already_done": skip["rows_in"] - skip["rows_out"],
             "real_in": real_in,
             "real_written": written.get(schema.RECIPE_REAL, 0),
-            "synthetic_expected": synthetic_before + synthetic_emitted - later_errors - len(filtered),
+            "synthetic_expected": synthetic_before + made,
             "synthetic_written": synthetic_written,
             "synthetic_generated_this_run": stages.get("expand", {}).get("synthetic_out", 0),
             "duplicate_ids": duplicates,
             # Rows this run made, not rows already in the shards (a rerun of a finished run made none).
-            "synthetic_per_s": (
-                round((synthetic_emitted - later_errors - len(filtered)) / wall_s, 3) if wall_s > 0 else None
-            ),
+            "synthetic_per_s": round(made / wall_s, 3) if wall_s > 0 else None,
         },
         "stages": stages,
         "filtered": {

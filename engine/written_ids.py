@@ -53,7 +53,9 @@ def written_ids(data_uri: str) -> WrittenIds:
     """The ids in the shards under `data_uri`, sorted by a Ray task into the object store (Ray must be up)."""
     import ray
 
-    array_ref, count_ref = _sorted_ids.options(num_returns=2).remote(data_uri)
+    # num_cpus=0: a short read that must never wait behind the stages' reservations.
+    sort_task = ray.remote(num_cpus=0, num_returns=2)(_sorted_ids)
+    array_ref, count_ref = sort_task.remote(data_uri)
     return WrittenIds(array_ref, int(ray.get(count_ref)))
 
 
@@ -64,42 +66,19 @@ def done_mask(done: WrittenIds | Collection[str], ids: Sequence[str]) -> np.ndar
     return np.array([i in done for i in ids], dtype=bool)
 
 
-def _sorted_ids_fn(data_uri: str) -> tuple[np.ndarray, int]:
+def _sorted_ids(data_uri: str) -> tuple[np.ndarray, int]:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from engine import schema
     from engine.shards import read_column
 
     column = read_column(data_uri, [schema.ID]).column(schema.ID).combine_chunks()
-    if len(column) and not pc.all(pc.equal(pc.binary_length(column), ID_WIDTH)).as_py():
-        raise ValueError(f"{data_uri} holds row ids that are not {ID_WIDTH} characters long")
-    if len(column):
-        # Every id is exactly ID_WIDTH bytes: the string data buffer is the fixed-width array, no copy per id.
-        offset_type = np.int64 if column.type in (pa.large_string(), pa.large_binary()) else np.int32
-        offsets, data = column.buffers()[1:3]
-        start = int(
-            np.frombuffer(offsets, dtype=offset_type, count=1, offset=column.offset * offset_type().itemsize)[
-                0
-            ]
-        )
-        ids = np.frombuffer(data, dtype=f"S{ID_WIDTH}", count=len(column), offset=start)
-    else:
-        ids = np.empty(0, dtype=f"S{ID_WIDTH}")
+    try:
+        # Arrow checks every id is ID_WIDTH bytes; its buffer is then the fixed-width array, no copy per id.
+        fixed = column.cast(pa.binary(ID_WIDTH))
+    except pa.ArrowInvalid:
+        raise ValueError(f"{data_uri} holds row ids that are not {ID_WIDTH} characters long") from None
+    ids = np.frombuffer(
+        fixed.buffers()[1], dtype=f"S{ID_WIDTH}", count=len(fixed), offset=fixed.offset * ID_WIDTH
+    )
     return np.sort(ids), len(ids)
-
-
-def _remote():
-    import ray
-
-    return ray.remote(num_cpus=0)(_sorted_ids_fn)
-
-
-class _LazyRemote:
-    """`ray.remote` at first use, so importing this module never imports Ray's worker machinery."""
-
-    def options(self, **kwargs):
-        return _remote().options(**kwargs)
-
-
-_sorted_ids = _LazyRemote()
