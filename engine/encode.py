@@ -66,6 +66,9 @@ def encode_rows(
             for i in range(n)
         ],
         schema.GROUP: [int(v) for v in batch[schema.GROUP]] if schema.GROUP in batch else [-1] * n,
+        schema.SOFT_LABEL: [soft_label(v) for v in batch[schema.SOFT_LABEL]]
+        if schema.SOFT_LABEL in batch
+        else [None] * n,
         schema.SCHEMA_VERSION_COLUMN: [schema.SCHEMA_VERSION] * n,
     }
     return pa.table(columns, schema=_output_schema(tuple(class_names) if class_names else None))
@@ -104,6 +107,30 @@ def _bbox(value) -> list[float] | None:
         return None
     arr = np.asarray(value, dtype=np.float32).reshape(-1)
     return arr.tolist() if arr.size == 4 and np.isfinite(arr).all() else None
+
+
+def soft_label(value) -> list[dict] | None:
+    """A row's working `soft_label` as output values: None stays None (one-hot on `label`); otherwise a
+    non-empty list of {"label", "weight"} with non-negative labels and weights that sum to 1.
+
+    After Ray's Arrow round trip the list may arrive as a numpy array of dicts, and an all-None column as
+    NaN (see `engine.batch.unpack`); both are accepted.
+    """
+    if is_missing(value):
+        return None
+    entries = [{"label": int(e["label"]), "weight": float(e["weight"])} for e in value]
+    weights = [e["weight"] for e in entries]
+    if (
+        not entries
+        or any(e["label"] < 0 for e in entries)
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or abs(sum(weights) - 1.0) > 1e-4
+    ):
+        raise ValueError(
+            f"soft_label {entries} is not a distribution over labels (non-negative labels and weights that "
+            "sum to 1)"
+        )
+    return entries
 
 
 def _optional_str(batch: Batch, name: str, n: int) -> list[str | None]:

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: the `soft_label` column. Version 1 shards (without it) stay valid input: a missing column reads as all
+# null (see `with_soft_label`).
+SCHEMA_VERSION = 2
 
 # Output columns.
 ID = "id"
@@ -34,6 +36,9 @@ SEED = "seed"
 MODELS = "models"  # JSON: role -> "id@revision"
 PARAMS = "params"  # JSON: recipe parameters of this row
 GROUP = "group"  # optional group label (e.g. background group) for worst-group accuracy; -1 if unknown
+# Class-probability target: a list of {label, weight} (weights sum to 1), or null for one-hot on `label`.
+# `label` of a soft row stays its source (dominant) class. Working: None or a list of {"label", "weight"} dicts.
+SOFT_LABEL = "soft_label"
 SCHEMA_VERSION_COLUMN = "schema_version"
 
 # Working columns.
@@ -49,7 +54,9 @@ RECIPE_REAL = "real"
 
 # Columns whose values are objects (bytes, text, arrays) or None. An all-None column of these can come back
 # from Ray's Arrow round trip as floats; `engine.batch.unpack` restores the None values.
-OBJECT_COLUMNS = (IMAGE_BYTES, MASK_BYTES, IMAGE, MASK, BACKGROUND, PROMPT, PARAMS, MODELS, ID)
+OBJECT_COLUMNS = (IMAGE_BYTES, MASK_BYTES, IMAGE, MASK, BACKGROUND, PROMPT, PARAMS, MODELS, ID, SOFT_LABEL)
+
+SOFT_LABEL_TYPE = pa.list_(pa.struct([("label", pa.int64()), ("weight", pa.float32())]))
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -71,6 +78,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(MODELS, pa.string()),
         pa.field(PARAMS, pa.string()),
         pa.field(GROUP, pa.int64()),
+        pa.field(SOFT_LABEL, SOFT_LABEL_TYPE),
         pa.field(SCHEMA_VERSION_COLUMN, pa.int32(), nullable=False),
     ],
     metadata={"synthray.schema_version": str(SCHEMA_VERSION)},
@@ -115,6 +123,9 @@ def dataset_card(class_names: Sequence[str] | None = None) -> str:
             features.append({"name": f.name, "dtype": {"class_label": {"names": names}}})
         elif f.name == BBOX:
             features.append({"name": f.name, "list": "float32", "length": 4})
+        elif f.name == SOFT_LABEL:
+            items = [{"name": "label", "dtype": "int64"}, {"name": "weight", "dtype": "float32"}]
+            features.append({"name": f.name, "list": items})
         else:
             features.append({"name": f.name, "dtype": _CARD_DTYPES[f.type]})
     header = {
@@ -150,6 +161,13 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("message", pa.string()),
     ]
 )
+
+
+def with_soft_label(table: pa.Table) -> pa.Table:
+    """`table` with a `soft_label` column: a version 1 table (none) gets an all-null one (one-hot rows)."""
+    if SOFT_LABEL in table.schema.names:
+        return table
+    return table.append_column(pa.field(SOFT_LABEL, SOFT_LABEL_TYPE), pa.nulls(len(table), SOFT_LABEL_TYPE))
 
 
 def require_columns(batch: dict[str, np.ndarray], columns: tuple[str, ...] | list[str], stage: str) -> None:

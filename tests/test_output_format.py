@@ -17,6 +17,7 @@ from engine.encode import encode_rows
 from engine.shards import write_shard
 
 CLASSES = ["Straße", "crème brûlée", "spring_rolls"]
+SOFT_ROW = [{"label": 0, "weight": 0.75}, {"label": 2, "weight": 0.25}]
 
 
 def rows_batch(n: int = 4) -> dict[str, np.ndarray]:
@@ -37,6 +38,8 @@ def rows_batch(n: int = 4) -> dict[str, np.ndarray]:
         # What the segmenter leaves for rows it never scored (val/test) after Ray's Arrow round trip.
         "detect_score": np.array([np.nan] + [0.5] * (n - 1)),
         "composite_params": np.array([None] * (n - 1) + ['{"angle": NaN, "scale": 1.1}'], dtype=object),
+        # The synthetic row is a Diff-Mix-style mix of its source class and another one.
+        schema.SOFT_LABEL: object_array([None] * (n - 1) + [SOFT_ROW]),
     }
 
 
@@ -72,6 +75,36 @@ def test_shards_load_in_datasets_with_image_and_classlabel(tmp_path):
     assert loaded.features[schema.LABEL] == datasets.ClassLabel(names=CLASSES)
     assert loaded[0][schema.IMAGE].size == (16, 16) and loaded[0][schema.MASK].mode == "L"
     assert set(schema.OUTPUT_SCHEMA.names) == set(loaded.column_names)
+    soft = datasets.List({"label": datasets.Value("int64"), "weight": datasets.Value("float32")})
+    assert loaded.features[schema.SOFT_LABEL] == soft
+    assert loaded[0][schema.SOFT_LABEL] is None and loaded[3][schema.SOFT_LABEL] == SOFT_ROW
+    assert loaded[0][schema.SCHEMA_VERSION_COLUMN] == schema.SCHEMA_VERSION == 2
+
+
+def test_soft_labels_are_written_as_given_and_null_means_one_hot():
+    table = encode_rows(rows_batch(), "png", 95, "{}", CLASSES)
+    assert table.schema.field(schema.SOFT_LABEL).type == schema.SOFT_LABEL_TYPE
+    assert table.column(schema.SOFT_LABEL).to_pylist() == [None, None, None, SOFT_ROW]
+    assert schema.SOFT_LABEL not in strict_json(table.column(schema.PARAMS)[3].as_py())
+    # A batch without the column (every recipe but Diff-Mix), or all None after Ray's round trip (NaN).
+    for column in (None, np.full(4, np.nan)):
+        batch = rows_batch()
+        if column is None:
+            del batch[schema.SOFT_LABEL]
+        else:
+            batch[schema.SOFT_LABEL] = column
+        assert encode_rows(batch, "png", 95, "{}", CLASSES).column(schema.SOFT_LABEL).null_count == 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], [{"label": 0, "weight": 0.6}, {"label": 1, "weight": 0.6}], [{"label": -1, "weight": 1.0}]],
+)
+def test_a_soft_label_that_is_no_distribution_is_refused(bad):
+    batch = rows_batch()
+    batch[schema.SOFT_LABEL] = object_array([None, None, None, bad])
+    with pytest.raises(ValueError, match="not a distribution"):
+        encode_rows(batch, "png", 95, "{}", CLASSES)
 
 
 def test_model_tags_record_what_was_loaded(tmp_path):
