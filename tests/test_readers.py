@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine import schema
 from engine.config import DataConfig
-from engine.readers import hub_split, inspect_source, read_parquet_rows, sample_rows
+from engine.readers import IMAGE_SUFFIXES, hub_split, inspect_source, read_parquet_rows, sample_rows
 
 NAMES = ["spring_rolls", "winter melon", "crème brûlée"]
 
@@ -281,3 +281,127 @@ def test_groups_file_from_config_or_default(toy, tmp_path):
     (tmp_path / "bad.csv").write_text("source_id,cluster\na,1\n")
     with pytest.raises(ValueError, match=r"no column \['group'\]"):
         inspect_source(DataConfig(path=str(toy), groups_file=str(tmp_path / "bad.csv")))
+
+
+# --------------------------------------------------------------------------- image folders at scale
+
+
+def listing_before_issue_18(root: Path, splits: list[str], masks: Path | None = None) -> list[dict]:
+    """The driver-side listing the parallel one replaced (every file, then one dict per image): the
+    reference for source ids, labels, paths and groups, so existing outputs still resume."""
+    files = []
+    for split in splits:
+        for path in (root / split).rglob("*"):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and len(rel.split("/")) == 3:
+                files.append((split, rel.split("/")[1], rel))
+    label_of = {name: i for i, name in enumerate(sorted({c for _, c, _ in files}))}
+    groups = {}
+    if (root / "groups.csv").exists():
+        lines = (root / "groups.csv").read_text().splitlines()[1:]
+        groups = {line.split(",")[0]: int(line.split(",")[1]) for line in lines}
+    return [
+        {
+            schema.SOURCE_ID: rel,
+            "path": str(root / rel),
+            "mask_path": str((masks / rel).with_suffix(".png")) if masks else "",
+            schema.LABEL: label_of[class_name],
+            schema.CLASS_NAME: class_name,
+            schema.SPLIT: split,
+            schema.GROUP: groups.get(rel, -1),
+        }
+        for split, class_name, rel in sorted(files)
+    ]
+
+
+def folder_tree(root: Path, sizes: dict[str, dict[str, int]]) -> Path:
+    """Empty `.png` files (listing never opens them): {split: {class: count}}."""
+    for split, classes in sizes.items():
+        for class_name, count in classes.items():
+            (root / split / class_name).mkdir(parents=True)
+            for i in range(count):
+                (root / split / class_name / f"img_{i:04d}.png").touch()
+    return root
+
+
+def test_parallel_listing_gives_the_old_rows(toy):
+    splits = ["train", "val", "test"]
+    data = DataConfig(path=str(toy), splits=splits, masks_path=str(toy / "masks"))
+    info = inspect_source(data)
+    assert info.rows == listing_before_issue_18(toy, splits, toy / "masks")
+    assert info.counts == {"test": 6, "train": 12, "val": 6} and info.num_available == 24
+    assert len(info.folders) == 9 and sum(f["num_images"] for f in info.folders) == 24
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_max_images_from_folder_sizes_is_sample_rows_exactly(tmp_path, seed):
+    """Each folder is a stratum: the per-folder shares `inspect_source` computes from the sizes (and, at
+    the budget's edge, a few tie hashes) give exactly the rows `sample_rows` picks from the full list,
+    including where equal-sized folders tie."""
+    sizes = {
+        "train": {"a": 7, "b": 7, "c": 3, "d": 12},
+        "val": {"a": 2, "b": 2, "c": 2},
+        "test": {"a": 1, "d": 4},
+    }
+    root = folder_tree(tmp_path / "tree", sizes)
+    every = listing_before_issue_18(root, list(sizes))
+    for budget in (1, 5, 9, 10, 17, 25, 39, 40, 41, 100):
+        data = DataConfig(path=str(root), splits=list(sizes), max_images=budget, sample_seed=seed)
+        info = inspect_source(data)
+        expected = sample_rows(every, budget, seed)
+        assert sorted(r[schema.SOURCE_ID] for r in info.rows) == sorted(r[schema.SOURCE_ID] for r in expected)
+        assert info.num_images == len(expected) and info.num_available == len(every)
+
+
+def test_entries_outside_split_class_and_unlistable_folders_are_counted(tmp_path, monkeypatch):
+    import engine.readers as readers
+
+    root = folder_tree(tmp_path / "tree", {"train": {"a": 3, "b": 2, "locked": 4}, "test": {"a": 1}})
+    (root / "train" / "stray.png").touch()  # no class folder
+    (root / "train" / "a" / "deeper").mkdir()  # a folder inside a class folder
+    (root / "train" / "a" / "deeper" / "x.png").touch()
+    (root / "train" / "b" / "notes.txt").touch()  # not an image
+    listed = readers._folder_entries
+
+    def refuse_locked(fs, path):
+        if path.endswith("locked") or path.endswith("locked/"):
+            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+        return listed(fs, path)
+
+    monkeypatch.setattr(readers, "_folder_entries", refuse_locked)
+    info = inspect_source(DataConfig(path=str(root), splits=["train", "test"]))
+    assert info.class_names == ["a", "b"]  # "locked" has no images the run can read
+    assert info.counts == {"test": 1, "train": 5}
+    assert sorted(r[schema.SOURCE_ID] for r in info.rows) == [
+        "test/a/img_0000.png",
+        "train/a/img_0000.png",
+        "train/a/img_0001.png",
+        "train/a/img_0002.png",
+        "train/b/img_0000.png",
+        "train/b/img_0001.png",
+    ]
+    skipped = next(n for n in info.notes if "not images at <split>/<class>/<image>" in n)
+    assert skipped.startswith("3 entries") and "train/stray.png" in skipped
+    unlisted = next(n for n in info.notes if "could not be listed" in n)
+    assert unlisted.startswith("1 folders") and "train/locked" in unlisted and "Permission denied" in unlisted
+    # A folder that becomes unlistable after inspection costs its rows and a warning, not the run.
+    monkeypatch.setattr(readers, "_folder_entries", lambda fs, path: refuse_locked(fs, path + "locked"))
+    assert info.rows == []
+
+
+def test_read_tasks_list_the_folders_and_stream_small_blocks(toy, ray_local):
+    import ray.data
+
+    from engine.readers import read_source
+
+    data = DataConfig(path=str(toy), splits=["train", "test"], rows_per_block=4)
+    info = inspect_source(data)
+    ds, class_names = read_source(data, ray.data, 0.5, info)
+    assert class_names == info.class_names
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert max(len(b[schema.SOURCE_ID]) for b in blocks) <= 4
+    rows = {sid: b for b in blocks for sid in b[schema.SOURCE_ID]}
+    assert sorted(rows) == [r[schema.SOURCE_ID] for r in listing_before_issue_18(toy, ["train", "test"])]
+    for block in blocks:
+        for sid, image in zip(block[schema.SOURCE_ID], block[schema.IMAGE_BYTES], strict=True):
+            assert image == (toy / sid).read_bytes()
