@@ -292,17 +292,42 @@ def make_toy_dataset(
     *,
     num_classes: int = 4,
     train_per_class: int = 24,
-    val_per_class: int = 12,
-    test_per_class: int = 12,
+    val_per_class: int | None = None,
+    test_per_class: int | None = None,
+    eval_per_group: int | None = None,
     size: int = 64,
     spurious: float = 0.9,
     seed: int = 0,
 ) -> dict:
     """Render the toy dataset into `out` (layout in the module docstring) and return its summary.
 
+    val/test have `val_per_class` / `test_per_class` images per class (default 12), or, with
+    `eval_per_group`, that many per class x background group in both (`eval_per_group * num_classes` per
+    class): worst-group accuracy needs enough images in each group to move in steps smaller than ~2.5%.
+
     The summary (also written, minus `out` and `paths`, to dataset.json) has `classes`, `backgrounds`,
-    `counts[split][class]`, `groups[split][group_id]`, `own_background_fraction[split]` and `paths`.
+    `counts[split][class]`, `groups[split][group_id]`, `own_background_fraction[split]`, `arguments` (this
+    call's, so that a caller can tell whether a folder holds the dataset it wants) and `paths`.
     """
+    arguments = {
+        "num_classes": num_classes,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "test_per_class": test_per_class,
+        "eval_per_group": eval_per_group,
+        "size": size,
+        "spurious": spurious,
+        "seed": seed,
+    }
+    if eval_per_group is not None:
+        if val_per_class is not None or test_per_class is not None:
+            raise ValueError("give either eval_per_group or val_per_class/test_per_class, not both")
+        if eval_per_group < 1:
+            raise ValueError(f"eval_per_group must be at least 1, got {eval_per_group}")
+        # One background type per class: each class spreads its images evenly over num_classes groups.
+        val_per_class = test_per_class = eval_per_group * num_classes
+    val_per_class = 12 if val_per_class is None else val_per_class
+    test_per_class = 12 if test_per_class is None else test_per_class
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in 2..{MAX_CLASSES} (available classes: {', '.join(CLASSES)})")
     if not 0.0 <= spurious <= 1.0:
@@ -376,6 +401,7 @@ def make_toy_dataset(
         "counts": counts,
         "groups": groups,
         "own_background_fraction": own_fraction,
+        "arguments": arguments,
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["out"] = str(out)
@@ -399,8 +425,14 @@ def main(argv: list[str] | None = None) -> None:
         "--num-classes", type=int, default=4, help=f"Classes (and background types), 2..{MAX_CLASSES}"
     )
     parser.add_argument("--train-per-class", type=int, default=24)
-    parser.add_argument("--val-per-class", type=int, default=12)
-    parser.add_argument("--test-per-class", type=int, default=12)
+    parser.add_argument("--val-per-class", type=int, default=None, help="default 12")
+    parser.add_argument("--test-per-class", type=int, default=None, help="default 12")
+    parser.add_argument(
+        "--eval-per-group",
+        type=int,
+        default=None,
+        help="val and test images per class x background group (instead of --val/--test-per-class)",
+    )
     parser.add_argument("--size", type=int, default=64, help="Image side in pixels")
     parser.add_argument(
         "--spurious", type=float, default=0.9, help="Train fraction on the class's own background"
@@ -416,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
             train_per_class=args.train_per_class,
             val_per_class=args.val_per_class,
             test_per_class=args.test_per_class,
+            eval_per_group=args.eval_per_group,
             size=args.size,
             spurious=args.spurious,
             seed=args.seed,

@@ -155,3 +155,24 @@ def test_main_prints_a_summary(tmp_path, capsys):
     assert (tmp_path / "cli" / "train" / "cross" / "cross_0001.png").is_file()
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "bad"), "--num-classes", "9"])
+
+
+def test_eval_per_group_fills_every_val_and_test_group(tmp_path):
+    # The benchmark's scale in miniature: every class x background group of val/test gets exactly this many
+    # images, while train keeps the class/background correlation.
+    summary = make_toy_dataset(
+        tmp_path / "data", num_classes=3, train_per_class=20, eval_per_group=5, size=16, spurious=0.9
+    )
+    for split in ("val", "test"):
+        assert summary["counts"][split] == {name: 15 for name in summary["classes"]}
+        assert sorted(summary["groups"][split].values()) == [5] * 9
+    assert summary["own_background_fraction"]["train"] == pytest.approx(0.9)
+    written = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    assert written["arguments"]["eval_per_group"] == 5 and written["arguments"]["val_per_class"] is None
+    with pytest.raises(ValueError, match="eval_per_group"):
+        make_toy_dataset(tmp_path / "both", eval_per_group=5, test_per_class=8)
+    with pytest.raises(ValueError, match="eval_per_group"):
+        make_toy_dataset(tmp_path / "zero", eval_per_group=0)
+    main(["--out", str(tmp_path / "cli"), "--num-classes", "2", "--train-per-class", "2", "--size", "16",
+          "--eval-per-group", "3"])  # fmt: skip
+    assert len(list((tmp_path / "cli" / "test" / "cross").iterdir())) == 6
