@@ -42,17 +42,12 @@ test: $(STAMP) $(VLLM_STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# Training benchmark: does AGA output help a classifier on the spurious toy dataset? (about 20 min on 2 cores)
-BENCH_TOY := .cache/toy-bench
-BENCH_GEN := $(VENV)/bin/synthray generate --config configs/aga_tiny_cpu.yaml --set data.path=$(BENCH_TOY) \
-	--set data.masks_path=$(BENCH_TOY)/masks --set output.gallery_classes=0
+# Efficacy benchmark: real vs AGA (K=2, K=5, K=5 + fidelity filter) on the spurious toy dataset, 3 seeds, one
+# training budget; one config-driven sweep that builds its toy dataset and generation runs (reused when done)
+# and writes benchmarks/results/efficacy.{md,json,png}.
 bench-train: $(STAMP)
 	$(VENV)/bin/synthray tiny-models
-	test -f $(BENCH_TOY)/dataset.json || $(VENV)/bin/synthray toy-dataset --out $(BENCH_TOY) \
-		--train-per-class 100 --val-per-class 25 --test-per-class 25
-	$(BENCH_GEN) --set num_variants=2 --set output.path=outputs/bench-k2
-	$(BENCH_GEN) --set num_variants=5 --set output.path=outputs/bench-k5
-	$(VENV)/bin/synthray sweep --config configs/sweep_toy_bench.yaml
+	$(VENV)/bin/synthray sweep --config configs/bench_efficacy.yaml
 
 # Wheels the GPU machine lacks for `python -m benchmarks.gpu_stages` (diffusers, pydantic, ...), into .whl/
 # (git-ignored; the device tool carries it). The command to run there is in benchmarks/gpu_stages.py.

@@ -6,45 +6,153 @@ one Ray cluster, one training run after another, then prints a table of mean +- 
 of the same config is reused from its metrics.json (nothing retrained or re-evaluated), an unfinished one
 resumes from its latest checkpoint, unless `overwrite: true`.
 
+A benchmark sweep (configs/bench_efficacy.yaml) also holds its inputs: `toy_dataset` is built first, each
+variant's `generate` (a generation config + overrides) runs unless a finished run of that config is there,
+and its shards become the variant's data. With `baseline`, each variant's delta to it is tested over seeds
+(paired t-test); with `attention`, each run's subject attention is measured (engine.train.attention); with
+`results`, the report (<results>.md, .json, .png) records the command, the machine and the wall time.
+
 `compare_strategies` is the short form the demo calls on a generation run's shards.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from engine.config import load_config, parse_job_args
-from engine.train.config import SweepConfig, SweepVariant, TrainConfig
+from engine.train.config import GenerationSpec, SweepConfig, SweepVariant, ToyDatasetSpec, TrainConfig
 
 METRICS = (("test_top1", "test top-1"), ("test_worst_group", "test worst-group"), ("val_top1", "val top-1"))
+# What the benchmark report shows and compares with the baseline.
+REPORT_METRICS = (
+    ("test_top1", "test top-1"),
+    ("test_worst_group", "test worst-group"),
+    ("subject_attention", "subject attention"),
+)
+SIGNIFICANCE = 0.05
 
 
 def main(argv: list[str] | None = None) -> int:
     # 1. Config.
     args = parse_job_args(argv, "synthray sweep", __doc__.splitlines()[0], None, "seeds=[0]")
+    command = " ".join(["synthray sweep", *(argv if argv is not None else sys.argv[1:])])
     try:
         config = load_config(SweepConfig, args.config, args.overrides)
-        # 2. Runs, 3. table.
-        rows = run_sweep(config)
+        # 2. Inputs and runs, 3. table (and the report).
+        rows = run_sweep(config, command=command)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_table(rows, title=f"{len(config.variants)} variants x seeds {config.seeds}")
-    print(f"{Path(config.output) / 'sweep.json'}, {Path(config.output) / 'sweep.md'}")
+    print_table(
+        rows, title=f"{len(config.variants)} variants x seeds {config.seeds}", baseline=config.baseline
+    )
+    written = [Path(config.output) / "sweep.json", Path(config.output) / "sweep.md"]
+    if config.results:
+        written += [Path(f"{config.results}{suffix}") for suffix in (".md", ".json", ".png")]
+    print(", ".join(map(str, written)))
     return 0
 
 
-def run_config(config: SweepConfig, variant: SweepVariant, seed: int) -> TrainConfig:
-    """The TrainConfig of one run: base YAML + sweep overrides + the variant's + seed and run folder."""
+# ---------------------------------------------------------------- inputs: toy dataset, generation runs
+
+
+def prepare_toy_dataset(spec: ToyDatasetSpec) -> bool:
+    """Build the toy dataset unless `spec.out` holds one made with these arguments; True when (re)built."""
+    from engine.toy_dataset import make_toy_dataset
+
+    arguments = spec.model_dump(exclude={"out"})
+    saved = Path(spec.out) / "dataset.json"
+    if saved.is_file():
+        previous = json.loads(saved.read_text()).get("arguments", {})
+        if {k: previous.get(k) for k in arguments} == arguments:
+            return False
+    print(f"sweep: building the toy dataset {spec.out} ({arguments})", flush=True)
+    make_toy_dataset(Path(spec.out), **arguments)
+    return True
+
+
+def generation_config(config: SweepConfig, spec: GenerationSpec):
+    from engine.config import GenerateConfig
+
+    return load_config(GenerateConfig, spec.config, [*config.generate_overrides, *spec.set])
+
+
+def finished_generation(generate_config) -> bool:
+    """A generation run of this config (same content hash) finished in its output folder."""
+    from engine.config import config_hash
+
+    run = Path(generate_config.output.path) / "run.json"
+    if not run.is_file():
+        return False
+    report = json.loads(run.read_text())
+    return (
+        report.get("config_hash") == config_hash(generate_config)
+        and not report.get("failed_attempts")
+        and report.get("rows", {}).get("synthetic_written") is not None
+    )
+
+
+def run_generations(config: SweepConfig, dataset_rebuilt: bool) -> dict[str, str]:
+    """Run each variant's generation (once per output folder) unless finished; variant name -> its data."""
+    from jobs import generate
+
+    data_of: dict[str, str] = {}
+    outputs: dict[str, tuple[str, list[str]]] = {}  # output folder -> (config path, overrides) that fill it
+    for variant in config.variants:
+        if variant.generate is None:
+            continue
+        try:
+            generate_config = generation_config(config, variant.generate)
+        except ValueError as err:
+            raise ValueError(f"variant {variant.name!r}: generation config: {err}") from None
+        output = generate_config.output.path
+        recipe = (variant.generate.config, [*config.generate_overrides, *variant.generate.set])
+        if outputs.setdefault(output, recipe) != recipe:
+            raise ValueError(f"variant {variant.name!r} generates into {output}, as another variant does")
+        data_of[variant.name] = str(Path(output) / "data")
+    done: set[str] = set()
+    for variant in config.variants:
+        if variant.generate is None or variant.name not in data_of:
+            continue
+        generate_config = generation_config(config, variant.generate)
+        output = generate_config.output.path
+        if output in done:
+            continue
+        done.add(output)
+        # A rebuilt toy dataset is other images under the same path: the config hash cannot tell.
+        if not dataset_rebuilt and finished_generation(generate_config):
+            print(f"sweep: {variant.name}: reusing the generation run in {output}", flush=True)
+            continue
+        print(f"sweep: {variant.name}: generating into {output}", flush=True)
+        sets = [arg for override in outputs[output][1] for arg in ("--set", override)]
+        status = generate.main(["--config", variant.generate.config, *sets, "--set", "output.overwrite=true"])
+        if status:
+            raise ValueError(
+                f"variant {variant.name!r}: its generation run failed (exit {status}), see above"
+            )
+    return data_of
+
+
+def run_config(
+    config: SweepConfig, variant: SweepVariant, seed: int, data: str | None = None, epochs: int | None = None
+) -> TrainConfig:
+    """The TrainConfig of one run: base YAML + sweep overrides + the variant's generated `data` (if any) +
+    the variant's overrides + `epochs` (the budget's, if any) + seed and run folder."""
     return load_config(
         TrainConfig,
         config.train_config,
         [
             *config.overrides,
+            *([f"data.paths={json.dumps([data])}"] if data else []),
             *variant.set,
+            *([f"epochs={epochs}"] if epochs else []),
             f"seed={seed}",
             f"output.path={json.dumps(str(Path(config.output) / 'runs'))}",
             f"output.name={json.dumps(f'{variant.name}-seed{seed}')}",
@@ -53,14 +161,34 @@ def run_config(config: SweepConfig, variant: SweepVariant, seed: int) -> TrainCo
     )
 
 
-def run_sweep(config: SweepConfig) -> list[dict]:
-    """Train every (variant, seed); return one row per run and write sweep.json / sweep.md."""
+def run_sweep(config: SweepConfig, command: str = "") -> list[dict]:
+    """Build the inputs, train every (variant, seed); return one row per run and write sweep.json / sweep.md
+    (and the benchmark report when `config.results` is set)."""
     from engine.train.data import load_training_data
     from jobs.train import run_training
 
-    # Every run config is built and its shards checked first, so that a typo or a bad shard fails before
-    # hours of training.
-    plan = [(v, seed, run_config(config, v, seed)) for v in config.variants for seed in config.seeds]
+    started, load_at_start = time.perf_counter(), os.getloadavg()
+    # Every config is built first, so that a typo fails before hours of generation and training.
+    for variant in config.variants:
+        run_config(config, variant, config.seeds[0], "checked-later" if variant.generate else None)
+        if variant.generate is not None:
+            try:
+                generation_config(config, variant.generate)
+            except ValueError as err:
+                raise ValueError(f"variant {variant.name!r}: generation config: {err}") from None
+    rebuilt = prepare_toy_dataset(config.toy_dataset) if config.toy_dataset else False
+    data_of = run_generations(config, rebuilt)
+    # Then every run's shards are checked, so that a bad shard fails before hours of training.
+    plan = [
+        (v, seed, run_config(config, v, seed, data_of.get(v.name)))
+        for v in config.variants
+        for seed in config.seeds
+    ]
+    if config.train_rows:
+        plan = [
+            (v, seed, run_config(config, v, seed, data_of.get(v.name), budget_epochs(c, config.train_rows)))
+            for v, seed, c in plan
+        ]
     checked: set[str] = set()
     for variant, _, train_config in plan:
         data = train_config.data.model_dump_json()
@@ -79,7 +207,16 @@ def run_sweep(config: SweepConfig) -> list[dict]:
         else:
             print(title, flush=True)
             metrics = run_training(train_config)
-        rows.append(run_row(variant.name, metrics))
+        row = run_row(variant.name, metrics)
+        if config.attention is not None:
+            from engine.train.attention import run_attention
+
+            attention = run_attention(
+                train_config, metrics, config.attention.target_layer, config.attention.split
+            )
+            row["subject_attention"] = attention["subject_share"]
+            row["attention"] = attention
+        rows.append(row)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(
@@ -89,7 +226,26 @@ def run_sweep(config: SweepConfig) -> list[dict]:
         + "\n"
     )
     (out / "sweep.md").write_text(format_markdown(rows) + "\n")
+    if config.results:
+        write_report(
+            config,
+            rows,
+            command=command,
+            load_at_start=load_at_start,
+            wall_s=time.perf_counter() - started,
+        )
     return rows
+
+
+def budget_epochs(config: TrainConfig, train_rows: int) -> int:
+    """Epochs that make this run see about `train_rows` train rows: a variant with five times the rows per
+    epoch trains a fifth of the epochs, so every variant takes the same number of optimizer steps."""
+    from engine.train.data import load_training_data, plan_epochs
+
+    data = load_training_data(config.data)
+    one_epoch = config.model_copy(update={"epochs": 1})
+    rows_per_epoch = sum(len(rank) for rank in plan_epochs(data, one_epoch)[0])
+    return max(1, round(train_rows / max(rows_per_epoch, 1)))
 
 
 def finished_run(config: TrainConfig) -> dict | None:
@@ -149,6 +305,7 @@ def run_row(variant: str, metrics: dict) -> dict:
         "test_worst_group": test.get("worst_group"),
         "val_top1": history[-1]["val_top1"] if history else None,
         "synthetic_per_epoch": metrics["rows_seen"]["synthetic"] / max(len(history), 1),
+        "epochs": len(history),
         "real_per_epoch": metrics["rows_seen"]["real"] / max(len(history), 1),
         "wall_s": metrics["wall_s"],
         "run_dir": metrics["run_dir"],
@@ -161,8 +318,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         runs = [r for r in rows if r["variant"] == variant]
         entry = {"variant": variant, "strategy": runs[0]["strategy"], "seeds": [r["seed"] for r in runs]}
-        for key, _ in METRICS:
-            values = [r[key] for r in runs if r[key] is not None]
+        for key in dict.fromkeys(k for k, _ in (*METRICS, *REPORT_METRICS)):
+            values = [r[key] for r in runs if r.get(key) is not None]
             entry[key] = {
                 "mean": statistics.fmean(values) if values else None,
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -189,12 +346,147 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def print_table(rows: list[dict], title: str = "") -> None:
-    """The sweep table (accuracies in %, mean ± std over seeds) on the terminal."""
+def compare_with_baseline(rows: list[dict], baseline: str) -> dict[str, dict]:
+    """Per variant and REPORT_METRICS key: mean and std of (variant - baseline) over the seeds both ran, and
+    the paired t-test's p-value (scipy.stats.ttest_rel; None below 2 pairs or when every difference is the
+    same, where the test is undefined). `significant`: p < SIGNIFICANCE."""
+    from scipy.stats import ttest_rel
+
+    by_seed = {(r["variant"], r["seed"]): r for r in rows}
+    out: dict[str, dict] = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        out[variant] = {}
+        for key, _ in REPORT_METRICS:
+            pairs = [
+                (by_seed[(variant, seed)][key], by_seed[(baseline, seed)][key])
+                for (name, seed) in by_seed
+                if name == variant
+                and (baseline, seed) in by_seed
+                and by_seed[(variant, seed)].get(key) is not None
+                and by_seed[(baseline, seed)].get(key) is not None
+            ]
+            if not pairs:
+                out[variant][key] = None
+                continue
+            deltas = [v - b for v, b in pairs]
+            p_value = None
+            if len(pairs) > 1 and len(set(deltas)) > 1:
+                p_value = float(ttest_rel([v for v, _ in pairs], [b for _, b in pairs]).pvalue)
+                p_value = None if math.isnan(p_value) else p_value
+            out[variant][key] = {
+                "mean": statistics.fmean(deltas),
+                "std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
+                "num_pairs": len(pairs),
+                "p_value": p_value,
+                "significant": p_value is not None and p_value < SIGNIFICANCE,
+            }
+    return out
+
+
+def _delta_cell(delta: dict | None, variant: str, baseline: str) -> str:
+    if variant == baseline:
+        return "—"
+    if delta is None:
+        return "n/a"
+    p = "p n/a" if delta["p_value"] is None else f"p={delta['p_value']:.3f}"
+    return f"{100 * delta['mean']:+.1f}{' *' if delta['significant'] else ''} ({p})"
+
+
+def report_table(rows: list[dict], baseline: str | None) -> tuple[list[str], list[list[str]]]:
+    """The benchmark table: per variant, each REPORT_METRICS mean ± std (%), its delta to the baseline in
+    points with the paired test's p-value (* when p < SIGNIFICANCE), and synthetic rows per epoch."""
+    deltas = compare_with_baseline(rows, baseline) if baseline else {}
+    header = ["variant", "seeds", "epochs"]
+    for _, label in REPORT_METRICS:
+        header += [label] + ([f"Δ {label} vs {baseline}"] if baseline else [])
+    header.append("synthetic rows / epoch")
+    body = []
+    for entry in summarize(rows):
+        runs = [r for r in rows if r["variant"] == entry["variant"]]
+        cells = [
+            entry["variant"],
+            str(len(entry["seeds"])),
+            "/".join(sorted({str(r.get("epochs")) for r in runs})),
+        ]
+        for key, _ in REPORT_METRICS:
+            cells.append(_cell(entry[key]))
+            if baseline:
+                cells.append(_delta_cell(deltas[entry["variant"]][key], entry["variant"], baseline))
+        cells.append(f"{entry['synthetic_per_epoch']:.0f}")
+        body.append(cells)
+    return header, body
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def write_report(
+    config: SweepConfig, rows: list[dict], *, command: str, load_at_start, wall_s: float
+) -> None:
+    """<results>.json (everything), <results>.md (the table, the command, the machine) and <results>.png."""
+    from engine.train.evaluation import plot_variants
+
+    prefix = Path(config.results)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    header, body = report_table(rows, config.baseline)
+    summary = summarize(rows)
+    deltas = compare_with_baseline(rows, config.baseline) if config.baseline else None
+    context = {
+        "command": command,
+        "config": config.model_dump(mode="json"),
+        "machine": machine(),
+        "loadavg_at_start": [round(x, 2) for x in load_at_start],
+        "wall_s": round(wall_s, 1),
+    }
+    Path(f"{prefix}.json").write_text(
+        json.dumps({**context, "summary": summary, "deltas": deltas, "runs": rows}, indent=2) + "\n"
+    )
+    plot_variants(
+        summary, REPORT_METRICS, Path(f"{prefix}.png"), title=f"{len(config.seeds)} seeds, mean ± std"
+    )
+    m = context["machine"]
+    lines = [
+        f"# Efficacy benchmark: {', '.join(e['variant'] for e in summary)}",
+        "",
+        f"Command: `{command}` (runs in {config.output}).",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, Python {m['python']}; "
+        f"load average at start {' / '.join(f'{x:.2f}' for x in context['loadavg_at_start'])}; "
+        f"wall time {wall_s / 60:.1f} min (cached generation and runs are reused, not re-timed).",
+        f"Seeds: {config.seeds}. Accuracies and subject attention in %, mean ± std over seeds; Δ in points vs "
+        f"`{config.baseline}`, paired t-test over seeds (scipy.stats.ttest_rel), * when p < {SIGNIFICANCE}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(cells) + " |" for cells in body),
+        "",
+        f"![accuracy and subject attention per variant]({prefix.name}.png)",
+    ]
+    if config.notes:
+        lines += ["", "Notes:", "", *(f"- {note}" for note in config.notes)]
+    Path(f"{prefix}.md").write_text("\n".join(lines) + "\n")
+
+
+def print_table(rows: list[dict], title: str = "", baseline: str | None = None) -> None:
+    """The sweep table (accuracies in %, mean ± std over seeds) on the terminal; with `baseline`, the
+    benchmark's table (deltas and paired tests, subject attention)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title or None)
+    if baseline:
+        header, body = report_table(rows, baseline)
+        for name in header:
+            table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
+        for cells in body:
+            table.add_row(*cells)
+        Console(width=max(Console().width, 200)).print(table)
+        return
     for name in ("variant", "strategy", "seeds", *(label for _, label in METRICS), "synthetic rows / epoch"):
         table.add_column(name, justify="left" if name in ("variant", "strategy") else "right", no_wrap=True)
     for entry in summarize(rows):

@@ -170,10 +170,47 @@ class TrainConfig(Strict):
         return Path(self.output.path).expanduser().resolve() / self.run_name()
 
 
+class GenerationSpec(Strict):
+    config: str = Field(description="Generation config YAML (GenerateConfig), e.g. configs/aga_tiny_cpu.yaml")
+    set: list[str] = Field(
+        default_factory=list,
+        description="Its overrides after the sweep's generate_overrides, e.g. num_variants=5",
+    )
+
+
+class ToyDatasetSpec(Strict):
+    """engine.toy_dataset.make_toy_dataset's arguments; the sweep builds the dataset when `out` holds another."""
+
+    out: str = Field(description="Folder of the toy dataset")
+    num_classes: int = Field(default=4, ge=2)
+    train_per_class: int = Field(default=24, ge=0)
+    eval_per_group: int = Field(
+        default=40, ge=1, description="val and test images per class x background group"
+    )
+    size: int = Field(default=32, ge=16, description="Image side, px")
+    spurious: float = Field(
+        default=0.9, ge=0, le=1, description="Train share of a class on its own background"
+    )
+    seed: int = Field(default=0, ge=0)
+
+
+class AttentionSpec(Strict):
+    target_layer: str = Field(
+        description="Module of the model whose activations Grad-CAM weighs (model.get_submodule), e.g. layer2 "
+        "of a timm ResNet: its map must have more than one cell at data.image_size"
+    )
+    split: Literal["val", "test"] = "test"
+
+
 class SweepVariant(Strict):
     name: str = Field(description="Row label in the table, e.g. concat-k5")
     set: list[str] = Field(
         default_factory=list, description="TrainConfig overrides, e.g. mix.strategy=concat"
+    )
+    generate: GenerationSpec | None = Field(
+        default=None,
+        description="The generation run this variant trains on (run first unless finished with the same "
+        "config); data.paths defaults to its <output.path>/data",
     )
 
 
@@ -184,10 +221,36 @@ class SweepConfig(Strict):
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
     output: str = Field(default="outputs/sweep", description="sweep.json/sweep.md here, runs under runs/")
     overwrite: bool = Field(default=False, description="Retrain runs that exist (default: resume/reuse them)")
+    toy_dataset: ToyDatasetSpec | None = Field(
+        default=None, description="Build this toy dataset first (a benchmark's data, in its config)"
+    )
+    generate_overrides: list[str] = Field(
+        default_factory=list, description="Overrides of every variant's generation, before its own `set`"
+    )
+    baseline: str | None = Field(
+        default=None,
+        description="Variant the others are compared with (delta and paired t-test over seeds); None: no deltas",
+    )
+    attention: AttentionSpec | None = Field(
+        default=None, description="Measure subject attention (Grad-CAM mass inside the subject mask) per run"
+    )
+    results: str | None = Field(
+        default=None,
+        description="Path prefix of the benchmark report: <results>.md, .json and .png (None: sweep.md only)",
+    )
+    notes: list[str] = Field(default_factory=list, description="Lines the report lists under its table")
+    train_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Training budget in train rows seen: each run's epochs = round(train_rows / its rows per "
+        "epoch), overriding `epochs` (None: the configs' epochs)",
+    )
 
     @model_validator(mode="after")
     def _names_unique(self) -> SweepConfig:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not a variant (available: {', '.join(names)})")
         return self

@@ -85,3 +85,34 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_variants(
+    summary: list[dict], metrics: tuple[tuple[str, str], ...], path: Path, title: str = ""
+) -> Path:
+    """One panel per metric: a bar per variant at its mean over seeds with the std as error bar (jobs.sweep's
+    `summarize` entries, values in [0, 1] shown in %); a variant without a value gets no bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [entry["variant"] for entry in summary]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        means = [
+            100 * e[key]["mean"] if e.get(key) and e[key]["mean"] is not None else np.nan for e in summary
+        ]
+        stds = [100 * e[key]["std"] if e.get(key) and e[key]["mean"] is not None else 0.0 for e in summary]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"{label} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,132 @@
+"""The benchmark side of jobs.sweep without training: deltas with a paired test over seeds, the report files,
+the budget in rows, the toy dataset and generation runs reused only when they are the config's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import ttest_rel
+
+from engine.config import load_config
+from engine.train.config import SweepConfig, SweepVariant
+from jobs.sweep import (
+    compare_with_baseline,
+    finished_generation,
+    generation_config,
+    prepare_toy_dataset,
+    report_table,
+    write_report,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(variant, seed, top1, worst, attention=None):
+    return {
+        "variant": variant,
+        "strategy": "real" if variant == "real" else "concat",
+        "seed": seed,
+        "test_top1": top1,
+        "test_worst_group": worst,
+        "val_top1": top1,
+        "subject_attention": attention,
+        "synthetic_per_epoch": 0.0 if variant == "real" else 800.0,
+        "epochs": 30 if variant == "real" else 10,
+    }
+
+
+ROWS = [
+    _row("real", 0, 0.50, 0.10, 0.30),
+    _row("real", 1, 0.55, 0.05, 0.32),
+    _row("real", 2, 0.52, 0.08, 0.31),
+    # A consistent gain in top-1 (significant), a noisy one in worst group (not).
+    _row("aga", 0, 0.60, 0.30, 0.50),
+    _row("aga", 1, 0.66, 0.00, 0.52),
+    _row("aga", 2, 0.61, 0.20, 0.51),
+]
+
+
+def test_deltas_are_paired_by_seed_and_tested():
+    deltas = compare_with_baseline(ROWS, "real")
+    top1 = deltas["aga"]["test_top1"]
+    assert top1["mean"] == pytest.approx(np.mean([0.10, 0.11, 0.09]))
+    assert top1["p_value"] == pytest.approx(ttest_rel([0.60, 0.66, 0.61], [0.50, 0.55, 0.52]).pvalue)
+    assert top1["significant"] and top1["num_pairs"] == 3
+    worst = deltas["aga"]["test_worst_group"]
+    assert worst["p_value"] > 0.05 and not worst["significant"]
+    # The baseline against itself: every difference 0, the test is undefined, not "significant".
+    assert deltas["real"]["test_top1"]["p_value"] is None and not deltas["real"]["test_top1"]["significant"]
+    # A seed the baseline lacks is not paired.
+    partial = compare_with_baseline([*ROWS, _row("aga", 3, 0.9, 0.9)], "real")
+    assert partial["aga"]["test_top1"]["num_pairs"] == 3
+
+
+def test_report_table_marks_significant_deltas():
+    header, body = report_table(ROWS, "real")
+    assert header[:5] == ["variant", "seeds", "epochs", "test top-1", "Δ test top-1 vs real"]
+    real, aga = body
+    assert real[4] == "—" and aga[3] == "62.3 ± 3.2"
+    assert aga[4].startswith("+10.0 * (p=")
+    assert aga[6].startswith("+9.0 (p=") and "*" not in aga[6]
+    assert aga[2] == "10" and aga[-1] == "800"
+
+
+def test_write_report_files(tmp_path):
+    config = SweepConfig(
+        train_config="configs/train_toy_cpu.yaml",
+        variants=[SweepVariant(name="real"), SweepVariant(name="aga")],
+        baseline="real",
+        results=str(tmp_path / "results" / "efficacy"),
+        notes=["a note"],
+    )
+    write_report(
+        config, ROWS, command="synthray sweep --config x.yaml", load_at_start=(1.0, 2.0, 3.0), wall_s=90
+    )
+    saved = json.loads((tmp_path / "results" / "efficacy.json").read_text())
+    assert saved["command"] == "synthray sweep --config x.yaml" and saved["wall_s"] == 90
+    assert saved["loadavg_at_start"] == [1.0, 2.0, 3.0] and saved["machine"]["cpu_count"] >= 1
+    assert saved["deltas"]["aga"]["test_top1"]["significant"] and len(saved["runs"]) == 6
+    text = (tmp_path / "results" / "efficacy.md").read_text()
+    assert "`synthray sweep --config x.yaml`" in text and "- a note" in text and "1.5 min" in text
+    assert "| aga | 3 | 10 | 62.3 ± 3.2 | +10.0 * (p=" in text
+    assert (tmp_path / "results" / "efficacy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_baseline_must_be_a_variant():
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        SweepConfig(train_config="x.yaml", variants=[SweepVariant(name="real")], baseline="nope")
+
+
+def test_toy_dataset_is_rebuilt_only_for_other_arguments(tmp_path):
+    from engine.train.config import ToyDatasetSpec
+
+    spec = ToyDatasetSpec(
+        out=str(tmp_path / "toy"), num_classes=2, train_per_class=2, eval_per_group=1, size=16
+    )
+    assert prepare_toy_dataset(spec) is True
+    assert prepare_toy_dataset(spec) is False
+    assert prepare_toy_dataset(spec.model_copy(update={"train_per_class": 3})) is True
+    assert len(list((tmp_path / "toy" / "train" / "circle").iterdir())) == 3
+
+
+def test_a_generation_run_is_reused_only_with_the_same_config_hash(tmp_path):
+    from engine.config import config_hash
+
+    config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml")
+
+    def generation(variant: int):
+        generate = generation_config(config, config.variants[variant].generate)
+        return generate.model_copy(
+            update={"output": generate.output.model_copy(update={"path": str(tmp_path)})}
+        )
+
+    generate = generation(-1)  # K=5 + filter
+    assert generate.filter is not None and generate.num_variants == 5
+    assert not finished_generation(generate)
+    run = {"config_hash": config_hash(generate), "failed_attempts": [], "rows": {"synthetic_written": 10}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert finished_generation(generate)
+    assert not finished_generation(generation(-2))  # K=5 without the filter: another hash
