@@ -4,6 +4,12 @@ Why not `Dataset.write_parquet`: it names files by write uuid and writes them in
 partial files and a re-run cannot tell what is done. Here each batch becomes one shard whose name is a
 hash of its row ids, written to a hidden temporary name and renamed (local) or uploaded in one put (object
 stores), so a shard is either complete or absent, and a retried batch rewrites the same file.
+
+The manifest (`<out>/manifest.json`) is the run's identity, not its index: the config hash and content,
+`complete`, and the number of shards; it is written twice per run (open, then complete), never per shard.
+The shards themselves are found by listing `data/part-*.parquet`. Layout 1 (before `manifest_version`)
+also listed every shard's name, a list that grows with the dataset (50 K names at ImageNet x 10): it is
+read as layout 2 without that list (`read_manifest`), and rewritten as layout 2 when the run ends.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from engine import schema
 from engine.storage import filesystem
 
 SHARD_GLOB_PREFIX = "part-"
+MANIFEST_VERSION = 2
 
 
 def shard_name(ids: list[str]) -> str:
@@ -75,14 +82,31 @@ def remove_temporaries(data_uri: str) -> int:
 
 def write_manifest(out_uri: str, manifest: dict) -> None:
     fs, root = filesystem(out_uri)
+    manifest = {**manifest, "manifest_version": MANIFEST_VERSION}
     with fs.open_output_stream(posixpath.join(root, "manifest.json")) as stream:
         stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def read_manifest(out_uri: str) -> dict | None:
+    """The manifest in the current layout (an older one migrated), None when there is none. A manifest
+    from a newer layout is a ValueError: this version cannot tell what it promises."""
     fs, root = filesystem(out_uri)
+    path = posixpath.join(root, "manifest.json")
     try:
-        with fs.open_input_stream(posixpath.join(root, "manifest.json")) as stream:
-            return json.loads(stream.read())
+        with fs.open_input_stream(path) as stream:
+            manifest = json.loads(stream.read())
     except (FileNotFoundError, OSError):
         return None
+    version = manifest.get("manifest_version", 1)
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise ValueError(
+            f"{out_uri}/manifest.json has manifest_version {version!r}, newer than this synthray's "
+            f"({MANIFEST_VERSION}): resume it with the synthray version that wrote it, or choose another "
+            "output.path (or output.overwrite=true to replace it)"
+        )
+    if version == 1:  # the shard list is dropped: shards are found by listing data/
+        shards = manifest.pop("shards", None)
+        if shards is not None:
+            manifest["num_shards"] = len(shards)
+    manifest["manifest_version"] = MANIFEST_VERSION
+    return manifest
