@@ -31,7 +31,13 @@ class BackgroundGenerator:
         self.device = resolve_device(config.device)
         # The one loader of every generating actor: loading policy, dtype/device, then TI tokens and LoRA.
         self.pipe = load_pipeline(
-            config.model, role=STAGE, device=self.device, dtype=config.dtype, adapters=config.adapters
+            config.model,
+            role=STAGE,
+            device=self.device,
+            dtype=config.dtype,
+            adapters=config.adapters,
+            scheduler=config.scheduler,
+            unet=config.unet,
         )
         # Ray Data reports progress; a tqdm bar per batch per actor would only flood the logs.
         self.pipe.set_progress_bar_config(disable=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.config import AdapterConfig, ModelRef
+from engine.config import AdapterConfig, ModelRef, SchedulerConfig
 from engine.models import pretrained_kwargs, resolve_model, torch_dtype
 
 TEXTUAL_INVERSION_FILE = "textual_inversion.safetensors"
@@ -35,26 +35,72 @@ def load_pipeline(
     device: str,
     dtype: str = "float32",
     adapters: AdapterConfig | None = None,
-    scheduler: str | None = None,
+    scheduler: SchedulerConfig | str | None = None,
+    unet: ModelRef | None = None,
     pipeline_class=None,
 ):
-    """A diffusers pipeline on `device`, adapters applied. `scheduler`: a diffusers scheduler class name
-    (e.g. "DDIMScheduler") built from the checkpoint's scheduler config; None keeps the checkpoint's.
-    `pipeline_class`: a specific pipeline class (default: whatever the checkpoint's model_index.json names)."""
+    """A diffusers pipeline on `device`, adapters applied. `scheduler`: a scheduler class (name or
+    SchedulerConfig with settings) built from the checkpoint's scheduler config; None keeps the checkpoint's.
+    `unet`: a UNet replacing the checkpoint's (few-step distilled UNets). `pipeline_class`: a specific
+    pipeline class (default: whatever the checkpoint's model_index.json names)."""
     import diffusers
 
     path, revision = resolve_model(model, role)
     cls = pipeline_class or diffusers.DiffusionPipeline
-    pipe = cls.from_pretrained(
-        path, dtype=torch_dtype(dtype, device), **pretrained_kwargs(model, revision)
-    ).to(device)
+    kwargs = pretrained_kwargs(model, revision)
+    if unet is not None:
+        kwargs["unet"] = load_unet(unet, path, revision, model, role, torch_dtype(dtype, device))
+    pipe = cls.from_pretrained(path, dtype=torch_dtype(dtype, device), **kwargs).to(device)
     if scheduler is not None:
-        if not hasattr(diffusers, scheduler) or not scheduler.endswith("Scheduler"):
-            raise ValueError(f"{role}: unknown scheduler {scheduler!r} (a diffusers *Scheduler class name)")
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config, role)
     if adapters is not None:
         apply_adapters(pipe, adapters, role)
     return pipe
+
+
+def build_scheduler(scheduler: SchedulerConfig | str, base_config, role: str):
+    """A diffusers scheduler of the named class from `base_config` (the checkpoint's), settings overridden."""
+    import diffusers
+
+    config = SchedulerConfig(name=scheduler) if isinstance(scheduler, str) else scheduler
+    if not hasattr(diffusers, config.name):
+        raise ValueError(f"{role}: unknown scheduler {config.name!r} (a diffusers *Scheduler class name)")
+    return getattr(diffusers, config.name).from_config(base_config, **config.settings)
+
+
+def load_unet(ref: ModelRef, base_path: str, base_revision: str | None, base: ModelRef, role: str, dtype):
+    """A UNet from a diffusers folder, or a .safetensors state dict (SDXL-Lightning ships one) loaded into
+    the base checkpoint's UNet architecture; every key must match (a wrong architecture is refused)."""
+    from diffusers import UNet2DConditionModel
+
+    path, revision = resolve_model(ref, role)
+    if ref.file is not None:
+        if ref.is_local() or ref.is_uri():
+            path = str(Path(path) / ref.file)
+        else:  # one file of a hub repository, at the pinned revision
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(ref.id, ref.file, revision=revision)
+    if not str(path).endswith(".safetensors"):
+        return UNet2DConditionModel.from_pretrained(path, dtype=dtype, **pretrained_kwargs(ref, revision))
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(
+        base_path, subfolder="unet", dtype=dtype, **pretrained_kwargs(base, base_revision)
+    )
+    state = load_file(str(path))
+    expected = unet.state_dict()
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        detail = (
+            f"{wrong[0]}: {tuple(state[wrong[0]].shape)} vs the base UNet's {tuple(expected[wrong[0]].shape)}"
+            if wrong
+            else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+        raise ValueError(f"{role}: UNet weights {path} do not fit {base.id}'s UNet ({detail})")
+    unet.load_state_dict(state)
+    return unet
 
 
 def apply_adapters(pipe, adapters: AdapterConfig, role: str) -> None:
@@ -79,6 +125,18 @@ def adapter_file(ref: ModelRef, default_name: str, role: str) -> Path:
             "adapter's config says allow_pickle: true"
         )
     return path
+
+
+def textual_inversion_classes(ref: ModelRef, role: str) -> dict[str, str]:
+    """Class name -> its token, from the metadata `synthray finetune` writes (`classes`, `tokens`)."""
+    path = adapter_file(ref, TEXTUAL_INVERSION_FILE, role)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "classes" not in metadata or "tokens" not in metadata:
+        raise ValueError(f"{role}: {path} does not name its classes (not written by `synthray finetune`)")
+    return dict(zip(json.loads(metadata["classes"]), json.loads(metadata["tokens"]), strict=True))
 
 
 def read_textual_inversion(path: Path) -> tuple[list[str], dict]:

@@ -23,8 +23,9 @@ from engine.encode import encode_rows
 from engine.failures import ConfigError, RunFailed, describe, is_infrastructure_failure, setup_failure
 from engine.ledger import start_ledger
 from engine.models import check_local_models
+from engine.pools import ClassPool, build_class_pool
 from engine.readers import SourceInfo, inspect_source, read_source
-from engine.recipes import build_stages, model_tags
+from engine.recipes import build_stages, model_tags, pool_spec
 from engine.recipes.filter import filter_stage
 from engine.report import RunReport, build_report, count_rows, write_errors, write_filtered
 from engine.shards import (
@@ -246,7 +247,11 @@ def _run_attempt(
     if check_cluster:
         _check_cluster(config, plan)
     ds, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus, plan.source)
-    stages = pipeline_stages(config, class_names, plan.digest, done_ids, plan.data_dir)
+    spec = pool_spec(config)
+    pool = build_class_pool(ds, spec, config.seed, config.ray.task_num_cpus) if spec else None
+    if pool is not None:
+        logger.info("class pool: %d rows of %d classes", len(pool.where), len(pool.members))
+    stages = pipeline_stages(config, class_names, plan.digest, done_ids, plan.data_dir, pool)
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
     write_shards(ds, config, plan.data_dir, class_names).take_all()  # one small manifest entry per shard
 
@@ -293,11 +298,17 @@ def write_real_rows(batch: Batch, **shard_format) -> Batch:
 
 
 def pipeline_stages(
-    config: GenerateConfig, class_names: list[str], digest: str, done_ids: Collection[str], data_uri: str
+    config: GenerateConfig,
+    class_names: list[str],
+    digest: str,
+    done_ids: Collection[str],
+    data_uri: str,
+    pool: ClassPool | None = None,
 ) -> list[Stage]:
     """The recipe's stages as the pipeline runs them (the benchmarks run the same list), with the stages any
-    recipe gets from config: the real rows' early writer and the label-fidelity filter."""
-    stages = build_stages(config, class_names, digest, done_ids)
+    recipe gets from config: the real rows' early writer and the label-fidelity filter. `pool`: the class
+    pool the recipe declared (None for the checks before a run: they build no actor)."""
+    stages = build_stages(config, class_names, digest, done_ids, pool)
     if config.filter is not None:
         stages.append(filter_stage(config.filter, class_names))
     return _write_real_rows_early(stages, config, data_uri, class_names)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from engine.tiny.clip import build_clip
+from engine.tiny.ip2p import build_ip2p
 from engine.tiny.llm import build_llm
 from engine.tiny.sd15 import build_sd15
 from engine.tiny.sdxl import build_sdxl
@@ -33,6 +34,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sam-tiny.safetensors": build_sam_checkpoint,
     "sdxl": build_sdxl,
     "sd15": build_sd15,
+    "ip2p": build_ip2p,
     "llm": build_llm,
     "vlm": build_vlm,
     "clip": build_clip,

@@ -3,7 +3,7 @@
 Every model is a `ModelRef` (hub id or local path, plus a pinned revision). Every model stage carries a
 `StageSpec` saying how Ray schedules it; what the stage computes lives in the actor. By concern:
 `base` (ModelRef, StageSpec, scheduling_field), `run` (data, output, Ray), `stages` (one section per model
-stage), `filter` (the label-fidelity filter), `generate` (the generation job), `loading` (YAML, overrides, job arguments, the content hash).
+stage), `filter` (the label-fidelity filter), `generation` (the diffusion generator, scheduler overrides), `generate` (the generation job), `loading` (YAML, overrides, job arguments, the content hash).
 The names below are the package's interface: `from engine.config import GenerateConfig, load_config`.
 """
 
@@ -11,6 +11,7 @@ from engine.config.adapters import AdapterConfig
 from engine.config.base import TINY_MODELS_HINT, ModelRef, StageSpec, Strict, scheduling_field
 from engine.config.filter import FilterConfig
 from engine.config.generate import GenerateConfig
+from engine.config.generation import GenerationConfig, SchedulerConfig
 from engine.config.loading import (
     apply_overrides,
     config_hash,
@@ -43,10 +44,12 @@ __all__ = [
     "DataConfig",
     "FilterConfig",
     "GenerateConfig",
+    "GenerationConfig",
     "ModelRef",
     "OutputConfig",
     "PromptConfig",
     "RayConfig",
+    "SchedulerConfig",
     "SegmentConfig",
     "StageSpec",
     "Strict",

@@ -33,6 +33,12 @@ class ModelRef(Strict):
         default=False, description="Also load pickled weights (.bin/.pth); default safetensors only"
     )
     trust_remote_code: bool = Field(default=False, description="Run code shipped with the checkpoint")
+    file: str | None = Field(
+        default=None,
+        description="One weights file inside the repository or folder (e.g. a distilled UNet's "
+        "sdxl_lightning_4step_unet.safetensors); None: the whole checkpoint",
+        json_schema_extra={"content_omit_if_none": True},
+    )
 
     def is_local(self) -> bool:
         return self.id.startswith((".", "/", "~")) or Path(self.id).expanduser().exists()

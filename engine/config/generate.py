@@ -6,6 +6,7 @@ from pydantic import Field
 
 from engine.config.base import Strict, scheduling_field
 from engine.config.filter import FilterConfig
+from engine.config.generation import GenerationConfig
 from engine.config.run import DataConfig, OutputConfig, RayConfig
 from engine.config.stages import BackgroundConfig, CaptionConfig, CompositeConfig, PromptConfig, SegmentConfig
 
@@ -23,6 +24,11 @@ class GenerateConfig(Strict):
     caption: CaptionConfig | None = None
     background: BackgroundConfig | None = None
     composite: CompositeConfig | None = None
+    generation: GenerationConfig | None = Field(
+        default=None,
+        description="The diffusion generator of the UniDiffDA recipe (txt2img, sdedit, ...)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     filter: FilterConfig | None = Field(
         default=None, description="Label-fidelity filter after the recipe's last stage (None: no filter)"
     )

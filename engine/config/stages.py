@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from engine.config.adapters import AdapterConfig
 from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
+from engine.config.generation import SchedulerConfig
 
 
 class SegmentConfig(Strict):
@@ -117,6 +118,18 @@ class CaptionConfig(Strict):
 
 class BackgroundConfig(Strict):
     model: ModelRef = Field(description="SDXL text-to-image pipeline")
+    unet: ModelRef | None = Field(
+        default=None,
+        description="A UNet instead of the checkpoint's (a diffusers folder or a .safetensors state dict), "
+        "e.g. SDXL-Lightning's few-step UNet",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    scheduler: SchedulerConfig | None = Field(
+        default=None,
+        description="Scheduler override, e.g. {name: EulerDiscreteScheduler, settings: {timestep_spacing: "
+        "trailing}} for SDXL-Lightning (None: the checkpoint's)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     height: int = Field(default=1024, ge=8)
     width: int = Field(default=1024, ge=8)
     num_inference_steps: int = Field(default=30, ge=1)

@@ -1,31 +1,60 @@
-"""Recipe registry: name -> function building the recipe's stage list from the config.
+"""Recipe registry: name -> how the recipe builds its stage list from the config, and the class pool it
+needs sampled first (if any).
 
-A recipe adds a file here and one line to `RECIPES`; the engine (read, stage loop, encode, write, report)
-is shared.
+A recipe adds a file here and one line to `RECIPES`; the engine (read, class pools, stage loop, encode,
+write, report) is shared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 from engine.config import GenerateConfig
+from engine.pools import ClassPool, PoolSpec
 from engine.recipes.aga import aga_stages
+from engine.recipes.unidiffda import unidiffda_pool, unidiffda_stages
 from engine.stages import Stage
 
-# (config, class names, config hash, ids already written: engine.written_ids.WrittenIds) -> stages
-RecipeBuilder = Callable[[GenerateConfig, list[str], str, Collection[str]], list[Stage]]
+# (config, class names, config hash, ids already written: engine.written_ids.WrittenIds, class pool) -> stages
+RecipeBuilder = Callable[[GenerateConfig, list[str], str, Collection[str], ClassPool | None], list[Stage]]
 
-RECIPES: dict[str, RecipeBuilder] = {
-    "aga": aga_stages,
+
+def _no_pool(config: GenerateConfig) -> PoolSpec | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: RecipeBuilder
+    # The class pool the stages read (engine.pools), sampled from the source before they run; None: none.
+    pool: Callable[[GenerateConfig], PoolSpec | None] = _no_pool
+
+
+RECIPES: dict[str, Recipe] = {
+    "aga": Recipe(aga_stages),
+    "unidiffda": Recipe(unidiffda_stages, unidiffda_pool),
 }
 
 
-def build_stages(
-    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: Collection[str] = frozenset()
-) -> list[Stage]:
+def recipe_of(config: GenerateConfig) -> Recipe:
     if config.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {config.recipe!r}; available: {', '.join(sorted(RECIPES))}")
-    return RECIPES[config.recipe](config, class_names, config_hash, done_ids)
+    return RECIPES[config.recipe]
+
+
+def build_stages(
+    config: GenerateConfig,
+    class_names: list[str],
+    config_hash: str,
+    done_ids: Collection[str] = frozenset(),
+    pool: ClassPool | None = None,
+) -> list[Stage]:
+    return recipe_of(config).stages(config, class_names, config_hash, done_ids, pool)
+
+
+def pool_spec(config: GenerateConfig) -> PoolSpec | None:
+    return recipe_of(config).pool(config)
 
 
 def model_tags(config: GenerateConfig) -> dict[str, str]:
@@ -38,6 +67,12 @@ def model_tags(config: GenerateConfig) -> dict[str, str]:
         tags["prompt_llm"] = config.prompt.model.tag()
     if config.background:
         tags["background"] = config.background.model.tag()
+        if config.background.unet:
+            tags["background_unet"] = config.background.unet.tag()
+    if config.generation:
+        tags["generator"] = config.generation.model.tag()
+        if config.generation.unet:
+            tags["generator_unet"] = config.generation.unet.tag()
     if config.filter:
         tags["filter"] = config.filter.model.tag()
     return tags

@@ -21,7 +21,11 @@ from engine.stages import Stage
 
 
 def aga_stages(
-    config: GenerateConfig, class_names: list[str], config_hash: str, done_ids: Collection[str]
+    config: GenerateConfig,
+    class_names: list[str],
+    config_hash: str,
+    done_ids: Collection[str],
+    pool: None = None,  # AGA reads no class pool
 ) -> list[Stage]:
     missing = [
         name for name in ("segment", "prompt", "background", "composite") if getattr(config, name) is None

@@ -1,0 +1,296 @@
+"""The diffusion generator of the UniDiffDA recipe: one actor, five modes (`GenerationConfig.mode`).
+
+Reads `image` (HxWx3 uint8; not for txt2img), `class_name`, `label`, `source_id`, `seed`. Writes `image`
+(the generated picture, height x width), `prompt`, `generation` (JSON: mode, strength, instruction,
+partner, interpolation weight, target class, adapters), `soft_label` (Diff-Mix rows; None otherwise), and
+clears `mask`/`bbox` (they described the real image). Error reasons: `no_partner` (ddim_interp, a class pool
+without a second image of the class), `input_size` (input_size: refuse), `generation_nonfinite`.
+
+Every random choice of a row (strength, instruction, target class, partner, weight, noise) is drawn from
+generators seeded by the row's seed, so a row is the same in any batch, on any worker, in a resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+
+from engine import schema
+from engine.config import GenerationConfig
+from engine.decode import RowError, decode_image
+from engine.diffusion import load_pipeline, textual_inversion_classes
+from engine.models import resolve_device
+
+STAGE = "generate"
+PARAMS = "generation"
+NO_PARTNER = "no_partner"
+NONFINITE = "generation_nonfinite"
+# Draw streams of a row's seed: independent choices that do not shift when another mode draws more.
+_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT = range(5)
+
+
+class DiffusionGenerator:
+    """Callable class for `map_batches(batch_format="numpy")`: loads the pipeline once per actor."""
+
+    def __init__(self, config: GenerationConfig, class_names: list[str], pool=None):
+        import torch
+
+        if config.mode == "ddim_interp" and pool is None:
+            raise ValueError(
+                "generation.mode ddim_interp needs a class pool (the unidiffda recipe builds it)"
+            )
+        self.config, self.class_names, self.pool = config, list(class_names), pool
+        self.device = resolve_device(config.device)
+        self._torch = torch
+        self.pipe = load_pipeline(
+            config.model,
+            role=STAGE,
+            device=self.device,
+            dtype=config.dtype,
+            adapters=config.adapters,
+            scheduler="DDIMScheduler" if config.mode == "ddim_interp" else config.scheduler,
+            unet=config.unet,
+            pipeline_class=_pipeline_class(config.mode),
+        )
+        self.pipe.set_progress_bar_config(disable=True)  # Ray Data reports progress
+        if config.mode == "ddim_interp" and getattr(self.pipe, "text_encoder_2", None) is not None:
+            raise ValueError("generation.mode ddim_interp supports SD1.x/2.x pipelines (one text encoder)")
+        multiple = self.pipe.vae_scale_factor
+        if config.height % multiple or config.width % multiple:
+            raise ValueError(
+                f"generation height/width ({config.height}x{config.width}) must be multiples of {multiple} "
+                f"(the VAE scale factor of {config.model.id})"
+            )
+        tokens = {}
+        if config.adapters is not None and config.adapters.textual_inversion is not None:
+            tokens = textual_inversion_classes(config.adapters.textual_inversion, STAGE)
+        self.tokens = {name: tokens.get(name, name) for name in self.class_names}
+        self.adapter_tags = {
+            kind: ref.tag()
+            for kind, ref in (
+                ("textual_inversion", getattr(config.adapters, "textual_inversion", None)),
+                ("lora", getattr(config.adapters, "lora", None)),
+            )
+            if ref is not None
+        }
+
+    # ------------------------------------------------------------------ per row
+
+    def class_prompt(self, class_name: str) -> str:
+        superclass = self.config.superclasses.get(class_name, "object")
+        return self.config.prompt.format(token=self.tokens.get(class_name, class_name), superclass=superclass)
+
+    def plan_row(self, class_name: str, label: int, source_id: str, seed: int) -> dict:
+        """The row's choices (no pixels): prompt, strength, instruction, target, partner, weight."""
+        config, mode = self.config, self.config.mode
+        plan: dict = {"mode": mode, "prompt": self.class_prompt(class_name)}
+        if mode in ("sdedit", "diffmix"):
+            plan["strength"] = float(_draw(seed, _STRENGTH).choice(config.strengths()))
+        if mode == "instruct_pix2pix":
+            plan["prompt"] = str(_draw(seed, _INSTRUCTION).choice(config.instruction_list()))
+        if mode == "diffmix":
+            others = [i for i in range(len(self.class_names)) if i != label]
+            target = int(_draw(seed, _TARGET).choice(others)) if others else label
+            weight = plan["strength"] ** config.diffmix_gamma if target != label else 0.0
+            plan.update(
+                target_class=self.class_names[target],
+                prompt=self.class_prompt(self.class_names[target]),
+                soft_label=[
+                    {"label": int(label), "weight": 1.0 - weight},
+                    {"label": target, "weight": weight},
+                ],
+            )
+        if mode == "ddim_interp":
+            plan["partner"] = self.pool.partner(
+                class_name, source_id, int(_draw(seed, _PARTNER).integers(2**31))
+            )
+            low, high = config.interpolation
+            plan["weight"] = float(_draw(seed, _WEIGHT).uniform(low, high))
+        if self.adapter_tags:
+            plan["adapters"] = self.adapter_tags
+        return plan
+
+    def fit_input(self, image: np.ndarray) -> np.ndarray:
+        """The real image at the generated size (or a RowError under input_size: refuse)."""
+        height, width = self.config.height, self.config.width
+        if image.shape[:2] == (height, width):
+            return image
+        if self.config.input_size == "refuse":
+            raise RowError(
+                "input_size", f"image is {image.shape[1]}x{image.shape[0]}, generation needs {width}x{height}"
+            )
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+    # ------------------------------------------------------------------ batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        reads = [schema.CLASS_NAME, schema.LABEL, schema.SOURCE_ID, schema.SEED]
+        schema.require_columns(
+            batch, reads + ([] if self.config.mode == "txt2img" else [schema.IMAGE]), STAGE
+        )
+        n = len(batch[schema.SEED])
+        errors = _column(batch, schema.ERROR, n)
+        messages = _column(batch, schema.ERROR_MESSAGE, n)
+        plans, inputs, partners = [], [None] * n, [None] * n
+        for i in range(n):
+            plan = self.plan_row(
+                str(batch[schema.CLASS_NAME][i]),
+                int(batch[schema.LABEL][i]),
+                str(batch[schema.SOURCE_ID][i]),
+                int(batch[schema.SEED][i]),
+            )
+            plans.append(plan)
+            try:
+                if self.config.mode != "txt2img":
+                    inputs[i] = self.fit_input(batch[schema.IMAGE][i])
+                if self.config.mode == "ddim_interp":
+                    if plan["partner"] is None:
+                        raise RowError(NO_PARTNER, f"class pool holds no other image of {plan['prompt']!r}")
+                    partner = self.pool.row(plan["partner"])[schema.IMAGE_BYTES]
+                    partners[i] = self.fit_input(decode_image(partner, max_pixels=1 << 30, min_side=1))
+            except RowError as err:
+                errors[i], messages[i] = err.reason, str(err)
+
+        images = np.empty(n, dtype=object)
+        live = [i for i in range(n) if errors[i] == ""]
+        for group in _groups(live, plans):
+            pixels = self.generate(
+                group, plans, inputs, partners, [int(batch[schema.SEED][i]) for i in group]
+            )
+            for i, image in zip(group, pixels, strict=True):
+                if not np.isfinite(image).all():
+                    errors[i] = NONFINITE
+                    messages[i] = f"{STAGE}: the pipeline produced NaN/inf pixels (dtype {self.config.dtype})"
+                images[i] = (np.nan_to_num(image).clip(0, 1) * 255).round().astype(np.uint8)
+        for i in range(n):  # rows that failed before generating keep their input (they leave the stream)
+            if images[i] is None:
+                images[i] = batch[schema.IMAGE][i] if schema.IMAGE in batch else np.zeros((1, 1, 3), np.uint8)
+
+        out = dict(batch)
+        out[schema.IMAGE] = images
+        out[schema.HEIGHT] = np.array([im.shape[0] for im in images], dtype=np.int32)
+        out[schema.WIDTH] = np.array([im.shape[1] for im in images], dtype=np.int32)
+        out[schema.MASK] = np.full(n, None, dtype=object)
+        out[schema.BBOX] = np.full(n, None, dtype=object)
+        out[schema.PROMPT] = np.array([p["prompt"] for p in plans], dtype=object)
+        out[schema.SOFT_LABEL] = _objects([p.pop("soft_label", None) for p in plans])
+        out[PARAMS] = np.array([json.dumps(p, sort_keys=True) for p in plans], dtype=object)
+        out[schema.ERROR], out[schema.ERROR_MESSAGE] = errors, messages
+        return out
+
+    def generate(self, rows: list[int], plans, inputs, partners, seeds: list[int]) -> np.ndarray:
+        """Pixels (N, H, W, 3) float in [0, 1] for rows that share their pipeline arguments."""
+        config, mode = self.config, self.config.mode
+        generators = [self._torch.Generator("cpu").manual_seed(s) for s in seeds]
+        common = {
+            "prompt": [plans[i]["prompt"] for i in rows],
+            "negative_prompt": [config.negative_prompt] * len(rows) if config.negative_prompt else None,
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale,
+            "generator": generators,
+            "output_type": "np",
+        }
+        if mode == "txt2img":
+            return self.pipe(height=config.height, width=config.width, **common).images
+        if mode in ("sdedit", "diffmix"):
+            strength = plans[rows[0]]["strength"]
+            return self.pipe(image=[_pil(inputs[i]) for i in rows], strength=strength, **common).images
+        if mode == "instruct_pix2pix":
+            images = [_pil(inputs[i]) for i in rows]
+            return self.pipe(image=images, image_guidance_scale=config.image_guidance_scale, **common).images
+        latents = self.interpolated_latents(
+            [inputs[i] for i in rows], [partners[i] for i in rows], [plans[i]["weight"] for i in rows], common
+        )
+        return self.pipe(latents=latents, **common).images
+
+    # ------------------------------------------------------------------ ddim_interp (Diff-II)
+
+    def interpolated_latents(self, images, partners, weights, common) -> object:
+        """DDIM-invert both images of every row with its prompt, then slerp the noise latents."""
+        torch = self._torch
+        embeds = self.prompt_embeds(common["prompt"])
+        with torch.no_grad():
+            first = self.ddim_invert(self.encode(images), embeds)
+            second = self.ddim_invert(self.encode(partners), embeds)
+        return torch.stack([slerp(a, b, w) for a, b, w in zip(first, second, weights, strict=True)])
+
+    def prompt_embeds(self, prompts: list[str]):
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
+        return embeds
+
+    def encode(self, images: list[np.ndarray]):
+        """Images -> the VAE's scaled latent means (no sampling: inversion must be deterministic)."""
+        torch, vae = self._torch, self.pipe.vae
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pixels = pixels.to(self.device, vae.dtype)
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+    def ddim_invert(self, latents, embeds):
+        """Deterministic DDIM inversion (no guidance) from clean latents to the starting noise."""
+        from diffusers import DDIMInverseScheduler
+
+        inverse = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
+        inverse.set_timesteps(self.config.num_inference_steps, device=self.device)
+        for t in inverse.timesteps:
+            noise = self.pipe.unet(latents, t, encoder_hidden_states=embeds).sample
+            latents = inverse.step(noise, t, latents).prev_sample
+        return latents
+
+
+def slerp(a, b, weight: float, eps: float = 1e-7):
+    """Spherical interpolation of two noise tensors (weight 0 -> a, 1 -> b); linear when nearly parallel."""
+    import torch
+
+    flat_a, flat_b = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm()).clamp_min(eps)
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    if theta.abs() < 1e-4:
+        return ((1 - weight) * a.double() + weight * b.double()).to(a.dtype)
+    out = (torch.sin((1 - weight) * theta) * a.double() + torch.sin(weight * theta) * b.double()) / torch.sin(
+        theta
+    )
+    return out.to(a.dtype)
+
+
+def _pipeline_class(mode: str):
+    import diffusers
+
+    return {
+        "txt2img": diffusers.AutoPipelineForText2Image,
+        "sdedit": diffusers.AutoPipelineForImage2Image,
+        "diffmix": diffusers.AutoPipelineForImage2Image,
+        "instruct_pix2pix": None,  # the checkpoint's model_index names its (SD or SDXL) InstructPix2Pix class
+        "ddim_interp": diffusers.StableDiffusionPipeline,
+    }[mode]
+
+
+def _groups(rows: list[int], plans: list[dict]) -> list[list[int]]:
+    """Rows that one pipeline call can take together: one strength per call (SDEdit's noise level)."""
+    groups: dict = {}
+    for i in rows:
+        groups.setdefault(plans[i].get("strength"), []).append(i)
+    return list(groups.values())
+
+
+def _draw(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def _pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(image)
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _column(batch: dict[str, np.ndarray], name: str, num_rows: int) -> np.ndarray:
+    if name in batch:
+        return np.asarray(batch[name], dtype=object).copy()
+    return np.full(num_rows, "", dtype=object)

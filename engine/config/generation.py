@@ -1,0 +1,145 @@
+"""The diffusion generator's section (UniDiffDA's generation axis) and the scheduler override that every
+diffusion stage takes (few-step checkpoints such as SDXL-Lightning need their own sampler settings)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from engine.config.adapters import AdapterConfig
+from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
+
+MODES = ("txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix")
+# DiffuseMix's conditional prompts (Islam et al. 2024, "DiffuseMix"), sent to InstructPix2Pix as they are.
+DIFFUSEMIX_STYLES = (
+    "Autumn",
+    "snowy",
+    "watercolor art",
+    "sunset",
+    "rainbow",
+    "aurora",
+    "mosaic",
+    "ukiyo-e",
+    "a sketch with crayon",
+)
+INSTRUCTION_PRESETS = {"diffusemix": DIFFUSEMIX_STYLES}
+
+
+class SchedulerConfig(Strict):
+    """A diffusers scheduler built from the checkpoint's scheduler config, with these settings changed."""
+
+    name: str = Field(description="A diffusers scheduler class, e.g. EulerDiscreteScheduler, DDIMScheduler")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Scheduler config keys to override, e.g. {timestep_spacing: trailing} for SDXL-Lightning",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _a_scheduler_class(cls, value: str) -> str:
+        if not value.endswith("Scheduler"):
+            raise ValueError(f"{value!r} is not a diffusers scheduler class name (…Scheduler)")
+        return value
+
+
+class GenerationConfig(Strict):
+    """One diffusion generator, five modes (UniDiffDA's generation strategies):
+    - txt2img: the class prompt alone (no real image);
+    - sdedit: img2img of the real image at `strength` (a list: one value drawn per row, as DA-Fusion);
+    - instruct_pix2pix: the real image edited by an instruction drawn per row;
+    - ddim_interp: DDIM inversion of the real image and of a same-class partner from the class pool,
+      spherical interpolation of the two latents with a per-row weight, DDIM denoising (Diff-II);
+    - diffmix: SDEdit toward another class's prompt; the row gets a soft label (Diff-Mix).
+    """
+
+    mode: Literal["txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix"]
+    model: ModelRef = Field(description="A diffusers pipeline (SD1.5, SDXL; InstructPix2Pix for that mode)")
+    unet: ModelRef | None = Field(
+        default=None,
+        description="A UNet to use instead of the checkpoint's: a diffusers UNet folder or a .safetensors "
+        "state dict (e.g. SDXL-Lightning's 4-step UNet)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    scheduler: SchedulerConfig | None = Field(
+        default=None,
+        description="Scheduler override (None: the checkpoint's; ddim_interp always samples with DDIM)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    adapters: AdapterConfig | None = Field(
+        default=None,
+        description="Textual-inversion tokens / LoRA from `synthray finetune`; with textual inversion, "
+        "{token} in the prompt is each class's learned token",
+    )
+    prompt: str = Field(
+        default="a photo of a {token}",
+        description="Class prompt: {token} = the class name or its textual-inversion token; {superclass}",
+    )
+    superclasses: dict[str, str] = Field(
+        default_factory=dict, description="class name -> superclass for {superclass} (default: 'object')"
+    )
+    negative_prompt: str = ""
+    height: int = Field(default=512, ge=8, description="Generated size; real images are resized to it")
+    width: int = Field(default=512, ge=8)
+    input_size: Literal["resize", "refuse"] = Field(
+        default="resize",
+        description="resize: real images are resized to height x width; refuse: a real image whose size "
+        "is not height x width is an error row (reason input_size)",
+    )
+    num_inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0)
+    strength: float | list[float] = Field(
+        default=0.5, description="SDEdit/Diff-Mix noise strength in (0, 1]; a list: one drawn per row"
+    )
+    diffmix_gamma: float = Field(
+        default=0.5, gt=0, description="Diff-Mix: the target class's label weight is strength ** gamma"
+    )
+    instructions: list[str] | Literal["diffusemix"] = Field(
+        default="diffusemix", description="InstructPix2Pix edits, one drawn per row, or a preset's list"
+    )
+    image_guidance_scale: float = Field(default=1.5, ge=0, description="InstructPix2Pix image guidance")
+    interpolation: tuple[float, float] = Field(
+        default=(0.0, 1.0), description="ddim_interp: the partner's slerp weight is drawn in this range"
+    )
+    pool_size: int = Field(
+        default=32, ge=1, description="ddim_interp: partners sampled per class (the class pool's bound)"
+    )
+    device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    stage: StageSpec = scheduling_field(default_factory=StageSpec)
+
+    @field_validator("strength")
+    @classmethod
+    def _strengths_in_range(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad or not values:
+            raise ValueError(f"strength must be in (0, 1], got {bad or value}")
+        return value
+
+    @field_validator("interpolation")
+    @classmethod
+    def _weights_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] <= value[1] <= 1:
+            raise ValueError(f"interpolation must be 0 <= low <= high <= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes_and_prompt(self) -> GenerationConfig:
+        try:
+            self.prompt.format(token="x", superclass="y")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"generation.prompt may only use {{token}} and {{superclass}}: {err!r}"
+            ) from None
+        if self.instructions != "diffusemix" and not self.instructions:
+            raise ValueError("generation.instructions is empty")
+        return self
+
+    def instruction_list(self) -> list[str]:
+        if isinstance(self.instructions, str):
+            return list(INSTRUCTION_PRESETS[self.instructions])
+        return list(self.instructions)
+
+    def strengths(self) -> list[float]:
+        return self.strength if isinstance(self.strength, list) else [self.strength]

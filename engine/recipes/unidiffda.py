@@ -1,0 +1,77 @@
+"""UniDiffDA (Diffusion-Based Data Augmentation for Image Recognition: a Systematic Analysis): a method is
+fine-tuning x generation x utilization. Fine-tuning is `synthray finetune` (its adapters load by config);
+generation is this recipe, one diffusion generator in one of five modes (actors.generator); utilization is
+the training job's strategy (concat, replace, ...).
+
+decode -> expand x K -> generate (txt2img | sdedit | instruct_pix2pix | ddim_interp | diffmix).
+ddim_interp draws a same-class partner from a class pool (engine.pools) sampled before the stages run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from actors.generator import PARAMS, DiffusionGenerator
+from engine import schema
+from engine.config import GenerateConfig
+from engine.decode import decode_images
+from engine.expand import Expansion, expand_variants, skip_completed_sources
+from engine.pools import ClassPool, PoolSpec
+from engine.stages import Stage
+
+
+def unidiffda_pool(config: GenerateConfig) -> PoolSpec | None:
+    """Interpolation needs a second image of the class; the other modes read their own row only."""
+    if config.generation is None or config.generation.mode != "ddim_interp":
+        return None
+    splits = tuple(config.data.expand_splits) if config.data.expand_splits is not None else ("train",)
+    return PoolSpec(max_per_class=config.generation.pool_size, splits=splits)
+
+
+def unidiffda_stages(
+    config: GenerateConfig,
+    class_names: list[str],
+    config_hash: str,
+    done_ids: Collection[str],
+    pool: ClassPool | None = None,
+) -> list[Stage]:
+    if config.generation is None:
+        raise ValueError("recipe 'unidiffda' needs the config section ['generation']")
+    generation = config.generation
+    expand_splits = tuple(config.data.expand_splits) if config.data.expand_splits is not None else None
+    expansion = Expansion(
+        recipe=config.recipe,
+        num_variants=config.num_variants,
+        base_seed=config.seed,
+        config_hash=config_hash,
+        include_real=config.output.include_real,
+        expand_splits=expand_splits,
+    )
+    reads = (schema.CLASS_NAME, schema.LABEL, schema.SOURCE_ID, schema.SEED)
+    return [
+        Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
+        Stage(
+            "decode",
+            decode_images,
+            kwargs={
+                "max_pixels": config.data.max_pixels,
+                "min_side": config.data.min_side,
+                "require_masks": False,
+            },
+        ),
+        Stage(
+            "expand",
+            expand_variants,
+            kwargs={"expansion": expansion, "done_ids": done_ids},
+            reads=(schema.SOURCE_ID, schema.SPLIT),
+        ),
+        Stage(
+            "generate",
+            DiffusionGenerator,
+            generation.stage,
+            {"config": generation, "class_names": class_names, "pool": pool},
+            reads=reads if generation.mode == "txt2img" else (*reads, schema.IMAGE),
+            writes=(schema.PROMPT, schema.SOFT_LABEL, PARAMS),
+            only_synthetic=True,
+        ),
+    ]

@@ -1,0 +1,239 @@
+"""The UniDiffDA generator (actors/generator.py), in process on the tiny SD1.5 / InstructPix2Pix pipelines:
+each mode's contract, the per-row draws, DDIM inversion, slerp and the bad-input rows. The recipe run with Ray
+(class pools, shards, training on them) is tests/test_unidiffda_e2e.py."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from engine import schema
+from engine.config import GenerationConfig
+
+CLASSES = ["circle", "cross", "diamond"]
+
+
+def config(models, mode: str, **extra) -> GenerationConfig:
+    model = "ip2p" if mode == "instruct_pix2pix" else "sd15"
+    settings = dict(
+        height=32, width=32, num_inference_steps=4, guidance_scale=1.0, dtype="float32", device="cpu"
+    )
+    return GenerationConfig(mode=mode, model={"id": str(models / model)}, **(settings | extra))
+
+
+def smooth_image(seed: int, size: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.resize(
+        rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC
+    )
+
+
+def batch(num_rows: int = 3, size: int = 32) -> dict:
+    images = np.empty(num_rows, dtype=object)
+    for i in range(num_rows):
+        images[i] = smooth_image(i, size)
+    return {
+        schema.IMAGE: images,
+        schema.CLASS_NAME: np.array([CLASSES[i % 3] for i in range(num_rows)], dtype=object),
+        schema.LABEL: np.array([i % 3 for i in range(num_rows)], dtype=np.int64),
+        schema.SOURCE_ID: np.array(
+            [f"train/{CLASSES[i % 3]}/{i}.png" for i in range(num_rows)], dtype=object
+        ),
+        schema.SEED: np.arange(10, 10 + num_rows, dtype=np.int64),
+    }
+
+
+class ListPool:
+    """A class pool's interface (engine.pools.ClassPool: partner, row) over images in memory."""
+
+    def __init__(self, members: dict[str, list[tuple[str, np.ndarray]]]):
+        self.members = {name: [s for s, _ in rows] for name, rows in members.items()}
+        self.images = {s: image for rows in members.values() for s, image in rows}
+
+    def partner(self, class_name, source_id, seed):
+        from engine.pools import ClassPool
+
+        return ClassPool.partner(self, class_name, source_id, seed)
+
+    def row(self, source_id):
+        return {schema.IMAGE_BYTES: cv2.imencode(".png", self.images[source_id][:, :, ::-1])[1].tobytes()}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models_dir):
+    return tiny_models_dir
+
+
+def generator(models, mode, pool=None, **extra):
+    from actors.generator import DiffusionGenerator
+
+    return DiffusionGenerator(config(models, mode, **extra), CLASSES, pool=pool)
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "sdedit", "instruct_pix2pix", "diffmix"])
+def test_each_mode_writes_images_prompts_and_params(models, mode):
+    out = generator(models, mode)(batch())
+    assert list(out[schema.ERROR]) == ["", "", ""]
+    assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in out[schema.IMAGE])
+    assert all(mask is None for mask in out[schema.MASK]), "the real image's mask does not fit the new one"
+    params = [json.loads(p) for p in out["generation"]]
+    assert {p["mode"] for p in params} == {mode}
+    assert [p["prompt"] for p in params] == list(out[schema.PROMPT])
+    if mode == "instruct_pix2pix":
+        from engine.config.generation import DIFFUSEMIX_STYLES
+
+        assert all(p["prompt"] in DIFFUSEMIX_STYLES for p in params)
+    elif mode != "diffmix":
+        assert list(out[schema.PROMPT]) == [f"a photo of a {c}" for c in batch()[schema.CLASS_NAME]]
+    if mode != "diffmix":
+        assert all(s is None for s in out[schema.SOFT_LABEL])
+
+
+def test_diffmix_rows_get_soft_labels_toward_another_class(models):
+    gen = generator(models, "diffmix", strength=[0.5, 0.9], diffmix_gamma=0.5)
+    out = gen(batch(6))
+    for label, soft, params in zip(out[schema.LABEL], out[schema.SOFT_LABEL], out["generation"], strict=True):
+        params = json.loads(params)
+        source, target = soft
+        assert source["label"] == label and target["label"] != label
+        assert CLASSES[target["label"]] == params["target_class"]
+        assert params["prompt"] == f"a photo of a {params['target_class']}"
+        assert target["weight"] == pytest.approx(params["strength"] ** 0.5)
+        assert source["weight"] + target["weight"] == pytest.approx(1.0)
+
+
+def test_a_row_draws_the_same_choices_in_any_batch(models):
+    gen = generator(models, "diffmix", strength=[0.25, 0.5, 0.75, 1.0])
+    alone = gen.plan_row("cross", 1, "train/cross/7.png", 1234)
+    assert all(gen.plan_row("cross", 1, "train/cross/7.png", 1234) == alone for _ in range(3))
+    draws = {
+        json.dumps(gen.plan_row("cross", 1, "train/cross/7.png", seed), sort_keys=True) for seed in range(40)
+    }
+    assert len(draws) > 3, "other seeds draw other strengths and targets"
+    full = generator(models, "sdedit", strength=0.5)(batch(5))
+    part = generator(models, "sdedit", strength=0.5)({k: v[3:] for k, v in batch(5).items()})
+    assert all(np.array_equal(a, b) for a, b in zip(full[schema.IMAGE][3:], part[schema.IMAGE], strict=True))
+
+
+def test_sdedit_stays_near_its_input_at_low_strength_and_not_at_full(models):
+    import torch
+
+    gen = generator(models, "sdedit", num_inference_steps=10)
+    image = smooth_image(3)
+    clean = gen.encode([image])
+
+    def edited(strength: float):
+        latents = gen.pipe(
+            prompt="a photo of a circle",
+            image=cv2_pil(image),
+            strength=strength,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images
+        return float((latents - clean).norm() / clean.norm())
+
+    assert edited(0.1) < 0.5 * edited(1.0)
+
+
+def cv2_pil(image):
+    from PIL import Image
+
+    return Image.fromarray(image)
+
+
+def test_ddim_inversion_then_denoising_with_weight_zero_gives_the_first_image_back(models):
+    """With a UNet whose noise estimate is constant, DDIM inversion is exact, so what is left is the
+    plumbing: the inverse and forward timesteps, the latent scaling and slerp's endpoint. (A random UNet's
+    estimate changes too much between steps for inversion to be exact: that is the model, not the code.)"""
+    import torch
+
+    images = [smooth_image(1), smooth_image(2)]
+    gen = generator(models, "ddim_interp", pool=ListPool({}), num_inference_steps=10)
+    with torch.no_grad():
+        gen.pipe.unet.conv_out.weight.zero_()
+        gen.pipe.unet.conv_out.bias.fill_(0.3)
+        first, second = gen.encode(images[:1]), gen.encode(images[1:])
+        noise = gen.interpolated_latents(images[:1], images[1:], [0.0], {"prompt": ["a photo of a circle"]})
+        back = gen.pipe(
+            prompt=["a photo of a circle"],
+            latents=noise,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            output_type="latent",
+        ).images
+    assert float((back - first).norm() / first.norm()) < 1e-3
+    assert float((back - second).norm() / first.norm()) > 0.1
+
+
+def test_slerp_endpoints_are_the_inputs():
+    import torch
+
+    from actors.generator import slerp
+
+    a, b = torch.randn(4, 8, 8), torch.randn(4, 8, 8)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    middle = slerp(a, b, 0.5)
+    assert middle.norm() == pytest.approx(float((a.norm() + b.norm()) / 2), rel=0.15), "on the sphere"
+
+
+def test_ddim_interp_draws_a_same_class_partner_and_refuses_a_class_without_one(models):
+    pool = ListPool(
+        {
+            "circle": [("train/circle/0.png", smooth_image(0)), ("train/circle/3.png", smooth_image(3))],
+            "cross": [("train/cross/1.png", smooth_image(1))],  # alone: no partner
+        }
+    )
+    gen = generator(models, "ddim_interp", pool=pool, num_inference_steps=2)
+    rows = {k: v[:2] for k, v in batch(4).items()}  # circle/0 and cross/1
+    out = gen(rows)
+    assert list(out[schema.ERROR]) == ["", "no_partner"]
+    params = json.loads(out["generation"][0])
+    assert params["partner"] == "train/circle/3.png" and 0.0 <= params["weight"] <= 1.0
+
+
+def test_input_size_refuse_makes_error_rows_and_resize_does_not(models):
+    rows = batch(2, size=40)
+    refused = generator(models, "sdedit", input_size="refuse")(rows)
+    assert list(refused[schema.ERROR]) == ["input_size", "input_size"]
+    assert "40x40" in refused[schema.ERROR_MESSAGE][0]
+    assert list(generator(models, "sdedit")(rows)[schema.ERROR]) == ["", ""]
+
+
+def test_textual_inversion_tokens_stand_for_the_classes_in_prompts(models, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    tokens = [f"<{name}>" for name in CLASSES]
+    save_file(
+        {"clip_l": torch.randn(3, 32)},
+        str(tmp_path / "textual_inversion.safetensors"),
+        metadata={"tokens": json.dumps(tokens), "classes": json.dumps(CLASSES)},
+    )
+    gen = generator(models, "txt2img", adapters={"textual_inversion": str(tmp_path)})
+    out = gen(batch())
+    assert list(out[schema.PROMPT]) == [f"a photo of a <{c}>" for c in batch()[schema.CLASS_NAME]]
+    assert json.loads(out["generation"][0])["adapters"]["textual_inversion"].endswith("@local")
+    base = generator(models, "txt2img")(batch())
+    assert not np.array_equal(out[schema.IMAGE][0], base[schema.IMAGE][0]), "the token changes the image"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"strength": 0.0}, "strength must be in (0, 1]"),
+        ({"strength": [0.5, 1.5]}, "strength must be in (0, 1]"),
+        ({"prompt": "a photo of {class}"}, "{token} and {superclass}"),
+        ({"interpolation": (0.8, 0.2)}, "interpolation"),
+    ],
+)
+def test_bad_generation_settings_are_config_errors(models, bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{")):
+        config(models, "sdedit", **bad)
+
+
+def test_sizes_the_vae_cannot_take_are_refused_at_start(models):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        generator(models, "txt2img", height=36)
