@@ -130,3 +130,21 @@ def test_a_generation_run_is_reused_only_with_the_same_config_hash(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert finished_generation(generate)
     assert not finished_generation(generation(-2))  # K=5 without the filter: another hash
+
+
+def test_demo_closing_line_separates_only_beyond_the_test_split_noise(tmp_path):
+    from jobs.demo import closing_line
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"num_rows": 48}}))
+
+    def rows(real, concat):
+        return [
+            {"variant": "real", "test_top1": real, "run_dir": str(tmp_path)},
+            {"variant": "concat", "test_top1": concat, "run_dir": str(tmp_path)},
+        ]
+
+    # The demo's "real 25.0 vs concat 25.0": one line pointing to the benchmark instead of a verdict.
+    line = closing_line(rows(0.25, 0.25))
+    assert line.startswith("The toy demo is too small") and "benchmarks/results/efficacy.md" in line
+    assert closing_line(rows(0.25, 0.35)).startswith("The toy demo is too small")  # 48 images: noise ±18
+    assert closing_line(rows(0.25, 0.55)).startswith("concat beats real by 30.0 points")
