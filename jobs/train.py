@@ -48,7 +48,9 @@ def run_training(config: TrainConfig) -> dict:
     """One run: sampling plan -> Ray Datasets -> TorchTrainer.fit -> metrics.json + curves.png; returns metrics."""
     start = time.perf_counter()
     # 1. Rows and the sampling plan: driver side, no images, no Ray.
-    data = load_training_data(config.data)
+    data = load_training_data(config.data, seed=config.seed)
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
     plan = plan_epochs(data, config)
     plan_summary = summarize_plan(data, plan, config)
     # 2. Run folder: resume or start over, never mix two configs in one folder.
@@ -87,10 +89,12 @@ def run_training(config: TrainConfig) -> dict:
             "files": len(data.files),
             "train_real": int(data.index.real_positions.size),
             "train_synthetic": int(data.index.synthetic_positions.size),
+            "train_soft_label": data.num_soft_rows,
             **{split: len(table) for split, table in data.eval.items()},
             "excluded": data.excluded,
             "class_names": data.class_names,
             "sources": data.sources,
+            "notes": data.notes,
         },
         "plan": plan_summary,
         "checkpoint": result.checkpoint.path,

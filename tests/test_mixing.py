@@ -20,10 +20,17 @@ import yaml
 from PIL import Image
 
 from engine import schema
+from engine.batch import object_array
 from engine.config import load_config
 from engine.toy_dataset import BACKGROUND_DRAWERS, make_toy_dataset
 from engine.train.config import MixConfig, ShardsConfig, SweepConfig, TrainConfig
-from engine.train.data import load_training_data, number_rows, take_planned
+from engine.train.data import (
+    check_soft_labels,
+    load_training_data,
+    number_rows,
+    soft_targets,
+    take_planned,
+)
 from engine.train.evaluation import classification_metrics
 from engine.train.mixing import (
     RowIndex,
@@ -115,6 +122,47 @@ def write_toy_shards(
     for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         pq.write_table(table.slice(start, stop - start), data / f"part-{number}.parquet")
     return data
+
+
+# Schema version 1, as shards written before the soft_label column: the same columns but that one.
+V1_SCHEMA = pa.schema(
+    [f for f in schema.OUTPUT_SCHEMA if f.name != schema.SOFT_LABEL],
+    metadata={"synthray.schema_version": "1"},
+)
+
+
+def write_v1_shard(table: pa.Table, path: Path) -> None:
+    """`table` (OUTPUT_SCHEMA rows) written as a schema version 1 shard."""
+    version = table.schema.get_field_index(schema.SCHEMA_VERSION_COLUMN)
+    table = table.set_column(version, schema.SCHEMA_VERSION_COLUMN, pa.array(np.ones(len(table), np.int32)))
+    pq.write_table(table.drop_columns([schema.SOFT_LABEL]).cast(V1_SCHEMA), path)
+
+
+def soft_label_of(label: int, num_classes: int) -> list[dict]:
+    """The mix the soft rows of `with_soft_rows` get: 3/4 their own class, 1/4 the next one (as Diff-Mix)."""
+    return [{"label": label, "weight": 0.75}, {"label": (label + 1) % num_classes, "weight": 0.25}]
+
+
+def with_soft_rows(data: Path, out: Path, num_classes: int, *, v1_files: int = 0) -> Path:
+    """A copy of `data`'s shards where every synthetic variant 0 (`-aga0-` ids) has a soft label
+    (`soft_label_of`) and the first `v1_files` files are schema version 1 (no soft_label column, so their
+    rows are one-hot)."""
+    out.mkdir(parents=True)
+    for number, file in enumerate(sorted(data.glob("*.parquet"))):
+        table = pq.read_table(file)
+        soft = [
+            soft_label_of(label, num_classes) if "-aga0-" in row_id else None
+            for row_id, label in zip(
+                table[schema.ID].to_pylist(), table[schema.LABEL].to_pylist(), strict=True
+            )
+        ]
+        column = table.schema.get_field_index(schema.SOFT_LABEL)
+        table = table.set_column(column, schema.SOFT_LABEL, pa.array(soft, schema.SOFT_LABEL_TYPE))
+        if number < v1_files:
+            write_v1_shard(table, out / file.name)
+        else:
+            pq.write_table(table, out / file.name)
+    return out
 
 
 SMALL = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "test_per_class": 4, "size": 32}
@@ -377,3 +425,140 @@ def test_budget_fails_clearly_when_workers_cannot_be_scheduled():
         check_budget(gpu, {"CPU": 8.0})
     autoscaling = config.model_copy(update={"ray": config.ray.model_copy(update={"check_resources": False})})
     check_budget(autoscaling, {"CPU": 2.0})
+
+
+# ---------------------------------------------------------------- soft labels and schema versions
+
+
+def test_version_1_shards_read_as_one_hot_rows_beside_soft_ones(tmp_path, shards):
+    mixed = with_soft_rows(shards, tmp_path / "mixed", num_classes=4, v1_files=1)
+    files = sorted(mixed.glob("*.parquet"))
+    assert schema.SOFT_LABEL not in pq.read_schema(files[0]).names
+    assert pq.read_schema(files[0]).metadata[b"synthray.schema_version"] == b"1"
+    data = load_training_data(ShardsConfig(paths=[str(mixed)]))
+    train = data.train.to_pylist()
+    assert len(train) == 48 + 144, "every row of both versions is read"
+    v1_ids = set(pq.read_table(files[0], columns=[schema.ID])[schema.ID].to_pylist())
+    for row in train:
+        if "-aga0-" in row[schema.ID] and row[schema.ID] not in v1_ids:
+            assert row[schema.SOFT_LABEL] == soft_label_of(row[schema.LABEL], 4), row[schema.ID]
+        else:
+            assert row[schema.SOFT_LABEL] is None, row[schema.ID]
+    soft_in_v1 = sum("-aga0-" in i for i in v1_ids)
+    assert 0 < soft_in_v1 < 48 and data.num_soft_rows == 48 - soft_in_v1
+    # A directory of version 1 shards only: no soft row, every target one-hot.
+    only_v1 = tmp_path / "v1"
+    only_v1.mkdir()
+    for file in sorted(shards.glob("*.parquet")):
+        write_v1_shard(pq.read_table(file), only_v1 / file.name)
+    old = load_training_data(ShardsConfig(paths=[str(only_v1)]))
+    assert old.num_soft_rows == 0 and len(old.train) == 48 + 144
+    assert (
+        old.train[schema.ID].to_pylist()
+        == load_training_data(ShardsConfig(paths=[str(shards)])).train[schema.ID].to_pylist()
+    )
+    # The pool's reader: a version 1 block gets an all-null soft_label column.
+    block = pq.read_table(files[0], columns=[schema.ID, schema.GROUP])
+    numbered = number_rows(block, np.sort(np.asarray(block[schema.ID].to_pylist(), object)))
+    assert numbered.schema.field(schema.SOFT_LABEL).type == schema.SOFT_LABEL_TYPE
+    assert numbered[schema.SOFT_LABEL].null_count == len(block)
+
+
+def test_soft_targets_are_distributions_and_one_hot_where_null():
+    soft = [None, soft_label_of(2, 4), np.array([{"label": 1, "weight": 1.0}], dtype=object), float("nan")]
+    targets = soft_targets(np.array([3, 2, 0, 1]), object_array(soft), 4)
+    assert targets.dtype == np.float32 and targets.shape == (4, 4)
+    assert np.allclose(targets.sum(1), 1.0)
+    assert targets[0].tolist() == [0, 0, 0, 1] and targets[3].tolist() == [0, 1, 0, 0], "null: one-hot"
+    assert targets[1].tolist() == [0, 0, 0.75, 0.25] and targets[2].tolist() == [0, 1, 0, 0]
+    assert soft_targets(np.array([1, 0]), None, 3).tolist() == [[0, 1, 0], [1, 0, 0]], "no column at all"
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ([{"label": 0, "weight": 0.5}, {"label": 4, "weight": 0.5}], "label 4 of 4 classes"),
+        ([{"label": 0, "weight": 0.5}, {"label": 1, "weight": 0.4}], "weights sum to 0.9"),
+        ([{"label": 0, "weight": 1.5}, {"label": 1, "weight": -0.5}], "a negative weight"),
+        ([], "no entry"),
+    ],
+)
+def test_soft_labels_that_are_no_distribution_are_refused(bad, why):
+    train = pa.table(
+        {
+            schema.ID: ["ok", "bad"],
+            schema.SOFT_LABEL: pa.array([soft_label_of(0, 4), bad], schema.SOFT_LABEL_TYPE),
+        }
+    )
+    with pytest.raises(ValueError, match="1 train rows have a soft_label.*'bad'"):
+        check_soft_labels(train, num_classes=4)
+    check_soft_labels(train.slice(0, 1), num_classes=4)  # the good row alone passes
+
+
+def test_every_strategy_selects_soft_rows_like_any_synthetic_row(tmp_path, shards):
+    """Soft rows are synthetic rows of their source class (`label`): every strategy draws them."""
+    data = load_training_data(ShardsConfig(paths=[str(with_soft_rows(shards, tmp_path / "soft", 4))]))
+    soft = data.train[schema.SOFT_LABEL].is_valid().to_numpy(zero_copy_only=False)
+    assert soft.sum() == 48
+    for strategy in ("concat", "replace", "rsp", "two_phase"):
+        mix = MixConfig(strategy=strategy, replace_prob=1.0, phase2_epochs=1)
+        positions = select_epoch(data.index, mix, seed=0, epoch=0, num_epochs=2)
+        assert soft[positions].sum() > 0, strategy
+    assert (
+        soft[select_epoch(data.index, MixConfig(strategy="real"), seed=0, epoch=0, num_epochs=1)].sum() == 0
+    )
+
+
+# ---------------------------------------------------------------- the low-data protocol
+
+
+def shots_of(data) -> tuple[dict[int, list[str]], set[str]]:
+    """Real train source_ids per label, and the source_ids of the synthetic train rows."""
+    rows = data.train.select([schema.LABEL, schema.SOURCE_ID, schema.RECIPE]).to_pylist()
+    real: dict[int, list[str]] = {}
+    for row in rows:
+        if row[schema.RECIPE] == schema.RECIPE_REAL:
+            real.setdefault(row[schema.LABEL], []).append(row[schema.SOURCE_ID])
+    return real, {r[schema.SOURCE_ID] for r in rows if r[schema.RECIPE] != schema.RECIPE_REAL}
+
+
+def test_shots_per_class_keeps_k_real_rows_per_class_and_their_synthetic_rows(tmp_path, shards, data):
+    config = ShardsConfig(paths=[str(shards)], shots_per_class=3)
+    few = load_training_data(config, seed=7)
+    real, synthetic_sources = shots_of(few)
+    assert {label: len(ids) for label, ids in real.items()} == {0: 3, 1: 3, 2: 3, 3: 3}
+    kept = {s for ids in real.values() for s in ids}
+    assert synthetic_sources == kept, "the synthetic rows of exactly the kept sources"
+    # Each kept source keeps all 3 of its variants; the rest is counted as left out.
+    assert len(few.index.synthetic_positions) == 12 * 3
+    assert few.excluded["few_shot_real_rows"] == 48 - 12
+    assert few.excluded["few_shot_synthetic_rows"] == 144 - 36
+    assert few.notes == []
+    for split in ("val", "test"):
+        assert few.eval[split].equals(data.eval[split]), "val/test untouched"
+
+    again = load_training_data(config, seed=7)
+    assert again.train.equals(few.train), "same seed, same draw"
+    other = shots_of(load_training_data(config, seed=8))[0]
+    assert other != real, "another seed draws other images"
+    # The draw is by image, not by file or row order: the same rows in other files and order draw the same.
+    reordered = tmp_path / "reordered"
+    reordered.mkdir()
+    table = pq.read_table(shards)
+    reversed_rows = table.take(pa.array(np.arange(len(table))[::-1]))
+    for number, part in enumerate(np.array_split(np.arange(len(table)), 5)):
+        pq.write_table(reversed_rows.take(pa.array(part)), reordered / f"part-{number}.parquet")
+    moved = shots_of(load_training_data(ShardsConfig(paths=[str(reordered)], shots_per_class=3), seed=7))
+    assert {k: sorted(v) for k, v in moved[0].items()} == {k: sorted(v) for k, v in real.items()}
+    assert moved[1] == synthetic_sources
+
+
+def test_shots_per_class_above_a_class_size_keeps_all_and_says_so(shards):
+    few = load_training_data(ShardsConfig(paths=[str(shards)], shots_per_class=20), seed=0)
+    assert len(few.index.real_positions) == 48 and len(few.index.synthetic_positions) == 144
+    assert len(few.notes) == 4
+    assert "class 'circle' (label 0) has 12 real train rows, all kept" in few.notes[0]
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        ShardsConfig(paths=[str(shards)], shots_per_class=0)
+    with pytest.raises(ValueError, match="training seed"):
+        load_training_data(ShardsConfig(paths=[str(shards)], shots_per_class=2))

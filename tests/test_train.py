@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_mixing import write_toy_shards
+from test_mixing import soft_label_of, with_soft_rows, write_toy_shards
 
 from engine import schema
 from engine.config import load_config
@@ -429,3 +429,93 @@ def test_training_learns_separable_classes(tmp_path, local_ray):
     margin = 3 * (chance * (1 - chance) / n) ** 0.5
     assert metrics["test"]["num_rows"] == n
     assert metrics["test"]["top1"] >= chance + margin, metrics["test"]
+
+
+# ---------------------------------------------------------------- soft labels
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_probability_targets_give_the_class_index_loss_for_one_hot_rows(label_smoothing):
+    import torch
+
+    from engine.train.data import soft_targets
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, dtype=torch.float32) * 3
+    labels = np.array([0, 1, 2, 3, 1, 2])
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    one_hot = torch.from_numpy(soft_targets(labels, None, 4))
+    torch.testing.assert_close(criterion(logits, one_hot), criterion(logits, torch.from_numpy(labels)))
+    # A soft row's loss is the cross-entropy with its mix (smoothed as a one-hot row is).
+    mix = torch.from_numpy(soft_targets(labels[:1], np.array([soft_label_of(0, 4)], dtype=object), 4))
+    smoothed = mix * (1 - label_smoothing) + label_smoothing / 4
+    expected = -(smoothed * torch.log_softmax(logits[:1], 1)).sum()
+    torch.testing.assert_close(criterion(logits[:1], mix), expected)
+    assert not torch.allclose(criterion(logits[:1], mix), criterion(logits[:1], one_hot[:1]))
+
+
+@pytest.fixture(scope="module")
+def soft_shards(shards, tmp_path_factory) -> Path:
+    """The train shards with soft labels on every synthetic variant 0; two of the six files are schema
+    version 1 (no soft_label column), as a run resumed across the upgrade or two runs' outputs would be."""
+    return with_soft_rows(shards, tmp_path_factory.mktemp("soft") / "data", num_classes=3, v1_files=2)
+
+
+def test_train_batches_carry_each_rows_soft_target(soft_shards, tmp_path, local_ray):
+    from engine.batch import object_array
+    from engine.train.data import (
+        TARGET,
+        build_datasets,
+        load_training_data,
+        plan_epochs,
+        soft_targets,
+        summarize_plan,
+        train_key,
+    )
+    from engine.train.loop import loop_config, train_batches
+
+    config = make_config(soft_shards, tmp_path, "epochs=1", "mix.strategy=concat")
+    data = load_training_data(config.data, seed=config.seed)
+    assert 0 < data.num_soft_rows < 24, "the version 1 files' variants stay one-hot"
+    plan = plan_epochs(data, config)
+    loop = loop_config(config, data.class_names, summarize_plan(data, plan, config), sorted(data.eval))
+    batches = list(train_batches(build_datasets(data, plan, config)[train_key(0, 0)], loop, epoch=0, rank=0))
+    targets = np.concatenate([b[TARGET].numpy() for b in batches])
+    labels = np.concatenate([b["label"].numpy() for b in batches])
+    assert targets.shape == (72, 3) and np.allclose(targets.sum(1), 1.0)
+    soft = targets.max(1) < 1
+    assert soft.sum() == data.num_soft_rows, "every soft row of the plan, no other"
+    expected = soft_targets(labels[soft], object_array([soft_label_of(int(x), 3) for x in labels[soft]]), 3)
+    assert np.array_equal(targets[soft], expected)
+    assert (targets[soft].argmax(1) == labels[soft]).all(), "the dominant class is the row's label"
+    assert (targets[~soft].argmax(1) == labels[~soft]).all()
+
+
+def test_a_low_data_run_trains_on_soft_rows(soft_shards, tmp_path, local_ray, capsys):
+    """One Ray Train run for both features (a run costs tens of seconds): two_phase trains on real and soft
+    synthetic rows, then real only; data.shots_per_class=10 is above the toy's 8 rows per class. Every
+    strategy's selection of soft rows is tests/test_mixing.py's."""
+    from jobs.train import run_training
+
+    config = make_config(
+        soft_shards,
+        tmp_path,
+        "epochs=2",
+        "mix.strategy=two_phase",
+        "mix.phase2_epochs=1",
+        "optim.label_smoothing=0.1",
+        "data.shots_per_class=10",
+    )
+    metrics = run_training(config)
+    assert 0 < metrics["data"]["train_soft_label"] < 24
+    assert [h["train_rows"] for h in metrics["history"]] == [
+        {"real": 24, "synthetic": 48},
+        {"real": 24, "synthetic": 0},
+    ]
+    assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
+    assert metrics["test"]["num_rows"] == 9
+    # All 8 real rows of each class kept, and the run says so for each class.
+    notes = metrics["data"]["notes"]
+    assert len(notes) == 3 and all("has 8 real train rows, all kept" in note for note in notes)
+    assert notes[0] in capsys.readouterr().err
+    assert metrics["data"]["excluded"]["few_shot_real_rows"] == 0

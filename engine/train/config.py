@@ -35,6 +35,13 @@ class ShardsConfig(Strict):
     shuffle_buffer_rows: int = Field(
         default=2048, ge=1, description="Decoded rows each worker shuffles over (on top of block order)"
     )
+    shots_per_class: int | None = Field(
+        default=None,
+        ge=1,
+        description="Low-data protocol: keep k real train rows per class, drawn by the training seed (a hash "
+        "of seed and source_id), and only the synthetic rows of those sources; a class with fewer keeps all "
+        "and the run's notes say so; val/test untouched (None: every row)",
+    )
 
 
 class AugmentConfig(Strict):

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import schema
+from engine.batch import is_missing
 from engine.train.config import AugmentConfig, ShardsConfig, TrainConfig
 from engine.train.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
 from engine.train.sources import Source, check_one_dataset, different_datasets, find_sources, merge_sources
@@ -47,10 +48,15 @@ INDEX_COLUMNS = (
     schema.SOURCE_ID,
     schema.RECIPE,
     schema.GROUP,
+    schema.SOFT_LABEL,
 )
+# What decode_and_transform needs; the pool also carries `soft_label` (optional there: null = one-hot).
 POOL_COLUMNS = (schema.ID, schema.IMAGE, schema.LABEL, schema.GROUP, schema.RECIPE)
 EVAL_SPLITS = ("val", "test")
 SYNTHETIC = "synthetic"  # working column: 1 for a synthetic row, so workers can count what they saw
+TARGET = (
+    "target"  # working column: the row's class probabilities (N x num_classes float32), what the loss uses
+)
 ROW = "row"  # working column: the row's number in the pool, which the epoch plans refer to
 DRAW = "draw"  # working column: 0 for a row's first copy in an epoch, 1 for its second (repeats), ...
 
@@ -65,16 +71,25 @@ class TrainingData:
     class_names: list[str]
     excluded: dict[str, int] = field(default_factory=dict)  # rows left out, by reason
     sources: list[dict] = field(default_factory=list)  # per data.paths entry: its generation run and rows
+    notes: list[str] = field(
+        default_factory=list
+    )  # what the run report should tell (e.g. a class short of k)
 
     @cached_property
     def index(self) -> RowIndex:
         return RowIndex.from_table(self.train)
 
+    @property
+    def num_soft_rows(self) -> int:
+        """Train rows with a soft label (the others train on one-hot targets)."""
+        return len(self.train) - self.train[schema.SOFT_LABEL].null_count
+
 
 def _read_index_file(path: str, source: int) -> pa.Table:
-    """The index columns of one (validated) shard, `group` -1 where absent, plus `_source`: its path's number."""
+    """The index columns of one (validated) shard, `group` -1 where absent, `soft_label` null where absent
+    (schema version 1), plus `_source`: its path's number."""
     names = pq.read_schema(path).names
-    table = pq.read_table(path, columns=[c for c in INDEX_COLUMNS if c in names])
+    table = with_soft_label(pq.read_table(path, columns=[c for c in INDEX_COLUMNS if c in names]))
     if schema.GROUP not in names:
         table = table.append_column(schema.GROUP, pa.array(np.full(len(table), -1, np.int64)))
     table = table.set_column(
@@ -86,7 +101,7 @@ def _read_index_file(path: str, source: int) -> pa.Table:
     return table.select(list(INDEX_COLUMNS)).append_column("_source", pa.array(np.full(len(table), source)))
 
 
-def load_training_data(config: ShardsConfig) -> TrainingData:
+def load_training_data(config: ShardsConfig, *, seed: int | None = None) -> TrainingData:
     """Read the index columns of every shard and sort rows into train candidates and real val/test rows.
 
     Every shard is validated first (engine.train.sources: one error naming each bad file). Several paths
@@ -94,7 +109,14 @@ def load_training_data(config: ShardsConfig) -> TrainingData:
     share their real rows, kept from the first path holding each source_id (counted in `excluded` as
     `duplicate_real_rows`). Paths of different datasets are refused, naming the two runs. Synthetic rows
     of a recipe outside `config.recipes` and synthetic rows of val/test are left out (counted too).
+    With `config.shots_per_class` (the low-data protocol) the train split keeps k real rows per class drawn
+    by `seed` (the training seed; required then) and the synthetic rows of those sources only (`draw_shots`).
+    Shards of schema version 1 (no soft_label column) read as one-hot rows.
     """
+    if config.shots_per_class is not None and seed is None:
+        raise ValueError(
+            "data.shots_per_class draws its rows by the training seed: pass load_training_data seed="
+        )
     paths = find_sources(config.paths)
     check_one_dataset(paths)
     files = [file for path in paths for file in path.files]
@@ -137,6 +159,13 @@ def load_training_data(config: ShardsConfig) -> TrainingData:
     excluded["synthetic_in_val_test"] = int((eval_synthetic & keep).sum())
     keep &= ~eval_synthetic
 
+    notes: list[str] = []
+    if config.shots_per_class is not None:
+        shots, notes = draw_shots(table, keep & (split == "train"), config.shots_per_class, seed)
+        excluded["few_shot_real_rows"] = int((keep & is_real & ~shots & (split == "train")).sum())
+        excluded["few_shot_synthetic_rows"] = int((keep & ~is_real & ~shots & (split == "train")).sum())
+        keep &= shots | (split != "train")
+
     sources_of_kept = table["_source"].to_numpy()[keep]
     table = table.filter(pa.array(keep)).drop_columns(["_source"])
     split = split[keep]
@@ -147,17 +176,93 @@ def load_training_data(config: ShardsConfig) -> TrainingData:
     ):
         raise ValueError(f"no real train rows in {config.paths}")
     per_source = np.bincount(sources_of_kept, minlength=len(sources)) if len(sources_of_kept) else None
+    class_names = class_names_of(table)
+    check_soft_labels(train, len(class_names))
     return TrainingData(
         files=files,
         train=train,
         eval={name: table.filter(pa.array(split == name)) for name in EVAL_SPLITS},
-        class_names=class_names_of(table),
+        class_names=class_names,
         excluded=excluded,
         sources=[
             {**source.summary(), "rows_used": 0 if per_source is None else int(per_source[number])}
             for number, source in enumerate(sources)
         ],
+        notes=notes,
     )
+
+
+def with_soft_label(table: pa.Table) -> pa.Table:
+    """`table` with `soft_label` as schema.SOFT_LABEL_TYPE: all null when the shard has none (version 1)."""
+    table = schema.with_soft_label(table)
+    column = table.schema.get_field_index(schema.SOFT_LABEL)
+    if table.schema.field(column).type == schema.SOFT_LABEL_TYPE:
+        return table
+    return table.set_column(column, schema.SOFT_LABEL, table[schema.SOFT_LABEL].cast(schema.SOFT_LABEL_TYPE))
+
+
+def draw_shots(table: pa.Table, candidates: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """The low-data protocol's rows among `candidates` (a mask over `table`'s rows: the train split): per
+    label the k real rows whose hash of (seed, source_id) is smallest, so the draw depends on the seed and
+    the images, never on file or row order; then every synthetic candidate whose source_id is a kept real
+    row's. Returns the mask of kept rows and a note per class with fewer than k real rows (all kept)."""
+    real = candidates & (np.asarray(table[schema.RECIPE].to_pylist(), object) == schema.RECIPE_REAL)
+    source_ids = np.asarray(table[schema.SOURCE_ID].to_pylist(), object)
+    labels = table[schema.LABEL].to_numpy()
+    kept_sources: set[str] = set()
+    notes = []
+    for label, name in enumerate(class_names_of(table)):
+        of_class = sorted(source_ids[real & (labels == label)], key=lambda s: (shot_key(seed, s), s))
+        if len(of_class) < k:
+            notes.append(
+                f"data.shots_per_class={k}: class {name!r} (label {label}) has {len(of_class)} real train "
+                "rows, all kept"
+            )
+        kept_sources.update(of_class[:k])
+    shots = candidates & np.isin(source_ids, list(kept_sources))
+    return shots, notes
+
+
+def shot_key(seed: int, source_id: str) -> int:
+    """A real image's place in the few-shot draw of `seed` (smallest first)."""
+    return int.from_bytes(hashlib.sha1(f"{seed}\x1f{source_id}".encode()).digest()[:8], "little")
+
+
+def check_soft_labels(train: pa.Table, num_classes: int) -> None:
+    """Refuse soft labels that are not a distribution over the run's classes, naming a row."""
+    soft = train.filter(train[schema.SOFT_LABEL].is_valid())
+    if len(soft) == 0:
+        return
+    entries = pc.list_flatten(soft[schema.SOFT_LABEL])
+    rows = pc.list_parent_indices(soft[schema.SOFT_LABEL]).to_numpy()
+    labels = pc.struct_field(entries, "label").to_numpy(zero_copy_only=False)
+    weights = pc.struct_field(entries, "weight").to_numpy(zero_copy_only=False).astype(np.float64)
+    sums = np.bincount(rows, weights=np.nan_to_num(weights, nan=-1.0), minlength=len(soft))
+    bad_entries = (labels < 0) | (labels >= num_classes) | ~(weights >= 0)
+    bad = (np.abs(sums - 1.0) > 1e-3) | np.isin(np.arange(len(soft)), rows[bad_entries])
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{int(bad.sum())} train rows have a soft_label that is not a distribution over the "
+            f"{num_classes} classes (labels 0..{num_classes - 1}, weights >= 0 summing to 1), e.g. row "
+            f"{soft[schema.ID][first].as_py()!r}: {soft[schema.SOFT_LABEL][first].as_py()}"
+        )
+
+
+def soft_targets(labels: np.ndarray, soft_labels: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Class-probability targets (N x num_classes float32): one-hot on `label` for a row whose soft label
+    is missing (None or NaN), the soft label's weights otherwise. `soft_labels` values are as Ray hands
+    them over: None, or a list/array of {"label", "weight"} dicts."""
+    labels = np.asarray(labels, np.int64)
+    targets = np.zeros((len(labels), num_classes), np.float32)
+    targets[np.arange(len(labels)), labels] = 1.0
+    for row, value in enumerate([] if soft_labels is None else soft_labels):
+        if is_missing(value):
+            continue
+        targets[row] = 0.0
+        for entry in value:
+            targets[row, int(entry["label"])] += float(entry["weight"])
+    return targets
 
 
 def check_rows_agree(table: pa.Table, sources: list[Source]) -> None:
@@ -260,12 +365,13 @@ def _resolve(value):
 
 def number_rows(batch: pa.Table, ids) -> pa.Table:
     """Keep the rows whose id is in `ids` (sorted, unique; or a ref to it) and add `row`, the id's position
-    in `ids`, which plans refer to; a null group becomes -1."""
+    in `ids`, which plans refer to; a null group becomes -1 and a missing soft_label column (schema version 1)
+    an all-null one."""
     ids = _resolve(ids)
     found = pc.index_in(batch[schema.ID], value_set=pa.array(ids, pa.string()))
     found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
     keep = np.flatnonzero(found >= 0)
-    out = batch.take(pa.array(keep))
+    out = with_soft_label(batch.take(pa.array(keep)))
     group = out.schema.get_field_index(schema.GROUP)
     out = out.set_column(group, schema.GROUP, pc.fill_null(out[schema.GROUP], -1).cast(pa.int64()))
     return out.append_column(ROW, pa.array(found[keep].astype(np.int64)))
@@ -294,13 +400,22 @@ def row_seed(seed: int, epoch: int, row_id: str, draw: int = 0) -> int:
 
 
 def decode_and_transform(
-    batch: dict[str, np.ndarray], *, train: bool, image_size: int, augment: dict, seed: int, epoch: int
+    batch: dict[str, np.ndarray],
+    *,
+    train: bool,
+    image_size: int,
+    augment: dict,
+    seed: int,
+    epoch: int,
+    num_classes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Encoded rows -> model inputs: decode, then RandomResizedCrop + flip (+ RandAugment) for training or
     resize + center crop for evaluation, then normalize.
 
     Reads `image`, `label`, `group`, `recipe`, `id` and `draw` (0 when absent); writes `image`
-    (N x 3 x S x S float32), `label`, `group` and `synthetic` (int8). Each row's augmentation draws from
+    (N x 3 x S x S float32), `label`, `group` and `synthetic` (int8), and with `num_classes` also `target`
+    (N x num_classes float32, `soft_targets` of `label` and `soft_label`, one-hot where that is null or
+    absent), which the training loss uses. Each row's augmentation draws from
     torch's generator seeded by `row_seed(seed, epoch, id, draw)`, so a rerun draws the same crops whatever
     the batching.
     """
@@ -335,7 +450,7 @@ def decode_and_transform(
         if train:
             torch.manual_seed(row_seed(seed, epoch, str(row_id), int(draw)))
         images.append(transform(torch.from_numpy(array).permute(2, 0, 1)))
-    return {
+    out = {
         "image": torch.stack(images).numpy()
         if images
         else np.zeros((0, 3, image_size, image_size), np.float32),
@@ -343,6 +458,9 @@ def decode_and_transform(
         "group": np.asarray(batch[schema.GROUP], np.int64),
         SYNTHETIC: (np.asarray(batch[schema.RECIPE]) != schema.RECIPE_REAL).astype(np.int8),
     }
+    if num_classes is not None:
+        out[TARGET] = soft_targets(batch[schema.LABEL], batch.get(schema.SOFT_LABEL), num_classes)
+    return out
 
 
 def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
@@ -355,7 +473,9 @@ def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
     # One read task per file: the pool's blocks are the same on any cluster, so are the seeded block orders.
     pool = ray.data.read_parquet(data.files, num_cpus=task_cpus, override_num_blocks=len(data.files))
     pool.context.execution_options.preserve_order = config.ray.preserve_order  # this dataset's own context
-    pool = pool.select_columns(list(POOL_COLUMNS)).map_batches(
+    # Only runs with soft rows read the column; files without it (schema version 1) then read as null.
+    columns = [*POOL_COLUMNS, *([schema.SOFT_LABEL] if data.num_soft_rows else [])]
+    pool = pool.select_columns(columns).map_batches(
         number_rows,
         fn_kwargs={"ids": ray.put(pool_ids)},
         batch_format="pyarrow",
@@ -365,9 +485,11 @@ def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
     return pool.materialize() if config.data.cache_in_object_store else pool
 
 
-def rows_dataset(pool, rows: np.ndarray, *, config: TrainConfig, train: bool, epoch: int):
+def rows_dataset(
+    pool, rows: np.ndarray, *, config: TrainConfig, train: bool, epoch: int, num_classes: int | None = None
+):
     """`pool` restricted to the row numbers `rows` (repeats kept), decoded and transformed for training or
-    evaluation."""
+    evaluation; with `num_classes` each row also gets its class-probability `target`."""
     import ray
 
     plan = ray.put(np.unique(rows, return_counts=True))
@@ -383,6 +505,7 @@ def rows_dataset(pool, rows: np.ndarray, *, config: TrainConfig, train: bool, ep
             "augment": config.augment.model_dump(),
             "seed": config.seed,
             "epoch": epoch,
+            "num_classes": num_classes,
         },
         batch_format="numpy",
         batch_size=config.data.decode_batch_size,
@@ -404,7 +527,12 @@ def build_datasets(data: TrainingData, plan: list[list[np.ndarray]], config: Tra
     for epoch, ranks in enumerate(plan):
         for rank, positions in enumerate(ranks):
             datasets[train_key(epoch, rank)] = rows_dataset(
-                pool, train_rows[positions], config=config, train=True, epoch=epoch
+                pool,
+                train_rows[positions],
+                config=config,
+                train=True,
+                epoch=epoch,
+                num_classes=len(data.class_names),
             )
     world_size = config.scaling.num_workers
     for split, ids in eval_ids.items():

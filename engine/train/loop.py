@@ -157,7 +157,7 @@ def train_loop_per_worker(loop: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from engine.train.data import eval_key, train_key
+    from engine.train.data import TARGET, eval_key, train_key
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -175,6 +175,8 @@ def train_loop_per_worker(loop: dict) -> None:
     optimizer = build_optimizer(model.parameters(), loop["optim"])
     amp_dtype, needs_scaler = _autocast(loop["precision"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler)
+    # Class-probability targets for every row (engine.train.data.soft_targets): a soft-label row (Diff-Mix)
+    # trains on its mix, a one-hot row gives exactly the class-index loss, label smoothing included.
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=loop["optim"]["label_smoothing"])
 
     def autocast():
@@ -256,14 +258,14 @@ def train_loop_per_worker(loop: dict) -> None:
                 group["lr"] = lr
             with autocast():
                 logits = model(batch["image"])
-                loss = criterion(logits, batch["label"])
+                loss = criterion(logits, batch[TARGET])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             count = len(batch["label"])
             loss_sum += float(loss.detach()) * count
-            correct += float((logits.argmax(1) == batch["label"]).sum())
+            correct += float((logits.argmax(1) == batch["label"]).sum())  # accuracy: the hard label
             seen += count
             synthetic += float(batch["synthetic"].sum())
         loss_sum, correct, seen, synthetic = all_sum([loss_sum, correct, seen, synthetic])

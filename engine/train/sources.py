@@ -28,7 +28,7 @@ import yaml
 
 from engine import schema
 
-# Columns training reads, with the types it can use. `group` is optional (-1 when absent).
+# Columns training reads, with the types it can use.
 REQUIRED_COLUMNS: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     schema.ID: ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
     schema.IMAGE: ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
@@ -38,7 +38,23 @@ REQUIRED_COLUMNS: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     schema.SOURCE_ID: ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
     schema.RECIPE: ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
 }
-OPTIONAL_COLUMNS = {schema.GROUP: ("integer", pa.types.is_integer)}
+
+
+def _is_soft_label(t: pa.DataType) -> bool:
+    """A list of structs with an integer `label` and a floating `weight` (schema.SOFT_LABEL_TYPE or wider)."""
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    return pa.types.is_integer(fields.get("label", pa.null())) and pa.types.is_floating(
+        fields.get("weight", pa.null())
+    )
+
+
+# `group` reads as -1 and `soft_label` as null (one-hot) when absent: schema version 1 shards have no soft_label.
+OPTIONAL_COLUMNS = {
+    schema.GROUP: ("integer", pa.types.is_integer),
+    schema.SOFT_LABEL: ("list<struct<label: integer, weight: floating>>", _is_soft_label),
+}
 # The generation config's `data` fields that say which images a source_id names (absent ones read as None).
 DATASET_FIELDS = (
     "format",
