@@ -181,3 +181,16 @@ def test_run_attention_reads_the_checkpoint_and_caches_its_result(masked_shards,
     (tmp_path / ATTENTION_FILE).write_text(json.dumps(saved))
     assert run_attention(config, metrics, "layer2")["subject_share"] == 0.123
     assert run_attention(config, metrics, "layer3")["subject_share"] != 0.123  # another layer: recomputed
+
+
+def test_the_driver_imports_attention_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, engine.train.attention, jobs.sweep, jobs.demo\n"
+        "heavy = [m for m in ('torch', 'pytorch_grad_cam', 'scipy') if m in sys.modules]\n"
+        "print(heavy)\nsys.exit(1 if heavy else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
