@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test venv venv-vllm lint bench bench-train gpu-wheels clean
+.PHONY: demo test venv venv-vllm lint bench bench-scale bench-train gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ bench: $(STAMP)
 bench-train: $(STAMP)
 	$(VENV)/bin/synthray tiny-models
 	$(VENV)/bin/synthray sweep --config configs/bench_efficacy.yaml
+
+# Scale benchmark: N = 10^4, 10^5, 10^6 synthetic sources through the engine without models (K = 10), each
+# with a resume of a run killed halfway; results in benchmarks/results/scale.{md,json}. The full grid takes
+# hours on 2 cores: SCALE_ARGS="--sizes 10000 100000" runs less.
+SCALE_ARGS ?=
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.scale $(SCALE_ARGS)
 
 # Wheels the GPU machine lacks for `python -m benchmarks.gpu_stages` (diffusers, pydantic, ...), into .whl/
 # (git-ignored; the device tool carries it). The command to run there is in benchmarks/gpu_stages.py.
