@@ -253,8 +253,9 @@ def _inspect_image_folder(data: DataConfig) -> SourceInfo:
             folder_groups = {k: v for k, v in groups.items() if k.startswith(prefix)}
             folders.append(
                 {
-                    "data_path": data.path,
-                    "masks_path": data.masks_path or "",
+                    # Resolved here: a relative path means nothing in a worker on another node.
+                    "data_path": storage.resolve(data.path),
+                    "masks_path": storage.resolve(data.masks_path) if data.masks_path else "",
                     schema.SPLIT: split,
                     schema.CLASS_NAME: class_name,
                     schema.LABEL: label_of[class_name],

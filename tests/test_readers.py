@@ -405,3 +405,12 @@ def test_read_tasks_list_the_folders_and_stream_small_blocks(toy, ray_local):
     for block in blocks:
         for sid, image in zip(block[schema.SOURCE_ID], block[schema.IMAGE_BYTES], strict=True):
             assert image == (toy / sid).read_bytes()
+
+
+def test_a_relative_data_path_reaches_the_read_tasks_resolved(toy, monkeypatch):
+    """Read tasks may run on other nodes, in other folders: the folders they list carry absolute paths."""
+    monkeypatch.chdir(toy.parent)
+    info = inspect_source(DataConfig(path=toy.name, masks_path=f"{toy.name}/masks"))
+    assert {f["data_path"] for f in info.folders} == {str(toy)}
+    monkeypatch.chdir("/")
+    assert info.rows == listing_before_issue_18(toy, ["train"], toy / "masks")
