@@ -65,10 +65,24 @@ def models(tiny_models_dir):
     return tiny_models_dir
 
 
-def generator(models, mode, pool=None, **extra):
+_LOADED: dict = {}  # mode -> a generator: each pipeline loads once per module (loading is most of a test)
+
+
+def generator(models, mode, pool=None, fresh=False, **extra):
+    """A generator with these settings; it shares its mode's loaded pipeline unless `fresh` (a test that
+    changes weights) or adapters (loaded into the pipeline) ask for a new one."""
+    import copy
+
     from actors.generator import DiffusionGenerator
 
-    return DiffusionGenerator(config(models, mode, **extra), CLASSES, pool=pool)
+    settings = config(models, mode, **extra)
+    if fresh or "adapters" in extra:
+        return DiffusionGenerator(settings, CLASSES, pool=pool)
+    if mode not in _LOADED:
+        _LOADED[mode] = DiffusionGenerator(config(models, mode), CLASSES, pool=ListPool({}))
+    gen = copy.copy(_LOADED[mode])
+    gen.config, gen.pool = settings, pool
+    return gen
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "sdedit", "instruct_pix2pix", "diffmix"])
@@ -121,7 +135,8 @@ def test_sdedit_stays_near_its_input_at_low_strength_and_not_at_full(models):
 
     gen = generator(models, "sdedit", num_inference_steps=10)
     image = smooth_image(3)
-    clean = gen.encode([image])
+    with torch.no_grad():
+        clean = gen.encode([image])
 
     def edited(strength: float):
         latents = gen.pipe(
@@ -151,7 +166,7 @@ def test_ddim_inversion_then_denoising_with_weight_zero_gives_the_first_image_ba
     import torch
 
     images = [smooth_image(1), smooth_image(2)]
-    gen = generator(models, "ddim_interp", pool=ListPool({}), num_inference_steps=10)
+    gen = generator(models, "ddim_interp", pool=ListPool({}), fresh=True, num_inference_steps=10)
     with torch.no_grad():
         gen.pipe.unet.conv_out.weight.zero_()
         gen.pipe.unet.conv_out.bias.fill_(0.3)
@@ -236,4 +251,4 @@ def test_bad_generation_settings_are_config_errors(models, bad, message):
 
 def test_sizes_the_vae_cannot_take_are_refused_at_start(models):
     with pytest.raises(ValueError, match="multiples of 8"):
-        generator(models, "txt2img", height=36)
+        generator(models, "txt2img", fresh=True, height=36)
