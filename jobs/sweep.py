@@ -99,6 +99,37 @@ def finished_generation(generate_config) -> bool:
     )
 
 
+START_ATTEMPTS = 3
+
+
+def start_local_ray(config: SweepConfig) -> None:
+    """One local Ray for the whole sweep, which generation and training attach to, started here so that a start
+    that times out (Ray waits a fixed 30 s for its raylet, which a heavily loaded machine can miss) is retried,
+    each retry said in a line. Nothing to do when the runs name a cluster or Ray is up."""
+    import ray
+
+    ray_config = run_config(config, config.variants[0], config.seeds[0], "unused").ray
+    if ray.is_initialized() or ray_config.address is not None or os.environ.get("RAY_ADDRESS"):
+        return
+    # What the generation runs would give their own local Ray (engine.pipeline.init_ray).
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    for variant in config.variants:
+        if variant.generate is not None:
+            env_vars.update(generation_config(config, variant.generate).ray.env_vars)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=ray_config.local_num_cpus(), runtime_env={"env_vars": env_vars})
+            return
+        except Exception as err:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:
+                raise
+            ray.shutdown()
+            print(
+                f"sweep: Ray's local start timed out (attempt {attempt}/{START_ATTEMPTS}); retrying",
+                flush=True,
+            )
+
+
 def run_generations(config: SweepConfig, dataset_rebuilt: bool) -> dict[str, str]:
     """Run each variant's generation (once per output folder) unless finished; variant name -> its data."""
     from jobs import generate
@@ -177,6 +208,7 @@ def run_sweep(config: SweepConfig, command: str = "") -> list[dict]:
             except ValueError as err:
                 raise ValueError(f"variant {variant.name!r}: generation config: {err}") from None
     rebuilt = prepare_toy_dataset(config.toy_dataset) if config.toy_dataset else False
+    start_local_ray(config)
     data_of = run_generations(config, rebuilt)
     # Then every run's shards are checked, so that a bad shard fails before hours of training.
     plan = [

@@ -148,3 +148,31 @@ def test_demo_closing_line_separates_only_beyond_the_test_split_noise(tmp_path):
     assert line.startswith("The toy demo is too small") and "benchmarks/results/efficacy.md" in line
     assert closing_line(rows(0.25, 0.35)).startswith("The toy demo is too small")  # 48 images: noise ±18
     assert closing_line(rows(0.25, 0.55)).startswith("concat beats real by 30.0 points")
+
+
+def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, capsys):
+    import ray
+
+    import jobs.sweep
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml")
+    jobs.sweep.start_local_ray(config)
+    assert len(calls) == 3 and calls[0]["num_cpus"] == 4
+    assert calls[0]["runtime_env"]["env_vars"]["TRANSFORMERS_OFFLINE"] == "1"  # the generation config's
+    assert capsys.readouterr().out.count("timed out (attempt") == 2
+    # Another error, or the last attempt's timeout, is raised.
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(Exception("other")))
+    with pytest.raises(Exception, match="other"):
+        jobs.sweep.start_local_ray(config)
