@@ -27,7 +27,7 @@ from engine.pools import ClassPool, build_class_pool
 from engine.readers import SourceInfo, inspect_source, read_source
 from engine.recipes import build_stages, model_tags, pool_spec
 from engine.recipes.filter import filter_stage
-from engine.report import RunReport, build_report, count_rows, write_errors, write_filtered
+from engine.report import RunReport, build_report, write_errors, write_filtered
 from engine.shards import (
     read_manifest,
     remove_temporaries,
@@ -36,7 +36,7 @@ from engine.shards import (
     write_shard,
 )
 from engine.stages import Stage, apply_stages, check_resource_budget
-from engine.written_ids import WrittenIds, written_ids
+from engine.written_ids import WrittenIds, count_rows_in_task, written_ids
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
 
     # 2. The output: resume from its shards (or replace them), the resolved config, an open manifest.
     done_ids = _prepare_output(out, config.output.overwrite)
-    counts = count_rows(data_dir)[0]  # rows per recipe already in the shards
+    counts = count_rows_in_task(data_dir)[0]  # rows per recipe already in the shards
     rows_before = sum(counts.values())
     save_resolved(config, storage.join(out, "config.yaml"))
     write_manifest(str(out), _manifest(config, digest, complete=False))
@@ -135,7 +135,7 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
             )
             generated += _generated(ledger)
             done_ids = written_ids(str(data_dir))
-            counts = count_rows(data_dir)[0]
+            counts = count_rows_in_task(data_dir)[0]
         finally:
             ray.kill(ledger)
 

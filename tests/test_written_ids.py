@@ -68,3 +68,14 @@ def test_resume_skips_done_sources_and_rows_with_a_handle(ray_one_cpu, tmp_path)
         ("s2", 1),
         ("s2", 2),
     ]
+
+
+def test_rows_are_counted_in_a_task(ray_one_cpu, tmp_path):
+    from engine.written_ids import count_rows_in_task
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, ids, recipes in (("a", ["x", "y"], ["real", "aga"]), ("b", ["y", "z"], ["aga", "aga"])):
+        pq.write_table(pa.table({schema.ID: ids, schema.RECIPE: recipes}), data / f"part-{name}.parquet")
+    assert count_rows_in_task(str(data)) == ({"real": 1, "aga": 3}, 1)  # "y" written twice
+    assert count_rows_in_task(str(tmp_path / "none")) == ({}, 0)
