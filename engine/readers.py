@@ -246,11 +246,12 @@ def _inspect_image_folder(data: DataConfig) -> SourceInfo:
         if data.groups_file
         else _read_groups(fs, posixpath.join(root, "groups.csv"))
     )
+    groups_of: dict[str, dict[str, int]] = defaultdict(dict)  # "<split>/<class>" -> its images' groups
+    for source_id, group in groups.items():
+        groups_of[posixpath.dirname(source_id)][source_id] = group
     folders = []
     for (split, class_name), num_images in zip(found, sizes, strict=True):
         if num_images:
-            prefix = f"{split}/{class_name}/"
-            folder_groups = {k: v for k, v in groups.items() if k.startswith(prefix)}
             folders.append(
                 {
                     # Resolved here: a relative path means nothing in a worker on another node.
@@ -263,7 +264,7 @@ def _inspect_image_folder(data: DataConfig) -> SourceInfo:
                     "take": num_images,
                     "sampled": False,
                     "seed": data.sample_seed,
-                    "groups": json.dumps(folder_groups),
+                    "groups": json.dumps(groups_of.get(f"{split}/{class_name}", {})),
                 }
             )
 
