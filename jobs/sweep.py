@@ -226,7 +226,7 @@ def run_sweep(config: SweepConfig, command: str = "") -> list[dict]:
         data = train_config.data.model_dump_json()
         if data not in checked:
             try:
-                load_training_data(train_config.data)
+                load_training_data(train_config.data, seed=train_config.seed)
             except ValueError as err:
                 raise ValueError(f"variant {variant.name!r}: {err}") from None
             checked.add(data)
@@ -274,7 +274,7 @@ def budget_epochs(config: TrainConfig, train_rows: int) -> int:
     epoch trains a fifth of the epochs, so every variant takes the same number of optimizer steps."""
     from engine.train.data import load_training_data, plan_epochs
 
-    data = load_training_data(config.data)
+    data = load_training_data(config.data, seed=config.seed)
     one_epoch = config.model_copy(update={"epochs": 1})
     rows_per_epoch = sum(len(rank) for rank in plan_epochs(data, one_epoch)[0])
     return max(1, round(train_rows / max(rows_per_epoch, 1)))

@@ -87,7 +87,7 @@ def read_masked_rows(config: TrainConfig, split: str) -> tuple[np.ndarray, np.nd
 
     from engine.train.data import decode_and_transform, load_training_data
 
-    data = load_training_data(config.data)
+    data = load_training_data(config.data, seed=config.seed)
     if split not in data.eval:
         raise ValueError(f"the shards have no {split!r} rows to measure subject attention on")
     wanted = pa.array(data.eval[split][schema.ID].to_pylist())
