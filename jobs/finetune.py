@@ -5,7 +5,7 @@ Adapts a diffusion pipeline to a dataset with Ray Train (`TorchTrainer`, gradien
 LoRA (on top of a textual-inversion run's tokens when `lora.textual_inversion` names one). Writes into
 <output.path>/<run name>/: the Ray Train checkpoints, train_config.yaml, the adapter files
 (textual_inversion.safetensors or lora/pytorch_lora_weights.safetensors, which generators load with
-`adapters:`), finetune.json (steps, loss history, wall time, steps/s) and loss.png. Running again with the same
+`adapters:`), finetune.json (steps, loss history, wall time, steps/s, rows not used and why) and loss.png. Running again with the same
 run name resumes from the latest checkpoint. Also the entry for `ray job submit --working-dir . -- python -m
 jobs.finetune --config ...`.
 """
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         f"final loss {report['final_loss']:.4f}, {report['steps_per_s']:.2f} steps/s\n"
         f"  {report['run_dir']}: {', '.join(report['outputs'])}, finetune.json, loss.png ({report['wall_s']}s)"
     )
+    if report["skipped_rows"]:
+        print(f"  rows not used, by reason: {report['skipped_rows']}")
     return 0
 
 
@@ -68,7 +70,8 @@ def run_finetune(config: FinetuneConfig) -> dict:
     run_dir = prepare_run_dir(config, RESUMABLE_KEYS)
     # 3. Ray, with the reservation checked before anything waits on it; the real rows, every class usable.
     check_budget(config, init_ray(config.ray))
-    rows, class_names, per_class = load_training_rows(config, ray.data)
+    data = load_training_rows(config, ray.data)
+    class_names = data.class_names
     if config.method == "textual_inversion":
         tokens = placeholder_tokens(class_names, config.textual_inversion.placeholder)
         check_tokenizers(resolve_model(config.model, "finetune")[0], config.model, tokens)
@@ -78,7 +81,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
         result = fit(
             finetune_loop_per_worker,
             loop_config(config, class_names),
-            {"train": rows},
+            {"train": data.rows},
             run_dir=run_dir,
             config=config,
         )
@@ -119,7 +122,8 @@ def run_finetune(config: FinetuneConfig) -> dict:
         "timesteps_seen": state["timesteps_seen"],
         "rank_weight_digests": state["rank_weight_digests"],
         "classes": class_names,
-        "images_per_class": per_class,
+        "images_per_class": data.images_per_class,
+        "skipped_rows": data.skipped,
         "tokens": state["tokens"],
         "outputs": outputs,
         "checkpoint": result.checkpoint.path,

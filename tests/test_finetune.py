@@ -365,7 +365,7 @@ def test_subject_only_cuts_to_the_mask_and_greys_the_rest():
     from PIL import Image
 
     from engine import schema
-    from engine.finetune.data import PIXELS, SUBJECT_FILL, decode_for_training
+    from engine.finetune.data import PIXELS, SKIP, SUBJECT_FILL, decode_for_training
 
     def png(array) -> bytes:
         out = io.BytesIO()
@@ -383,13 +383,13 @@ def test_subject_only_cuts_to_the_mask_and_greys_the_rest():
         schema.LABEL: np.array([0, 1]),
     }
     out = decode_for_training(batch, resolution=16, max_pixels=10**6, min_side=8, subject_only=True)
-    assert out["usable"].tolist() == [True, False]  # no mask: not a subject
+    assert out[SKIP].tolist() == ["", "no_mask"]  # no mask: not a subject
     subject = out[PIXELS][0].astype(int)
     assert np.abs(subject[6:10] - (0, 0, 255)).max() <= 2  # the subject, centred
     assert np.abs(subject[:2] - SUBJECT_FILL).max() <= 2 and np.abs(subject[-2:] - SUBJECT_FILL).max() <= 2
     assert not (subject[:, :, 0] > 150).any()  # nothing of the red background is left
     plain = decode_for_training(batch, resolution=16, max_pixels=10**6, min_side=8)
-    assert plain["usable"].tolist() == [True, True] and (plain[PIXELS][:, :, :, 0] > 150).any()
+    assert plain[SKIP].tolist() == ["", ""] and (plain[PIXELS][:, :, :, 0] > 150).any()
     with pytest.raises(ValueError, match="data.masks_path"):
         load_config(FinetuneConfig, ROOT / "configs" / "finetune_ti_tiny_cpu.yaml", ["subject_only=true"])
 
@@ -420,3 +420,240 @@ def test_a_mistake_found_by_a_worker_is_reported_as_itself(
     assert (
         "fine-tuning worker: initializer word '' of class 'circle' has no tokens" in capsys.readouterr().err
     )
+
+
+# --------------------------------------------------------------------------- a generation run's shards
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_run_shards(toy: Path, out: Path, no_mask: set[str] = frozenset()) -> Path:
+    """A generation run's `<out>/data` in the output schema (engine.schema), written by engine.shards as a
+    run writes it: per toy train image a real row with the toy's mask (none for the source ids in `no_mask`,
+    as for an image the segmenter found nothing in) and a synthetic `aga` row (all red, full mask: never a
+    training image), plus the real val rows without masks (another split: never read). Two shards."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from engine import schema
+    from engine.shards import write_shard
+
+    class_names = sorted(p.name for p in (toy / "train").iterdir())
+    rows = []
+    for split in ("train", "val"):
+        for label, name in enumerate(class_names):
+            for path in sorted((toy / split / name).glob("*.png")):
+                source_id = f"{split}/{name}/{path.name}"
+                width, height = Image.open(path).size
+                row = {
+                    schema.WIDTH: width,
+                    schema.HEIGHT: height,
+                    schema.LABEL: label,
+                    schema.CLASS_NAME: name,
+                    schema.SPLIT: split,
+                    schema.SOURCE_ID: source_id,
+                    schema.SCHEMA_VERSION_COLUMN: schema.SCHEMA_VERSION,
+                }
+                masked = split == "train" and source_id not in no_mask
+                mask = (toy / "masks" / split / name / f"{path.stem}.png").read_bytes() if masked else None
+                real = {schema.ID: f"{source_id}#real", schema.IMAGE: path.read_bytes(), schema.MASK: mask}
+                rows.append({**row, **real, schema.RECIPE: schema.RECIPE_REAL})
+                if split == "train":
+                    red = np.zeros((height, width, 3), np.uint8)
+                    red[..., 0] = 255
+                    full = png_bytes(np.full((height, width), 255, np.uint8))
+                    synthetic = {
+                        schema.ID: f"{source_id}#aga1",
+                        schema.IMAGE: png_bytes(red),
+                        schema.MASK: full,
+                    }
+                    rows.append({**row, **synthetic, schema.RECIPE: "aga"})
+    table = pa.Table.from_pylist(rows, schema=schema.output_schema(class_names))
+    data = out / "data"
+    data.mkdir(parents=True)
+    half = len(rows) // 2
+    write_shard(table.slice(0, half), str(data))
+    write_shard(table.slice(half), str(data))
+    return data
+
+
+def test_subject_crops_from_a_generation_runs_real_rows(toy, tiny_models_dir, tmp_path, ray_local):
+    import hashlib
+
+    import ray
+
+    from engine import schema
+    from engine.finetune.data import PIXELS, decode_for_training, load_training_rows
+
+    no_mask = "train/circle/circle_0001.png"
+    data = write_run_shards(toy, tmp_path / "gen", no_mask={no_mask})
+    config = job_config(
+        "finetune_ti_tiny_cpu.yaml",
+        toy,
+        tiny_models_dir,
+        tmp_path / "out",
+        "subject_only=true",
+        f"data={{format: shards, path: {data}}}",
+    )
+    rows = load_training_rows(config, ray.data)
+    assert rows.class_names == ["circle", "cross", "diamond"]
+    assert rows.images_per_class == {"circle": 3, "cross": 4, "diamond": 4}
+    assert rows.skipped == {"no_mask": 1}  # val rows (no masks either) and synthetic rows are not read
+
+    # Exactly the subject crops of the real train images with masks (no synthetic red square among them).
+    expected = set()
+    for label, name in enumerate(rows.class_names):
+        for path in sorted((toy / "train" / name).glob("*.png")):
+            if f"train/{name}/{path.name}" == no_mask:
+                continue
+            batch = {
+                schema.IMAGE_BYTES: np.array([path.read_bytes()], dtype=object),
+                schema.MASK_BYTES: np.array(
+                    [(toy / "masks/train" / name / path.name).read_bytes()], dtype=object
+                ),
+                schema.LABEL: np.array([label]),
+            }
+            crop = decode_for_training(batch, 64, 10**7, 8, subject_only=True)[PIXELS][0]
+            expected.add((label, hashlib.sha1(crop.tobytes()).hexdigest()))
+    got = rows.rows.take_batch(100)
+    assert {
+        (int(label), hashlib.sha1(p.tobytes()).hexdigest())
+        for label, p in zip(got["label"], got[PIXELS], strict=True)
+    } == expected
+
+    # A class whose real rows all lack masks has no usable image: the job's error names it.
+    crosses = {f"train/cross/{p.name}" for p in (toy / "train" / "cross").glob("*.png")}
+    data = write_run_shards(toy, tmp_path / "gen-no-cross-masks", no_mask=crosses)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(data)})})
+    with pytest.raises(ValueError, match=r"\['cross'\] have no usable images .*real rows.*'no_mask': 4"):
+        load_training_rows(config, ray.data)
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def test_fp16_needs_gpu_workers():
+    import torch
+
+    from engine.finetune.loop import mixed_precision
+
+    path = ROOT / "configs" / "finetune_ti_tiny_cpu.yaml"
+    with pytest.raises(ValueError, match="fp16 needs GPU workers"):
+        load_config(FinetuneConfig, path, ["scaling.precision=fp16"])
+    config = load_config(FinetuneConfig, path, ["scaling.precision=fp16", "scaling.use_gpu=true"])
+    assert config.scaling.precision == "fp16"
+    # A worker that gets fp16 on a CPU anyway refuses it too; other settings run fp32 on CPU.
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        mixed_precision("fp16", torch.device("cpu"))
+    assert [mixed_precision(p, torch.device("cpu")) for p in ("auto", "bf16", "fp32")] == [(None, False)] * 3
+
+
+def scaled_steps(models: Path, num_steps: int, scaler=None, overflow: bool = False):
+    """The embedding matrix before and after `num_steps` textual-inversion steps taken with `scaler` (if
+    any), and the losses; `overflow` puts an inf into a placeholder row's gradient, as an fp16 overflow would."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from engine.finetune.loop import training_step
+    from engine.finetune.textual_inversion import TextualInversion
+
+    pipe = tiny_pipe(models)
+    method = TextualInversion(pipe, ["circle", "square"], ti_loop()["textual_inversion"])
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    if overflow:
+        (_, weight, ids, _, _) = method.encoders[0]
+        masked = method.after_backward
+        method.after_backward = lambda: (masked(), weight.grad[ids[0], 0].fill_(float("inf")))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=0.05)
+    pixels = torch.randint(
+        0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    losses = []
+    for step in range(num_steps):
+        loss, _ = training_step(
+            pipe,
+            scheduler,
+            method,
+            optimizer,
+            pixels,
+            np.array([0, 1, 0, 1]),
+            ti_loop(),
+            step=step,
+            rank=0,
+            device="cpu",
+            scaler=scaler,
+        )
+        losses.append(loss)
+    return before, pipe.text_encoder.get_input_embeddings().weight.detach().clone(), losses
+
+
+def test_loss_scaling_changes_nothing_but_skips_an_overflowing_step(tiny_models_dir):
+    """The fp16 path's GradScaler, on CPU (torch.amp.GradScaler("cpu"), fp32 model): scaling by a power of
+    two is exact, so the steps match unscaled ones bit for bit; a step with an inf gradient is skipped
+    (weights unchanged) and halves the scale, as an fp16 overflow on a GPU does."""
+    import torch
+
+    initial, plain, plain_losses = scaled_steps(tiny_models_dir, 2)
+    assert not torch.equal(plain, initial)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    _, scaled, scaled_losses = scaled_steps(tiny_models_dir, 2, scaler)
+    assert torch.equal(scaled, plain) and scaled_losses == plain_losses  # losses are reported unscaled
+    assert scaler.get_scale() == 2.0**16  # no overflow, no growth yet (growth_interval 2000)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before, after, losses = scaled_steps(tiny_models_dir, 1, scaler, overflow=True)
+    assert torch.equal(after, before), "a step with an inf gradient changed the weights"
+    assert scaler.get_scale() == 2.0**15 and np.isfinite(losses[0])
+
+
+@pytest.mark.gpu
+def test_fp16_autocast_with_loss_scaling_on_cuda(tiny_models_dir):
+    """On a GPU: fp16 autocast + GradScaler train the placeholder rows (finite loss) and nothing else."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from engine.diffusion import load_pipeline
+    from engine.finetune.loop import mixed_precision, training_step
+    from engine.finetune.textual_inversion import TextualInversion
+
+    device = torch.device("cuda")
+    amp_dtype, needs_scaler = mixed_precision("fp16", device)
+    assert amp_dtype == torch.float16 and needs_scaler
+    pipe = load_pipeline(ModelRef(id=str(tiny_models_dir / "sd15")), role="test", device="cuda")
+    method = TextualInversion(pipe, ["circle", "square"], ti_loop()["textual_inversion"])
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    before = weight.detach().clone()
+    scaler = torch.amp.GradScaler("cuda")
+    optimizer = torch.optim.AdamW(method.parameters(), lr=0.05)
+    pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    losses = [
+        training_step(
+            pipe,
+            DDPMScheduler.from_config(pipe.scheduler.config),
+            method,
+            optimizer,
+            pixels,
+            np.array([0, 1, 0, 1]),
+            ti_loop(),
+            step=step,
+            rank=0,
+            device=device,
+            autocast=lambda: torch.autocast("cuda", dtype=amp_dtype),
+            scaler=scaler,
+        )[0]
+        for step in range(8)
+    ]
+    assert all(np.isfinite(losses))
+    ids = pipe.tokenizer.convert_tokens_to_ids(method.tokens)
+    others = np.setdiff1d(np.arange(weight.shape[0]), ids)
+    assert torch.equal(weight.detach()[others], before[others])
+    assert not torch.equal(weight.detach()[ids], before[ids]), "fp16 steps never updated the placeholders"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from engine.config import DataConfig, ModelRef, RayConfig, Strict
 from engine.train.config import ScalingSpec
@@ -71,17 +71,53 @@ class FinetuneOutputConfig(Strict):
     )
 
 
+class RunShardsData(Strict):
+    """A synthray generation run's output as the fine-tuning data: its real rows (`recipe: real`), whose
+    `mask` column the run's segmentation stage wrote, so `subject_only` needs no mask folder."""
+
+    format: Literal["shards"] = Field(description="shards: a generation run's output shards")
+    path: str = Field(description="The run's <out>/data folder (or one of its .parquet shards), local")
+    splits: list[str] = Field(default=["train"], description="Splits whose real rows are read")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb guard per image")
+    min_side: int = Field(default=8, ge=1, description="Images smaller than this on a side are not used")
+
+
+DATA_FORMATS = ("image_folder", "parquet", "shards")
+
+
+def _data_kind(value) -> str | None:
+    fmt = value.get("format", "image_folder") if isinstance(value, dict) else getattr(value, "format", None)
+    if fmt not in DATA_FORMATS:
+        return None  # the Discriminator's error below
+    return "shards" if fmt == "shards" else "dataset"
+
+
+# `format: shards` reads a generation run's shards; image_folder and parquet are datasets for engine.readers.
+FinetuneData = Annotated[
+    Annotated[DataConfig, Tag("dataset")] | Annotated[RunShardsData, Tag("shards")],
+    Discriminator(
+        _data_kind,
+        custom_error_type="data_format",
+        custom_error_message=f"data.format must be one of {', '.join(DATA_FORMATS)}",
+    ),
+]
+
+
 class FinetuneConfig(Strict):
     method: Literal["textual_inversion", "dreambooth_lora"] = Field(description="What to train")
     model: ModelRef = Field(description="Base pipeline (SD1.5 or SDXL, diffusers format)")
-    data: DataConfig = Field(description="Real training images, read by engine.readers")
+    data: FinetuneData = Field(
+        description="Real training images: a dataset read by engine.readers (image_folder, parquet), or "
+        "`format: shards`, a generation run's real rows with their segmentation masks"
+    )
     seed: int = Field(default=0, ge=0)
     resolution: int = Field(default=512, ge=8, description="Training side, px (resize + center crop)")
     hflip: bool = Field(default=True, description="Random horizontal flips")
     subject_only: bool = Field(
         default=False,
-        description="Train on the subjects only (De-DA): each image cut to its mask's box (data.masks_path), "
-        "the rest mid gray, padded square; images without a mask are not used",
+        description="Train on the subjects only (De-DA): each image cut to its mask's box, the rest mid "
+        "gray, padded square. Masks: data.masks_path, or the `mask` column of `format: shards`; images "
+        "without a mask are not used (counted in finetune.json `skipped_rows`)",
     )
     max_steps: int = Field(default=1000, ge=1, description="Optimizer steps")
     batch_size: int = Field(default=4, ge=1, description="Images per worker per micro-batch")
@@ -106,16 +142,22 @@ class FinetuneConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _no_fp16(self) -> FinetuneConfig:
-        # fp16 autocast needs loss scaling, which the fine-tuning loop does not do; bf16 does not.
-        if self.scaling.precision == "fp16":
-            raise ValueError("scaling.precision fp16 is not supported for fine-tuning: use bf16 (or fp32)")
+    def _fp16_needs_a_gpu(self) -> FinetuneConfig:
+        # fp16 runs with loss scaling (GradScaler) on CUDA; CPU autocast in fp16 is not something to train in.
+        if self.scaling.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "scaling.precision fp16 needs GPU workers (scaling.use_gpu: true): fp16 autocast is CUDA only "
+                "here; on CPU use fp32 (or auto)"
+            )
         return self
 
     @model_validator(mode="after")
     def _subjects_need_masks(self) -> FinetuneConfig:
-        if self.subject_only and not self.data.masks_path:
-            raise ValueError("subject_only needs the dataset's masks: set data.masks_path")
+        if self.subject_only and isinstance(self.data, DataConfig) and not self.data.masks_path:
+            raise ValueError(
+                "subject_only needs masks: set data.masks_path, or read a segmentation run's shards "
+                "(data.format: shards)"
+            )
         return self
 
     @model_validator(mode="after")

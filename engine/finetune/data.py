@@ -1,10 +1,13 @@
-"""The driver's side of fine-tuning data: real rows through the project's readers, decoded and cropped to
-the training resolution, with every class checked to have usable images before any worker starts.
+"""The driver's side of fine-tuning data: real rows through the project's readers (a dataset, or a generation
+run's shards), decoded and cropped to the training resolution, with every class checked to have usable images
+before any worker starts.
 
 Rows of the dataset handed to the workers: `pixels` (resolution x resolution x 3 uint8), `label` (int64).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,6 +15,7 @@ from engine import schema
 from engine.batch import Batch
 
 PIXELS = "pixels"
+SKIP = "skip"  # working column: "" for a usable row, else why it is not used (counted in finetune.json)
 
 # The 27 prompt templates of the textual-inversion paper's code (diffusers' textual_inversion example).
 IMAGENET_TEMPLATES_SMALL = (
@@ -51,8 +55,9 @@ SUBJECT_FILL = 127  # the background of a subject-only crop: mid gray
 def decode_for_training(
     batch: Batch, resolution: int, max_pixels: int, min_side: int, subject_only: bool = False
 ) -> Batch:
-    """image_bytes -> `pixels` (shorter side resized to `resolution`, center crop), `label`; a row that does
-    not decode keeps a black image and `usable` False (counted per class by the driver, then dropped).
+    """image_bytes -> `pixels` (shorter side resized to `resolution`, center crop), `label`; a row that is
+    not usable keeps a black image and says why in `skip` (counted by the driver, then dropped): "no_label",
+    a decode failure's reason ("decode", "too_large", "mask_size", ...), "no_mask" or "empty_mask".
 
     `subject_only` (De-DA's isolated subjects): the image is cut to its mask's bounding box, everything off
     the mask is mid gray, and the crop is padded to a square (the subject is never cropped away); a row
@@ -65,19 +70,23 @@ def decode_for_training(
     n = len(batch[schema.IMAGE_BYTES])
     masks = batch.get(schema.MASK_BYTES, np.full(n, None, dtype=object))
     pixels = np.zeros((n, resolution, resolution, 3), dtype=np.uint8)
-    usable = np.zeros(n, dtype=bool)
+    skip = np.full(n, "", dtype=object)
     for i in range(n):
         if batch[schema.LABEL][i] < 0:
+            skip[i] = "no_label"
             continue
         try:
             rgb = decode_image(batch[schema.IMAGE_BYTES][i], max_pixels, min_side)
             if subject_only:
                 if is_missing(masks[i]):
+                    skip[i] = "no_mask"
                     continue
                 rgb = subject_square(rgb, decode_mask(masks[i], rgb.shape[:2], max_pixels))
                 if rgb is None:
+                    skip[i] = "empty_mask"
                     continue
-        except RowError:
+        except RowError as err:
+            skip[i] = err.reason
             continue
         image = Image.fromarray(rgb)
         scale = resolution / min(image.size)
@@ -85,11 +94,10 @@ def decode_for_training(
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         pixels[i] = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
-        usable[i] = True
     return {
         PIXELS: pixels,
         schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
-        "usable": usable,
+        SKIP: skip,
     }
 
 
@@ -107,13 +115,65 @@ def subject_square(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     return square
 
 
-def load_training_rows(config, ray_data):
-    """(materialized Ray Dataset of usable rows, class names, images per class). Raises ValueError naming
+@dataclass
+class TrainingRows:
+    rows: object  # materialized Ray Dataset of usable rows: PIXELS, label
+    class_names: list[str]
+    images_per_class: dict[str, int]  # usable rows per class
+    skipped: dict[str, int]  # rows not used, by reason (see decode_for_training)
+
+
+def read_run_shards(data, ray_data, num_cpus: float):
+    """A generation run's real rows (`recipe: real`) of `data.splits` as source rows (image_bytes, mask_bytes,
+    label), and its class names. The shards are validated as training validates them (engine.train.sources:
+    one error naming every unusable file); synthetic rows are not read (Parquet filter)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.readers import huggingface_features
+    from engine.train.sources import find_sources
+
+    (source,) = find_sources([data.path])
+    features = huggingface_features(pq.read_schema(source.files[0]))
+    class_names = (features.get(schema.LABEL) or {}).get("names")
+    if not class_names:  # shards without the ClassLabel metadata: the names their rows pair with labels
+        index = pa.concat_tables(
+            pq.read_table(f, columns=[schema.LABEL, schema.CLASS_NAME]) for f in source.files
+        )
+        pairs = dict(zip(index[schema.LABEL].to_pylist(), index[schema.CLASS_NAME].to_pylist(), strict=True))
+        class_names = [pairs.get(label, "") for label in range(max(pairs, default=-1) + 1)]
+    from ray.data.expressions import col
+
+    # Only the columns decode reads, and only real rows of the splits (Ray pushes the filter into the read).
+    real = (col(schema.RECIPE) == schema.RECIPE_REAL) & col(schema.SPLIT).is_in(list(data.splits))
+    columns = [schema.IMAGE, schema.MASK, schema.LABEL, schema.RECIPE, schema.SPLIT]
+    rows = ray_data.read_parquet(source.files, columns=columns, num_cpus=num_cpus).filter(expr=real)
+    return rows.map_batches(_as_source_rows, batch_format="numpy", num_cpus=num_cpus), list(class_names)
+
+
+def _as_source_rows(batch: Batch) -> Batch:
+    """Output columns -> the readers' source columns that decode_for_training reads."""
+    from engine.batch import is_missing
+
+    masks = np.empty(len(batch[schema.MASK]), dtype=object)
+    masks[:] = [None if is_missing(m) else bytes(m) for m in batch[schema.MASK]]
+    return {
+        schema.IMAGE_BYTES: batch[schema.IMAGE],
+        schema.MASK_BYTES: masks,
+        schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
+    }
+
+
+def load_training_rows(config, ray_data) -> TrainingRows:
+    """The usable rows, class names, images per class and skipped rows by reason. Raises ValueError naming
     every class without a usable image (its token or LoRA prompt would never be trained)."""
     from engine.readers import inspect_source, read_source
 
-    info = inspect_source(config.data)
-    source, class_names = read_source(config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info)
+    if config.data.format == "shards":
+        source, class_names = read_run_shards(config.data, ray_data, config.ray.task_num_cpus)
+    else:
+        info = inspect_source(config.data)
+        source, class_names = read_source(config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info)
     decoded = source.map_batches(
         decode_for_training,
         fn_kwargs={
@@ -125,22 +185,26 @@ def load_training_rows(config, ray_data):
         batch_format="numpy",
         num_cpus=config.ray.task_num_cpus,
     ).materialize()
-    labels = decoded.select_columns([schema.LABEL, "usable"]).to_pandas()
-    counts = labels[labels["usable"]][schema.LABEL].value_counts().to_dict()
+    labels = decoded.select_columns([schema.LABEL, SKIP]).to_pandas()
+    usable = labels[SKIP] == ""
+    counts = labels[usable][schema.LABEL].value_counts().to_dict()
     per_class = {name: int(counts.get(label, 0)) for label, name in enumerate(class_names)}
+    skipped = {str(reason): int(n) for reason, n in sorted(labels[~usable][SKIP].value_counts().items())}
     empty = [name for name, count in per_class.items() if count == 0]
     if empty:
         raise ValueError(
-            f"classes {empty} have no usable images in {config.data.path} (splits {config.data.splits}): "
-            "every class needs at least one image that decodes"
+            f"classes {empty} have no usable images in {config.data.path} (splits {config.data.splits}"
+            + (", real rows" if config.data.format == "shards" else "")
+            + "): every class needs at least one image that decodes"
             + (" and has a non-empty mask (subject_only)" if config.subject_only else "")
+            + (f"; rows not used: {skipped}" if skipped else "")
         )
     rows = decoded.map_batches(
         _usable_rows, batch_format="numpy", num_cpus=config.ray.task_num_cpus
     ).materialize()
-    return rows, class_names, per_class
+    return TrainingRows(rows, class_names, per_class, skipped)
 
 
 def _usable_rows(batch: Batch) -> Batch:
-    keep = np.asarray(batch["usable"], dtype=bool)
+    keep = np.asarray(batch[SKIP]) == ""
     return {PIXELS: batch[PIXELS][keep], schema.LABEL: batch[schema.LABEL][keep]}

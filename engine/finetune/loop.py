@@ -23,6 +23,7 @@ from engine.finetune.data import IMAGENET_TEMPLATES_SMALL, PIXELS
 STATE_FILE = "state.json"  # step, loss history, timing: the driver reads it from the last checkpoint
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+SCALER_FILE = "grad_scaler.pt"  # fp16 runs only: the loss scale and its growth tracker
 
 
 def learning_rate(config: FinetuneConfig) -> float:
@@ -112,10 +113,13 @@ def training_step(
     device,
     autocast=None,
     all_mean_=None,
+    scaler=None,
 ) -> tuple[float, tuple[int, int]]:
     """One optimizer step of the denoising loss over `loop["accumulation"]` micro-batches; returns (the
     step's loss, (lowest, highest) timestep drawn). `pixels`: N x 3 x H x W uint8 tensor, `labels`: N ints.
-    `all_mean_` averages the gradients (and loss) across ranks in place; None for one process."""
+    `all_mean_` averages the gradients (and loss) across ranks in place; None for one process. `scaler`: a
+    `torch.amp.GradScaler` (fp16); the gradients are averaged while still scaled, so every rank sees the
+    same inf/NaN and skips (or takes) the same steps."""
     import contextlib
 
     import torch
@@ -158,15 +162,38 @@ def training_step(
         else:
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float()) / loop["accumulation"]
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         step_loss += loss.detach()
         low, high = min(low, int(timesteps.min())), max(high, int(timesteps.max()))
     method.after_backward()
     if all_mean_ is not None:
         all_mean_([p.grad for p in method.parameters() if p.grad is not None] + [step_loss])
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # unscales; skips the step when a gradient is inf/NaN
+        scaler.update()
     method.after_step()
     return float(step_loss), (low, high)
+
+
+def mixed_precision(precision: str, device):
+    """(autocast dtype or None, whether it needs fp16 loss scaling). Mixed precision on CUDA only: "auto" is
+    bf16 where the GPU has it, else fp16 (with a GradScaler); on CPU everything runs in fp32 ("fp16" never
+    gets here on CPU: the config refuses it without GPU workers)."""
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        if precision == "fp16":
+            raise ValueError("scaling.precision fp16 needs a CUDA device (fp16 autocast is CUDA only here)")
+        return None, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16":
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError("scaling.precision bf16, but this GPU has no bf16: use fp16, fp32 or auto")
+        return torch.bfloat16, False
+    return torch.float16, True
 
 
 def finetune_loop_per_worker(loop: dict) -> None:
@@ -229,13 +256,8 @@ def finetune_loop_per_worker(loop: dict) -> None:
     optimizer = torch.optim.AdamW(
         method.parameters(), lr=loop["learning_rate"], weight_decay=loop["weight_decay"]
     )
-    amp_dtype = None
-    # bf16 autocast on GPUs that have it ("auto", "bf16"); fp32 otherwise (fp16 is refused by the config).
-    if device.type == "cuda" and loop["precision"] != "fp32":
-        if torch.cuda.is_bf16_supported():
-            amp_dtype = torch.bfloat16
-        elif loop["precision"] == "bf16":
-            raise ValueError("scaling.precision bf16, but this GPU has no bf16: use fp32 (or auto)")
+    amp_dtype, needs_scaler = mixed_precision(loop["precision"], device)
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
     def autocast():
         if amp_dtype is None:
@@ -263,6 +285,8 @@ def finetune_loop_per_worker(loop: dict) -> None:
             optimizer.load_state_dict(
                 torch.load(Path(folder) / OPTIMIZER_FILE, map_location=device, weights_only=True)
             )
+            if scaler is not None and (Path(folder) / SCALER_FILE).exists():
+                scaler.load_state_dict(torch.load(Path(folder) / SCALER_FILE, weights_only=True))
         start_step, history, segments = state["step"], state["loss_history"], state["segments"]
         timesteps_seen, resumed_from = state["timesteps_seen"], state["step"]
 
@@ -288,6 +312,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
             device=device,
             autocast=autocast,
             all_mean_=all_mean_,
+            scaler=scaler,
         )
         timesteps_seen = [
             low if timesteps_seen[0] is None else min(timesteps_seen[0], low),
@@ -315,7 +340,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
                 "resumed_from_step": resumed_from,
                 "tokens": getattr(method, "tokens", None),
             }
-            _report(state, method, optimizer, rank, world_size)
+            _report(state, method, optimizer, scaler, rank, world_size)
 
     # 6. A run resumed at its last step still ends on a checkpoint carrying its state and adapter files.
     if start_step >= loop["max_steps"]:
@@ -327,7 +352,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
             "resumed_from_step": resumed_from,
             "tokens": getattr(method, "tokens", None),
         }
-        _report(state, method, optimizer, rank, world_size)
+        _report(state, method, optimizer, scaler, rank, world_size)
 
 
 def weights_digest(tensors: dict) -> str:
@@ -341,9 +366,10 @@ def weights_digest(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-def _report(state: dict, method, optimizer, rank: int, world_size: int) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint: trainable tensors, optimizer, state (with every
-    rank's weights digest) and the exported adapter files (what the driver copies out as the run's result)."""
+def _report(state: dict, method, optimizer, scaler, rank: int, world_size: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint: trainable tensors, optimizer (and fp16 loss
+    scaler), state (with every rank's weights digest) and the exported adapter files (what the driver copies
+    out as the run's result)."""
     import tempfile
 
     import ray.train
@@ -365,6 +391,8 @@ def _report(state: dict, method, optimizer, rank: int, world_size: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         save_file(method.state_tensors(), str(Path(folder) / TRAINABLE_FILE))
         torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_FILE)
+        if scaler is not None:
+            torch.save(scaler.state_dict(), Path(folder) / SCALER_FILE)
         (Path(folder) / STATE_FILE).write_text(json.dumps(state))
         method.export(Path(folder))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
