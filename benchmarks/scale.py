@@ -132,9 +132,7 @@ def child(config_json: str, result_path: str) -> int:
     from engine.config import GenerateConfig
     from engine.pipeline import init_ray, run_generate
 
-    # This process only. The registry's entries became `Recipe(stages, pool)` with the class pools.
-    entry = getattr(recipes, "Recipe", None)
-    recipes.RECIPES[PASS_THROUGH] = entry(pass_through_stages) if entry else pass_through_stages
+    recipes.RECIPES[PASS_THROUGH] = recipes.Recipe(pass_through_stages)  # this process only
     config = GenerateConfig.model_validate(json.loads(config_json))
     start = time.perf_counter()
     for attempt in range(3):  # a busy machine's raylet may miss Ray's fixed 30 s start window

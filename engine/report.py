@@ -82,7 +82,10 @@ def build_report(
         if counts:
             stages[name]["counts"] = counts
     errors = snapshot["errors"]
-    written, duplicates = count_rows(data_dir)
+    # In a Ray task: reading every id of a million-row output on the driver would grow its memory with it.
+    from engine.written_ids import count_rows_in_task
+
+    written, duplicates = count_rows_in_task(str(data_dir))
     real_in = stages.get("decode", {}).get("rows_in", 0)
     skip = stages.get("skip_done", {"rows_in": real_in, "rows_out": real_in})
     # Expansion emits the synthetic rows (K per expandable source); each later error costs one of them.
