@@ -28,6 +28,19 @@ class Expansion:
     include_real: bool
     expand_splits: tuple[str, ...] | None  # None: every split; others (e.g. val/test) stay real-only
 
+    @classmethod
+    def from_config(cls, config, config_hash: str) -> Expansion:
+        """The expansion a generation config (engine.config.GenerateConfig) asks for."""
+        splits = config.data.expand_splits
+        return cls(
+            recipe=config.recipe,
+            num_variants=config.num_variants,
+            base_seed=config.seed,
+            config_hash=config_hash,
+            include_real=config.output.include_real,
+            expand_splits=tuple(splits) if splits is not None else None,
+        )
+
     def variants(self, split: str) -> list[int]:
         expand = self.expand_splits is None or split in self.expand_splits
         if not expand:

@@ -33,15 +33,7 @@ def aga_stages(
     if missing:
         raise ValueError(f"recipe 'aga' needs config sections {missing}")
     seg = config.segment
-    expand_splits = tuple(config.data.expand_splits) if config.data.expand_splits is not None else None
-    expansion = Expansion(
-        recipe=config.recipe,
-        num_variants=config.num_variants,
-        base_seed=config.seed,
-        config_hash=config_hash,
-        include_real=config.output.include_real,
-        expand_splits=expand_splits,
-    )
+    expansion = Expansion.from_config(config, config_hash)
     stages = [
         Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
         Stage(
@@ -64,7 +56,7 @@ def aga_stages(
                 {"config": seg},
                 reads=(schema.IMAGE, schema.CLASS_NAME),
                 writes=(schema.MASK, schema.BBOX, DETECT_SCORE),
-                only_splits=expand_splits,
+                only_splits=expansion.expand_splits,
             )
         )
     # 2. K synthetic rows per real image, each with its own seed.

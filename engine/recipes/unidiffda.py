@@ -38,15 +38,7 @@ def unidiffda_stages(
     if config.generation is None:
         raise ValueError("recipe 'unidiffda' needs the config section ['generation']")
     generation = config.generation
-    expand_splits = tuple(config.data.expand_splits) if config.data.expand_splits is not None else None
-    expansion = Expansion(
-        recipe=config.recipe,
-        num_variants=config.num_variants,
-        base_seed=config.seed,
-        config_hash=config_hash,
-        include_real=config.output.include_real,
-        expand_splits=expand_splits,
-    )
+    expansion = Expansion.from_config(config, config_hash)
     reads = (schema.CLASS_NAME, schema.LABEL, schema.SOURCE_ID, schema.SEED)
     return [
         Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
