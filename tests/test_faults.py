@@ -23,9 +23,11 @@ pytestmark = pytest.mark.slow
 def ray_local():
     import ray
 
-    # Workers import this module to rebuild DiesOnBatch.
+    # Workers import this module to rebuild DiesOnBatch. 3 logical CPUs: the exhausted-restarts test leaves its
+    # doomed pool (0.5 CPU, restarting) in this Ray, and a run's read is a folder-listing task plus the tasks
+    # that consume it, so 2 CPUs left the next run's listing task waiting forever.
     tests_dir = str(Path(__file__).parent)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
     yield
     ray.shutdown()
 
