@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from engine import schema
+from engine.batch import object_array
 from engine.config import GenerationConfig
 from engine.decode import RowError, decode_image
 from engine.diffusion import load_pipeline, textual_inversion_classes
@@ -175,7 +176,7 @@ class DiffusionGenerator:
         out[schema.MASK] = np.full(n, None, dtype=object)
         out[schema.BBOX] = np.full(n, None, dtype=object)
         out[schema.PROMPT] = np.array([p["prompt"] for p in plans], dtype=object)
-        out[schema.SOFT_LABEL] = _objects([p.pop("soft_label", None) for p in plans])
+        out[schema.SOFT_LABEL] = object_array([p.pop("soft_label", None) for p in plans])
         out[PARAMS] = np.array([json.dumps(p, sort_keys=True) for p in plans], dtype=object)
         out[schema.ERROR], out[schema.ERROR_MESSAGE] = errors, messages
         return out
@@ -282,12 +283,6 @@ def _pil(image: np.ndarray):
     from PIL import Image
 
     return Image.fromarray(image)
-
-
-def _objects(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
 
 
 def _column(batch: dict[str, np.ndarray], name: str, num_rows: int) -> np.ndarray:
