@@ -2,7 +2,8 @@
 
 Reads `image` (HxWx3 uint8; not for txt2img), `class_name`, `label`, `source_id`, `seed`. Writes `image`
 (the generated picture, height x width), `prompt`, `generation` (JSON: mode, strength, instruction,
-partner, interpolation weight, target class, adapters), `soft_label` (Diff-Mix rows; None otherwise), and
+partner, interpolation weight, prompt switch, DiffuseMix blend, target class, adapters), `soft_label` (Diff-Mix
+rows; None otherwise), and
 clears `mask`/`bbox` (they described the real image). Error reasons: `no_partner` (ddim_interp, a class pool
 without a second image of the class), `input_size` (input_size: refuse), `generation_nonfinite`.
 
@@ -17,7 +18,7 @@ import json
 import cv2
 import numpy as np
 
-from engine import schema
+from engine import diffusemix, schema
 from engine.batch import object_array
 from engine.config import GenerationConfig
 from engine.decode import RowError, decode_image
@@ -29,7 +30,7 @@ PARAMS = "generation"
 NO_PARTNER = "no_partner"
 NONFINITE = "generation_nonfinite"
 # Draw streams of a row's seed: independent choices that do not shift when another mode draws more.
-_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT = range(5)
+_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT, _SUFFIX, _BLEND, _FRACTAL = range(8)
 
 
 class DiffusionGenerator:
@@ -68,6 +69,9 @@ class DiffusionGenerator:
         if config.adapters is not None and config.adapters.textual_inversion is not None:
             tokens = textual_inversion_classes(config.adapters.textual_inversion, STAGE)
         self.tokens = {name: tokens.get(name, name) for name in self.class_names}
+        self.fractals: tuple[list[str], list[np.ndarray]] | None = None
+        if config.diffusemix is not None and config.diffusemix.fractals is not None:
+            self.fractals = diffusemix.load_fractals(config.diffusemix.fractals, config.height, config.width)
         self.adapter_tags = {
             kind: ref.tag()
             for kind, ref in (
@@ -109,9 +113,37 @@ class DiffusionGenerator:
             )
             low, high = config.interpolation
             plan["weight"] = float(_draw(seed, _WEIGHT).uniform(low, high))
+            if config.split_ratio is not None:
+                suffix = str(_draw(seed, _SUFFIX).choice(config.suffixes))
+                plan["switch"] = {"step": self.switch_step(), "prompt": plan["prompt"] + suffix}
+        if mode == "instruct_pix2pix" and config.diffusemix is not None:
+            rng = _draw(seed, _BLEND)
+            half = str(rng.choice(diffusemix.HALVES))
+            fractal = (
+                "julia" if self.fractals is None else self.fractals[0][rng.integers(len(self.fractals[0]))]
+            )
+            plan["diffusemix"] = {
+                "half": half,
+                "fractal": fractal,
+                "weight": config.diffusemix.fractal_weight,
+            }
         if self.adapter_tags:
             plan["adapters"] = self.adapter_tags
         return plan
+
+    def switch_step(self) -> int:
+        """Diff-II: denoising steps run with the class prompt before the suffixed prompt takes over."""
+        steps = self.config.num_inference_steps
+        return min(max(1, round(self.config.split_ratio * steps)), steps)
+
+    def blend_diffusemix(self, real: np.ndarray, edited: np.ndarray, plan: dict, seed: int) -> np.ndarray:
+        """DiffuseMix's hybrid of the real and the edited image, blended with the row's fractal."""
+        blend = plan["diffusemix"]
+        if self.fractals is None:
+            fractal = diffusemix.julia(*real.shape[:2], _draw(seed, _FRACTAL))
+        else:
+            fractal = self.fractals[1][self.fractals[0].index(blend["fractal"])]
+        return diffusemix.blend(diffusemix.hybrid(real, edited, blend["half"]), fractal, blend["weight"])
 
     def fit_input(self, image: np.ndarray) -> np.ndarray:
         """The real image at the generated size (or a RowError under input_size: refuse)."""
@@ -165,6 +197,10 @@ class DiffusionGenerator:
                     errors[i] = NONFINITE
                     messages[i] = f"{STAGE}: the pipeline produced NaN/inf pixels (dtype {self.config.dtype})"
                 images[i] = (np.nan_to_num(image).clip(0, 1) * 255).round().astype(np.uint8)
+                if "diffusemix" in plans[i]:
+                    images[i] = self.blend_diffusemix(
+                        inputs[i], images[i], plans[i], int(batch[schema.SEED][i])
+                    )
         for i in range(n):  # rows that failed before generating keep their input (they leave the stream)
             if images[i] is None:
                 images[i] = batch[schema.IMAGE][i] if schema.IMAGE in batch else np.zeros((1, 1, 3), np.uint8)
@@ -204,7 +240,31 @@ class DiffusionGenerator:
         latents = self.interpolated_latents(
             [inputs[i] for i in rows], [partners[i] for i in rows], [plans[i]["weight"] for i in rows], common
         )
+        if "switch" in plans[rows[0]]:
+            common["callback_on_step_end"] = self.prompt_switch([plans[i]["switch"] for i in rows])
+            common["callback_on_step_end_tensor_inputs"] = ["prompt_embeds"]
         return self.pipe(latents=latents, **common).images
+
+    def prompt_switch(self, switches: list[dict]):
+        """A step-end callback that hands the pipeline the suffixed prompts' embeddings after `step` steps
+        (diffusers reads `prompt_embeds` back from the callback; with guidance they are [negative, positive])."""
+        step, prompts = switches[0]["step"], [s["prompt"] for s in switches]
+        negative = self.config.negative_prompt or None
+
+        def callback(pipe, index: int, timestep, tensors: dict) -> dict:
+            if index != step - 1:
+                return {}
+            guided = pipe.do_classifier_free_guidance
+            positive, unconditional = pipe.encode_prompt(
+                prompts,
+                self.device,
+                1,
+                guided,
+                negative_prompt=[negative] * len(prompts) if negative else None,
+            )
+            return {"prompt_embeds": self._torch.cat([unconditional, positive]) if guided else positive}
+
+        return callback
 
     # ------------------------------------------------------------------ ddim_interp (Diff-II)
 

@@ -209,6 +209,79 @@ def test_ddim_interp_draws_a_same_class_partner_and_refuses_a_class_without_one(
     assert params["partner"] == "train/circle/3.png" and 0.0 <= params["weight"] <= 1.0
 
 
+def test_diff_ii_switches_to_the_suffixed_prompt_after_split_ratio_of_the_steps(models):
+    """The UNet's text conditioning, call by call: inversion (both images) and the first half of the denoising
+    see the class prompt, the steps after the switch the class prompt + the row's suffix."""
+    pool = ListPool(
+        {"circle": [("train/circle/0.png", smooth_image(0)), ("train/circle/3.png", smooth_image(3))]}
+    )
+    gen = generator(models, "ddim_interp", pool=pool, split_ratio=0.5, suffixes=[", in the snow"])
+    seen = []
+    hook = gen.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        out = gen({k: v[:1] for k, v in batch().items()})
+    finally:
+        hook.remove()
+    assert list(out[schema.ERROR]) == [""]
+    params = json.loads(out["generation"][0])
+    assert params["switch"] == {"step": 2, "prompt": "a photo of a circle, in the snow"}
+    assert out[schema.PROMPT][0] == "a photo of a circle"
+    embed = {p: gen.prompt_embeds([p]).detach() for p in ("a photo of a circle", "a photo of a circle, in the snow")}
+    assert len(seen) == 4 + 4 + 4  # invert the image, invert its partner, denoise
+    expected = ["a photo of a circle"] * 10 + ["a photo of a circle, in the snow"] * 2
+    for conditioning, prompt in zip(seen, expected, strict=True):
+        assert np.allclose(conditioning.numpy(), embed[prompt].numpy(), atol=1e-6), prompt
+    plain = generator(models, "ddim_interp", pool=pool)({k: v[:1] for k, v in batch().items()})
+    assert not np.array_equal(plain[schema.IMAGE][0], out[schema.IMAGE][0])
+
+
+def test_diffusemix_keeps_half_the_real_image_and_blends_the_folders_fractal(models, tmp_path):
+    from PIL import Image
+
+    from engine.diffusemix import blend, hybrid
+
+    folder = tmp_path / "fractals"
+    folder.mkdir()
+    fractal = np.zeros((32, 32, 3), np.uint8)
+    fractal[..., 0], fractal[::2, :, 1] = 200, 90
+    Image.fromarray(fractal).save(folder / "f0.png")
+    rows = batch(6)
+    edited = generator(models, "instruct_pix2pix")(rows)[schema.IMAGE]
+    gen = generator(
+        models, "instruct_pix2pix", fresh=True, diffusemix={"fractals": str(folder), "fractal_weight": 0.5}
+    )
+    out = gen(rows)
+    halves = set()
+    for i, image in enumerate(out[schema.IMAGE]):
+        mix = json.loads(out["generation"][i])["diffusemix"]
+        assert mix["fractal"] == "f0.png" and mix["weight"] == 0.5
+        halves.add(mix["half"])
+        expected = blend(hybrid(rows[schema.IMAGE][i], edited[i], mix["half"]), fractal, 0.5)
+        assert np.array_equal(image, expected), mix
+    assert len(halves) > 1, "the half is drawn per row"
+
+
+def test_diffusemix_without_a_folder_blends_the_rows_own_julia_set(models):
+    from engine.diffusemix import hybrid
+
+    rows = batch(2)
+    edited = generator(models, "instruct_pix2pix")(rows)[schema.IMAGE]
+    gen = generator(models, "instruct_pix2pix", diffusemix={"fractal_weight": 0.3})
+    out, again = gen(rows), gen(rows)
+    assert all(np.array_equal(a, b) for a, b in zip(out[schema.IMAGE], again[schema.IMAGE], strict=True))
+    residues = []
+    for i, image in enumerate(out[schema.IMAGE]):
+        mix = json.loads(out["generation"][i])["diffusemix"]
+        assert mix["fractal"] == "julia"
+        base = hybrid(rows[schema.IMAGE][i], edited[i], mix["half"]).astype(np.float32)
+        fractal = (image.astype(np.float32) - 0.7 * base) / 0.3  # the blend, undone (up to rounding)
+        assert fractal.min() > -3 and fractal.max() < 258 and fractal.std() > 20, "a picture, not a constant"
+        residues.append(fractal)
+    assert np.abs(residues[0] - residues[1]).mean() > 10, "each row its own fractal"
+
+
 def test_input_size_refuse_makes_error_rows_and_resize_does_not(models):
     rows = batch(2, size=40)
     refused = generator(models, "sdedit", input_size="refuse")(rows)
@@ -242,6 +315,9 @@ def test_textual_inversion_tokens_stand_for_the_classes_in_prompts(models, tmp_p
         ({"strength": [0.5, 1.5]}, "strength must be in (0, 1]"),
         ({"prompt": "a photo of {class}"}, "{token} and {superclass}"),
         ({"interpolation": (0.8, 0.2)}, "interpolation"),
+        ({"split_ratio": 0.5}, "split_ratio and generation.suffixes go together"),
+        ({"split_ratio": 0.5, "suffixes": [", at night"]}, "split_ratio is a ddim_interp setting"),
+        ({"diffusemix": {}}, "diffusemix is an instruct_pix2pix setting"),
     ],
 )
 def test_bad_generation_settings_are_config_errors(models, bad, message):

@@ -43,6 +43,22 @@ class SchedulerConfig(Strict):
         return value
 
 
+class DiffuseMixBlend(Strict):
+    """DiffuseMix's (Islam et al. 2024) mixing after the InstructPix2Pix edit: one half of the real image (top,
+    bottom, left or right, drawn per row) beside the other half of the edited one, then a fractal image blended
+    in at `fractal_weight`."""
+
+    fractal_weight: float = Field(
+        default=0.2, ge=0, le=1, description="The fractal's blend weight (paper: 0.2)"
+    )
+    fractals: str | None = Field(
+        default=None,
+        description="A folder of fractal images (the paper's fractal dataset), one drawn per row; None: "
+        "procedural Julia sets drawn from the row's seed",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+
+
 class GenerationConfig(Strict):
     """One diffusion generator, five modes (UniDiffDA's generation strategies):
     - txt2img: the class prompt alone (no real image);
@@ -104,6 +120,24 @@ class GenerationConfig(Strict):
     pool_size: int = Field(
         default=32, ge=1, description="ddim_interp: partners sampled per class (the class pool's bound)"
     )
+    split_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="ddim_interp (Diff-II's two-stage denoising): after this fraction of the steps the "
+        "prompt becomes the class prompt + a suffix drawn per row from `suffixes` (None: one prompt)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    suffixes: list[str] | None = Field(
+        default=None,
+        description="ddim_interp: prompt suffixes for the steps after split_ratio, e.g. ', in the snow'",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    diffusemix: DiffuseMixBlend | None = Field(
+        default=None,
+        description="instruct_pix2pix: DiffuseMix's hybrid (half real, half edited) blended with a fractal",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     stage: StageSpec = scheduling_field(default_factory=StageSpec)
@@ -134,6 +168,14 @@ class GenerationConfig(Strict):
             ) from None
         if self.instructions != "diffusemix" and not self.instructions:
             raise ValueError("generation.instructions is empty")
+        if (self.split_ratio is None) != (not self.suffixes):
+            raise ValueError(
+                "generation.split_ratio and generation.suffixes go together (Diff-II's prompt switch)"
+            )
+        if self.split_ratio is not None and self.mode != "ddim_interp":
+            raise ValueError(f"generation.split_ratio is a ddim_interp setting, mode is {self.mode}")
+        if self.diffusemix is not None and self.mode != "instruct_pix2pix":
+            raise ValueError(f"generation.diffusemix is an instruct_pix2pix setting, mode is {self.mode}")
         return self
 
     def instruction_list(self) -> list[str]:
