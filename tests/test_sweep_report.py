@@ -118,19 +118,20 @@ def test_a_generation_run_is_reused_only_with_the_same_config_hash(tmp_path):
 
     config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml")
 
-    def generation(variant: int):
-        generate = generation_config(config, config.variants[variant].generate)
+    def generation(name: str):
+        (variant,) = [v for v in config.variants if v.name == name]
+        generate = generation_config(config, variant.generate)
         return generate.model_copy(
             update={"output": generate.output.model_copy(update={"path": str(tmp_path)})}
         )
 
-    generate = generation(-1)  # K=5 + filter
+    generate = generation("aga-k5-filter")
     assert generate.filter is not None and generate.num_variants == 5
     assert not finished_generation(generate)
     run = {"config_hash": config_hash(generate), "failed_attempts": [], "rows": {"synthetic_written": 10}}
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert finished_generation(generate)
-    assert not finished_generation(generation(-2))  # K=5 without the filter: another hash
+    assert not finished_generation(generation("aga-k5"))  # without the filter: another hash
 
 
 def test_demo_closing_line_separates_only_beyond_the_test_split_noise(tmp_path):
