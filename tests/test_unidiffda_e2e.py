@@ -138,9 +138,11 @@ def test_a_pool_member_alone_in_its_class_gets_no_partner(ray4, toy, tiny_models
     assert {json.loads(r[schema.PARAMS])["generation"]["partner"] for r in written} == alone
 
 
-def test_the_training_job_trains_on_every_modes_rows(runs, tmp_path):
-    """One Ray Train run over the three modes' outputs (their real rows are one dataset's): the soft rows
-    reach the loss; every strategy's choice of rows, soft ones included, is tests/test_mixing.py's."""
+@pytest.mark.parametrize("strategy", ["two_phase", "replace", "rsp"])
+def test_the_training_job_trains_on_every_modes_rows(runs, tmp_path, strategy):
+    """Ray Train over the three modes' outputs (their real rows are one dataset's), soft rows included, with
+    each strategy that draws synthetic rows (two_phase's first phase is concat, its second real). Which rows
+    each strategy picks, soft ones included, is tests/test_mixing.py's."""
     from engine.train.config import TrainConfig
     from jobs.train import run_training
 
@@ -152,15 +154,23 @@ def test_the_training_job_trains_on_every_modes_rows(runs, tmp_path):
             f"data.paths={json.dumps(paths)}",
             "data.image_size=32",
             f"output.path={tmp_path}",
-            "epochs=1",
+            "epochs=2",
             "batch_size=16",
-            "mix.strategy=concat",
+            f"mix.strategy={strategy}",
+            "mix.phase2_epochs=1",
             "scaling.num_workers=1",
             "scaling.resources_per_worker={CPU: 1}",
         ],
     )
     metrics = run_training(config)
-    assert metrics["history"][0]["train_rows"] == {"real": 12, "synthetic": 72}
     assert metrics["data"]["train_soft_label"] == 24
-    assert np.isfinite(metrics["history"][0]["train_loss"])
+    history = metrics["history"]
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+    rows = [h["train_rows"] for h in history]
+    if strategy == "two_phase":
+        assert rows == [{"real": 12, "synthetic": 72}, {"real": 12, "synthetic": 0}]
+    elif strategy == "replace":  # each real row or, with p = 0.5, one of its own variants
+        assert all(r["real"] + r["synthetic"] == 12 and 0 < r["synthetic"] < 12 for r in rows), rows
+    else:  # rsp: every real row, each synthetic row with p = 0.5
+        assert all(r["real"] == 12 and 0 < r["synthetic"] < 72 for r in rows), rows
     assert metrics["test"]["num_rows"] == 6
