@@ -45,9 +45,9 @@ test: $(STAMP) $(VLLM_STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# Efficacy benchmark: real vs AGA (K=2, K=5, K=5 + fidelity filter) on the spurious toy dataset, 3 seeds, one
-# training budget; one config-driven sweep that builds its toy dataset and generation runs (reused when done)
-# and writes benchmarks/results/efficacy.{md,json,png}.
+# Efficacy benchmark: real vs AGA (K=2, K=5, K=5 + fidelity filter) vs each UniDiffDA generation mode on the
+# spurious toy dataset, 3 seeds, one training budget; one config-driven sweep that builds its toy dataset and
+# generation runs (reused when done) and writes benchmarks/results/efficacy.{md,json,png}.
 bench-train: $(STAMP)
 	$(VENV)/bin/synthray tiny-models
 	$(VENV)/bin/synthray sweep --config configs/bench_efficacy.yaml
