@@ -228,7 +228,10 @@ def test_diff_ii_switches_to_the_suffixed_prompt_after_split_ratio_of_the_steps(
     params = json.loads(out["generation"][0])
     assert params["switch"] == {"step": 2, "prompt": "a photo of a circle, in the snow"}
     assert out[schema.PROMPT][0] == "a photo of a circle"
-    embed = {p: gen.prompt_embeds([p]).detach() for p in ("a photo of a circle", "a photo of a circle, in the snow")}
+    embed = {
+        p: gen.prompt_embeds([p]).detach()
+        for p in ("a photo of a circle", "a photo of a circle, in the snow")
+    }
     assert len(seen) == 4 + 4 + 4  # invert the image, invert its partner, denoise
     expected = ["a photo of a circle"] * 10 + ["a photo of a circle, in the snow"] * 2
     for conditioning, prompt in zip(seen, expected, strict=True):
