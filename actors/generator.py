@@ -3,9 +3,9 @@
 Reads `image` (HxWx3 uint8; not for txt2img), `class_name`, `label`, `source_id`, `seed`. Writes `image`
 (the generated picture, height x width), `prompt`, `generation` (JSON: mode, strength, instruction,
 partner, interpolation weight, prompt switch, DiffuseMix blend, target class, adapters), `soft_label` (Diff-Mix
-rows; None otherwise), and
-clears `mask`/`bbox` (they described the real image). Error reasons: `no_partner` (ddim_interp, a class pool
-without a second image of the class), `input_size` (input_size: refuse), `generation_nonfinite`.
+rows; None otherwise), and clears `mask`/`bbox` (they described the real image). Error reasons: `no_partner`
+(ddim_interp, a class pool without a second image of the class), `input_size` (input_size: refuse),
+`generation_nonfinite`.
 
 Every random choice of a row (strength, instruction, target class, partner, weight, noise) is drawn from
 generators seeded by the row's seed, so a row is the same in any batch, on any worker, in a resumed run.
@@ -69,7 +69,7 @@ class DiffusionGenerator:
         if config.adapters is not None and config.adapters.textual_inversion is not None:
             tokens = textual_inversion_classes(config.adapters.textual_inversion, STAGE)
         self.tokens = {name: tokens.get(name, name) for name in self.class_names}
-        self.fractals: tuple[list[str], list[np.ndarray]] | None = None
+        self.fractals: dict[str, np.ndarray] | None = None  # name -> image, in name order
         if config.diffusemix is not None and config.diffusemix.fractals is not None:
             self.fractals = diffusemix.load_fractals(config.diffusemix.fractals, config.height, config.width)
         self.adapter_tags = {
@@ -119,9 +119,8 @@ class DiffusionGenerator:
         if mode == "instruct_pix2pix" and config.diffusemix is not None:
             rng = _draw(seed, _BLEND)
             half = str(rng.choice(diffusemix.HALVES))
-            fractal = (
-                "julia" if self.fractals is None else self.fractals[0][rng.integers(len(self.fractals[0]))]
-            )
+            names = ["julia"] if self.fractals is None else list(self.fractals)
+            fractal = names[rng.integers(len(names))]
             plan["diffusemix"] = {
                 "half": half,
                 "fractal": fractal,
@@ -142,7 +141,7 @@ class DiffusionGenerator:
         if self.fractals is None:
             fractal = diffusemix.julia(*real.shape[:2], _draw(seed, _FRACTAL))
         else:
-            fractal = self.fractals[1][self.fractals[0].index(blend["fractal"])]
+            fractal = self.fractals[blend["fractal"]]
         return diffusemix.blend(diffusemix.hybrid(real, edited, blend["half"]), fractal, blend["weight"])
 
     def fit_input(self, image: np.ndarray) -> np.ndarray:

@@ -66,8 +66,9 @@ def julia(height: int, width: int, rng: np.random.Generator, iterations: int = 4
     return (colormap(level.clip(0, 1))[..., :3] * 255).round().astype(np.uint8)
 
 
-def load_fractals(folder: str, height: int, width: int) -> tuple[list[str], list[np.ndarray]]:
-    """Every image in `folder` (sorted by name, so a draw by index is the same on every worker), resized."""
+def load_fractals(folder: str, height: int, width: int) -> dict[str, np.ndarray]:
+    """Every image in `folder` by its path below it, resized; in name order, so a draw by index is the same
+    on every worker."""
     import cv2
     from PIL import Image
 
@@ -77,9 +78,11 @@ def load_fractals(folder: str, height: int, width: int) -> tuple[list[str], list
         raise ValueError(
             f"generation.diffusemix.fractals: no images ({sorted(IMAGE_SUFFIXES)}) under {folder}"
         )
-    images = []
+    fractals = {}
     for path in paths:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
-        images.append(cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA))
-    return [str(p.relative_to(root)) for p in paths], images
+        fractals[str(path.relative_to(root))] = cv2.resize(
+            pixels, (width, height), interpolation=cv2.INTER_AREA
+        )
+    return fractals
