@@ -42,8 +42,9 @@ demo: $(STAMP)
 	$(VENV)/bin/synthray demo
 
 # The main suite (markers `not gpu and not vllm`, from pyproject.toml), then the vLLM suite in its own env.
+# --durations: the slowest tests in every log, where the 30-minute budget is won or lost.
 test: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 	$(VLLM_PY) -m pytest -m vllm
 
 # CPU benchmarks: engine overhead (pipeline vs each stage alone, memory at N and 4N) and the compositor.
