@@ -272,8 +272,8 @@ def run_stages_alone(config, work: Path) -> list[dict]:
     def per_source(table: pa.Table) -> int:
         return table.num_rows * config.num_variants  # every source is in an expanded split
 
-    # 1. read: listing (driver) + file reads (tasks), as run_generate builds it.
-    source, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus)
+    # 1. read: the folders' listing (tasks), as run_generate builds it; the files are read by `read_bytes`.
+    source, class_names = read_source(config.data, ray.data, config.ray.task_num_cpus, with_bytes=False)
     refs = timed("read", task(config.data.rows_per_block), source, per_source)
     # 2. The recipe's stages, one at a time, each over the previous one's output.
     count = per_source

@@ -5,8 +5,8 @@
 
 A synthetic image folder of N tiny images (8x8 PNG, `train/c<k>/<i>.png`, about 1000 per class folder,
 written once under .cache/scale/) goes through the generation job with no model: read -> skip_done ->
-decode -> expand x K -> write_real -> a pass-through step -> write, the engine's own `run_generate` in a
-subprocess per run. The pass-through recipe is registered in that subprocess only (`RECIPES` is a dict),
+read_bytes -> decode -> expand x K -> write_real -> a pass-through step -> write, the engine's own
+`run_generate` in a subprocess per run. The pass-through recipe is registered in that subprocess only (`RECIPES` is a dict),
 never in the shipped recipes. Per size: a full run (wall, rows/s, the driver's peak RSS, the object
 store's peak use), then a second output killed (SIGKILL of the job's process group) once half of its rows
 are in shards, and resumed: the resumed output must hold every expected id exactly once (and the same ids as
@@ -70,7 +70,8 @@ def pass_through(batch):
 
 
 def pass_through_stages(config, class_names, config_hash, done_ids, *_):
-    """skip_done -> decode -> expand -> pass-through (the pipeline adds write_real after expand)."""
+    """skip_done -> decode -> expand -> pass-through (the pipeline adds read_bytes after skip_done and
+    write_real after expand)."""
     from engine import schema
     from engine.decode import decode_images
     from engine.expand import Expansion, expand_variants, skip_completed_sources
@@ -168,6 +169,7 @@ def child(config_json: str, result_path: str) -> int:
         "sources_already_done": rows["sources_already_done"],
         "duplicate_ids": rows["duplicate_ids"],
         "skip_done_busy_s": report["stages"].get("skip_done", {}).get("busy_s"),
+        "files_read": report["stages"].get("read_bytes", {}).get("rows_in", 0),
     }
     Path(result_path).write_text(json.dumps(result))
     ray.shutdown()

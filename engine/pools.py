@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,14 +109,24 @@ def choose_members(ds, spec: PoolSpec, seed: int) -> dict[str, list[str]]:
     return {name: [s for _, s in sorted(heap, reverse=True)] for name, heap in sorted(heaps.items())}
 
 
-def keep_members(batch: Batch, chosen: frozenset[str], columns: list[str]) -> Batch:
-    """Map step of the second pass: the chosen rows, only the pooled columns."""
+def keep_members(
+    batch: Batch, chosen: frozenset[str], columns: list[str], read_bytes: Callable | None = None
+) -> Batch:
+    """Map step of the second pass: the chosen rows (their files read by `read_bytes` when the rows carry
+    paths), only the pooled columns. One step, so that a block with no member still has every column."""
     keep = np.array([str(s) in chosen for s in batch[schema.SOURCE_ID]], dtype=bool)
-    return take({name: batch[name] for name in columns}, np.flatnonzero(keep))
+    members = take(batch, np.flatnonzero(keep))
+    if read_bytes is not None:
+        members = read_bytes(members)
+    return {name: members[name] for name in columns}
 
 
-def build_class_pool(ds, spec: PoolSpec, seed: int, num_cpus: float = 0.25) -> ClassPool:
-    """Sample `ds` (the run's source dataset, with image bytes) into a ClassPool held in the object store."""
+def build_class_pool(
+    ds, spec: PoolSpec, seed: int, num_cpus: float = 0.25, read_bytes: Callable | None = None
+) -> ClassPool:
+    """Sample `ds` (the run's source dataset) into a ClassPool held in the object store. `read_bytes`: for
+    a source whose rows carry file paths instead of bytes (engine.readers.read_file_bytes), so that only
+    the members' files are read."""
     import ray
 
     members = choose_members(ds, spec, seed)
@@ -123,7 +134,7 @@ def build_class_pool(ds, spec: PoolSpec, seed: int, num_cpus: float = 0.25) -> C
     columns = [schema.SOURCE_ID, schema.CLASS_NAME, schema.IMAGE_BYTES, *spec.columns]
     sample = ds.map_batches(
         keep_members,
-        fn_kwargs={"chosen": chosen, "columns": columns},
+        fn_kwargs={"chosen": chosen, "columns": columns, "read_bytes": read_bytes},
         batch_format="numpy",
         num_cpus=num_cpus,
     ).materialize()

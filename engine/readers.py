@@ -117,10 +117,21 @@ def inspect_source(data: DataConfig) -> SourceInfo:
     return info
 
 
-def read_source(data: DataConfig, ray_data, num_cpus: float = 0.5, info: SourceInfo | None = None):
+def read_source(
+    data: DataConfig,
+    ray_data,
+    num_cpus: float = 0.5,
+    info: SourceInfo | None = None,
+    with_bytes: bool = True,
+):
     """Build the source dataset. Returns (dataset, class_names). `num_cpus`: per read task, counted in the
     pipeline's CPU budget (Ray's default of 1 can leave a small cluster waiting forever). `info`: from
-    `inspect_source` (called here when not given)."""
+    `inspect_source` (called here when not given).
+
+    `with_bytes=False` leaves an image folder's files unread: its rows carry `path` and `mask_path`, and
+    the caller reads the rows it keeps with `read_file_bytes` (the generation job drops a resumed run's
+    done sources first, a class pool its non-members). Parquet rows always come with their bytes
+    (`defers_bytes`)."""
     info = info or inspect_source(data)
     if data.format == "image_folder":
         # One listing task per <split>/<class> folder; its rows are cut into blocks of rows_per_block
@@ -130,10 +141,11 @@ def read_source(data: DataConfig, ray_data, num_cpus: float = 0.5, info: SourceI
             ray_data.from_items(info.folders, override_num_blocks=len(info.folders))
             .map_batches(list_folder_rows, batch_format="numpy", batch_size=1, num_cpus=num_cpus)
             .repartition(target_num_rows_per_block=data.rows_per_block, strict=True)
-            .map_batches(
+        )
+        if with_bytes:
+            ds = ds.map_batches(
                 read_file_bytes, batch_format="numpy", batch_size=data.rows_per_block, num_cpus=num_cpus
             )
-        )
         return ds, info.class_names
     # One block per file row group: each is read once, and its rows leave in blocks of rows_per_block.
     ds = ray_data.from_items(info.pieces, override_num_blocks=len(info.pieces)).map_batches(
@@ -418,13 +430,21 @@ def list_folder_rows(batch: Batch) -> Batch:
     return {name: np.array([row[name] for row in rows], dtype=kind) for name, kind in _ROW_TYPES.items()}
 
 
+def defers_bytes(data: DataConfig) -> bool:
+    """Whether `read_source(..., with_bytes=False)` leaves this source's image bytes to `read_file_bytes`."""
+    return data.format == "image_folder"
+
+
+FILE_COLUMNS = ("path", "mask_path")  # what read_file_bytes reads, and drops
+
+
 def read_file_bytes(batch: Batch) -> Batch:
     """Fetch image (and mask) bytes; a missing file is recorded as None and becomes a decode error."""
     images, masks = [], []
     for path, mask_path in zip(batch["path"], batch["mask_path"], strict=True):
         images.append(_read_bytes(str(path)))
         masks.append(_read_bytes(str(mask_path)) if mask_path else None)
-    out = {k: v for k, v in batch.items() if k not in ("path", "mask_path")}
+    out = {k: v for k, v in batch.items() if k not in FILE_COLUMNS}
     out[schema.IMAGE_BYTES] = np.array(images, dtype=object)
     out[schema.MASK_BYTES] = np.array(masks, dtype=object)
     return out

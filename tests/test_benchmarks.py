@@ -67,6 +67,7 @@ def test_engine_overhead_benchmark_smoke(tmp_path, tiny_models_dir):
     assert stages == [
         "read",
         "skip_done",
+        "read_bytes",
         "decode",
         "expand",
         "write_real",

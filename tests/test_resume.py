@@ -162,3 +162,7 @@ def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
     assert not list((out / "data").glob(".tmp-*"))
     print(f"killed with {kept}/{num_synthetic} synthetic rows written")
     assert resumed["rows"]["synthetic_generated_this_run"] == num_synthetic - kept
+    # Only the sources still owed rows had their files read (skip_done runs before read_bytes).
+    rows = resumed["rows"]
+    assert rows["sources_already_done"] > 0
+    assert resumed["stages"]["read_bytes"]["rows_in"] == rows["sources_in"] - rows["sources_already_done"]

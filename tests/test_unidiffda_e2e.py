@@ -105,7 +105,7 @@ def test_class_pools_hold_at_most_m_rows_per_class_whatever_the_order(ray4, toy)
 
     from engine.config import DataConfig
     from engine.pools import PoolSpec, build_class_pool
-    from engine.readers import read_source
+    from engine.readers import read_file_bytes, read_source
 
     data = DataConfig(path=str(toy), splits=["train", "val", "test"])
     ds, _ = read_source(data, ray.data)
@@ -118,6 +118,11 @@ def test_class_pools_hold_at_most_m_rows_per_class_whatever_the_order(ray4, toy)
     shuffled = build_class_pool(ds.random_shuffle(seed=1).repartition(3), spec, seed=7)
     assert shuffled.members == pool.members, "the sample is a function of the seed and the ids only"
     assert build_class_pool(ds, spec, seed=8).members != pool.members
+    # From the folder listing (as the generation job builds it): only the members' files are read.
+    listing, _ = read_source(data, ray.data, with_bytes=False)
+    from_paths = build_class_pool(listing, spec, seed=7, read_bytes=read_file_bytes)
+    assert from_paths.members == pool.members
+    assert from_paths.row(first) == pool.row(first)
     partners = {pool.partner("cross", first, seed) for seed in range(30)}
     assert first not in partners and partners == set(pool.members["cross"]) - {first}
 
