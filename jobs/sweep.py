@@ -3,8 +3,9 @@
 Runs every variant (a name plus TrainConfig overrides: strategy, synthetic ratio, data) for every seed on
 one Ray cluster, one training run after another, then prints a table of mean +- std over seeds and writes
 <output>/sweep.json and <output>/sweep.md. Runs live in <output>/runs/<variant>-seed<seed>; a finished run
-of the same config is reused from its metrics.json (nothing retrained or re-evaluated), an unfinished one
-resumes from its latest checkpoint, unless `overwrite: true`.
+of the same config on the same shards is reused from its metrics.json (nothing retrained or re-evaluated),
+an unfinished one resumes from its latest checkpoint, unless `overwrite: true`. The shards a run started on
+are recorded in <output>/inputs/ (their content-hash names): other shards under the same path start it over.
 
 A benchmark sweep (configs/bench_efficacy.yaml) also holds its inputs: `toy_dataset` is built first, each
 variant's `generate` (a generation config + overrides) runs unless a finished run of that config is there,
@@ -233,6 +234,7 @@ def run_sweep(config: SweepConfig, command: str = "") -> list[dict]:
     rows = []
     for variant, seed, train_config in plan:
         title = f"sweep: {variant.name} seed {seed} ({len(rows) + 1}/{len(plan)})"
+        train_config = fresh_if_inputs_changed(train_config, Path(config.output), title)
         metrics = finished_run(train_config)
         if metrics is not None:
             print(f"{title}: finished earlier, reusing {train_config.run_dir() / 'metrics.json'}", flush=True)
@@ -278,6 +280,35 @@ def budget_epochs(config: TrainConfig, train_rows: int) -> int:
     one_epoch = config.model_copy(update={"epochs": 1})
     rows_per_epoch = sum(len(rank) for rank in plan_epochs(data, one_epoch)[0])
     return max(1, round(train_rows / max(rows_per_epoch, 1)))
+
+
+def inputs_fingerprint(config: TrainConfig) -> str:
+    """What a run trains on, as its data folders' shard names: shards are named by their content, so a
+    regenerated run (e.g. from a rebuilt toy dataset under the same path) has other names, which the run's
+    config cannot show. (A data path that is a dataset rather than a generation run's shards adds its
+    .parquet names, or nothing for an image folder.)"""
+    import hashlib
+
+    from engine import storage
+
+    names = [f"{path}\t{storage.list_files(path, '.parquet')}" for path in config.data.paths]
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+
+def fresh_if_inputs_changed(config: TrainConfig, sweep_out: Path, title: str) -> TrainConfig:
+    """The run's config, set to overwrite its folder when its data are not the ones it last trained (or
+    resumed) on; the fingerprint is recorded under <sweep output>/inputs/ before the run starts, so an
+    interrupted run resumes only on the same shards."""
+    record = sweep_out / "inputs" / f"{config.run_name()}.json"
+    fingerprint = inputs_fingerprint(config)
+    previous = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
+    if previous == fingerprint:
+        return config
+    if previous is not None and config.run_dir().exists():
+        print(f"{title}: its data changed since it ran (other shards): training it again", flush=True)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"fingerprint": fingerprint, "paths": config.data.paths}) + "\n")
+    return config.model_copy(update={"output": config.output.model_copy(update={"overwrite": True})})
 
 
 def finished_run(config: TrainConfig) -> dict | None:

@@ -14,6 +14,7 @@ from engine.train.config import SweepConfig, SweepVariant
 from jobs.sweep import (
     compare_with_baseline,
     finished_generation,
+    fresh_if_inputs_changed,
     generation_config,
     prepare_toy_dataset,
     report_table,
@@ -132,6 +133,36 @@ def test_a_generation_run_is_reused_only_with_the_same_config_hash(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert finished_generation(generate)
     assert not finished_generation(generation("aga-k5"))  # without the filter: another hash
+
+
+def test_a_finished_run_is_trained_again_when_its_shards_changed_under_the_same_path(tmp_path):
+    """A rebuilt toy dataset regenerates the runs into the same folders: the train config is unchanged, the
+    shard names (content hashes) are not."""
+    from engine.train.config import TrainConfig
+
+    data = tmp_path / "gen" / "data"
+    data.mkdir(parents=True)
+    (data / "part-aaa.parquet").write_bytes(b"")
+    config = load_config(
+        TrainConfig,
+        ROOT / "configs" / "train_toy_cpu.yaml",
+        [
+            f"data.paths={json.dumps([str(data)])}",
+            f"output.path={tmp_path / 'runs'}",
+            "output.name=real-seed0",
+        ],
+    )
+    sweep_out = tmp_path / "sweep"
+    first = fresh_if_inputs_changed(config, sweep_out, "run")
+    assert first.output.overwrite, "no record yet: start clean"
+    first.run_dir().mkdir(parents=True)  # the run trained
+    assert fresh_if_inputs_changed(config, sweep_out, "run") == config, "same shards: reuse or resume"
+
+    (data / "part-aaa.parquet").unlink()
+    (data / "part-bbb.parquet").write_bytes(b"")
+    again = fresh_if_inputs_changed(config, sweep_out, "run")
+    assert again.output.overwrite and again.model_copy(update={"output": config.output}) == config
+    assert fresh_if_inputs_changed(config, sweep_out, "run") == config
 
 
 def test_demo_closing_line_separates_only_beyond_the_test_split_noise(tmp_path):
