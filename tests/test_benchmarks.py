@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 
@@ -83,3 +84,26 @@ def test_engine_overhead_benchmark_smoke(tmp_path, tiny_models_dir):
     assert set(actors) == {"prompt", "background", "composite"}
     assert actors["background"]["batch_size"] == 8 and actors["background"]["num_cpus"] == 0.25
     assert data["ratio"]["wall"] > 0 and data["ratio"]["slowest_stage_wall"] in stages
+
+
+def test_efficacy_proxy_pastes_the_subject_on_noise_and_reports_every_group(tmp_path):
+    from benchmarks import efficacy_proxy
+
+    rng = np.random.default_rng(0)
+    image = np.full((16, 16, 3), 200, np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 255
+    image[4:8, 4:8] = (10, 20, 30)
+    pasted = efficacy_proxy.paste_on_noise(rng, image, mask)
+    assert pasted.shape == image.shape
+    assert (np.all(pasted == (10, 20, 30), axis=-1)).sum() >= 4, "the subject's pixels are in the output"
+    assert (np.all(pasted == 200, axis=-1)).sum() == 0, "none of the original background is"
+
+    results = efficacy_proxy.main(
+        ["--out", str(tmp_path / "toy"), "--size", "16", "--num-classes", "2", "--train-per-class", "4"]
+        + ["--eval-per-group", "2", "--k", "0", "2", "--budget", "16", "--threads", "1"]
+    )
+    assert [r["k"] for r in results] == [0, 2]
+    for r in results:
+        assert len(r["groups"]) == 4 and r["test_worst_group"] == min(r["groups"])
+        assert 0 <= r["test_top1"] <= 1
