@@ -47,9 +47,9 @@ def read_rows(out) -> list[dict]:
 
 def write_groups(toy, tiny, path, *extra) -> dict[str, int]:
     """A groups file with a group per source unlike the dataset's own groups.csv."""
-    from engine.readers import inspect_source
+    from engine.readers import inspect_source, source_rows
 
-    sources = inspect_source(config(toy, tiny, path.parent / "x", *extra).data).rows
+    sources = source_rows(inspect_source(config(toy, tiny, path.parent / "x", *extra).data))
     groups = {r[schema.SOURCE_ID]: 500 + i for i, r in enumerate(sources)}
     path.write_text("source_id,group\n" + "".join(f"{s},{g}\n" for s, g in groups.items()))
     return groups
@@ -59,11 +59,12 @@ def test_synthetic_only_on_every_split(ray_local, toy, tiny_models_dir, tmp_path
     """include_real: false and expand_splits: null: every read split gets K synthetic rows per source and
     no real row (a synthetic row's group is -1: groups describe the real image's background)."""
     from engine.pipeline import run_generate
-    from engine.readers import inspect_source
+    from engine.readers import inspect_source, source_rows
 
     splits = "data.splits=[train,val]"
     sources = {
-        r[schema.SOURCE_ID] for r in inspect_source(config(toy, tiny_models_dir, tmp_path, splits).data).rows
+        r[schema.SOURCE_ID]
+        for r in source_rows(inspect_source(config(toy, tiny_models_dir, tmp_path, splits).data))
     }
     out = tmp_path / "out"
     cfg = config(toy, tiny_models_dir, out, splits, "data.expand_splits=null", "output.include_real=false")
@@ -124,9 +125,9 @@ def test_rerun_after_a_failed_run_completes(ray_local, toy, tiny_models_dir, tmp
     def args(*extra):
         return [a for s in overrides(toy, tiny_models_dir, out, *extra) for a in ("--set", s)]
 
-    from engine.readers import inspect_source
+    from engine.readers import inspect_source, source_rows
 
-    num_sources = len(inspect_source(config(toy, tiny_models_dir, out).data).rows)
+    num_sources = len(source_rows(inspect_source(config(toy, tiny_models_dir, out).data)))
     assert generate.main(args("background.height=60")) == 2
     assert generate.main(args()) == 0
     run = json.loads((out / "run.json").read_text())

@@ -16,7 +16,14 @@ from PIL import Image
 
 from engine import schema
 from engine.config import DataConfig
-from engine.readers import IMAGE_SUFFIXES, hub_split, inspect_source, read_parquet_rows, sample_rows
+from engine.readers import (
+    IMAGE_SUFFIXES,
+    hub_split,
+    inspect_source,
+    read_parquet_rows,
+    sample_rows,
+    source_rows,
+)
 
 NAMES = ["spring_rolls", "winter melon", "crème brûlée"]
 
@@ -51,12 +58,12 @@ def write_images(root: Path, count: int, start: int = 0) -> list[str]:
 
 def read_rows(info, data: DataConfig) -> list[dict]:
     """What the Ray read tasks yield, called directly on each piece."""
-    from engine.readers import _dataset_root
+    from engine.readers import dataset_root
 
     rows = []
     for piece in info.pieces:
         batch = {k: np.array([v], dtype=object) for k, v in piece.items()}
-        for block in read_parquet_rows(batch, data.image_column, _dataset_root(data.path), 4):
+        for block in read_parquet_rows(batch, data.image_column, dataset_root(data.path), 4):
             n = len(block[schema.SOURCE_ID])
             rows += [{k: block[k][i] for k in block} for i in range(n)]
     return rows
@@ -257,7 +264,7 @@ def test_image_folder_missing_splits_and_path(toy, tmp_path):
     # max_images over an image folder: every class of every split first.
     sample = inspect_source(DataConfig(path=str(toy), splits=["train", "val", "test"], max_images=9))
     assert sample.counts == {"test": 3, "train": 3, "val": 3}
-    assert {(r[schema.SPLIT], r[schema.LABEL]) for r in sample.rows} == {
+    assert {(r[schema.SPLIT], r[schema.LABEL]) for r in source_rows(sample)} == {
         (s, c) for s in ("train", "val", "test") for c in range(3)
     }
 
@@ -265,13 +272,15 @@ def test_image_folder_missing_splits_and_path(toy, tmp_path):
 def test_groups_file_from_config_or_default(toy, tmp_path):
     """`<path>/groups.csv` by default; a configured `data.groups_file` (anywhere) instead; a configured one
     that is missing or lacks the columns is an error before Ray, not a run with every group -1."""
-    default = {r[schema.SOURCE_ID]: r[schema.GROUP] for r in inspect_source(DataConfig(path=str(toy))).rows}
+    default = {
+        r[schema.SOURCE_ID]: r[schema.GROUP] for r in source_rows(inspect_source(DataConfig(path=str(toy))))
+    }
     assert set(default.values()) != {-1}  # the toy dataset ships groups.csv
     ids = sorted(default)
     groups_file = tmp_path / "elsewhere" / "my_groups.csv"
     groups_file.parent.mkdir()
     groups_file.write_text("source_id,group\n" + "".join(f"{s},{100 + i}\n" for i, s in enumerate(ids)))
-    configured = inspect_source(DataConfig(path=str(toy), groups_file=str(groups_file))).rows
+    configured = source_rows(inspect_source(DataConfig(path=str(toy), groups_file=str(groups_file))))
     assert {r[schema.SOURCE_ID]: r[schema.GROUP] for r in configured} == {
         s: 100 + i for i, s in enumerate(ids)
     }
@@ -328,7 +337,7 @@ def test_parallel_listing_gives_the_old_rows(toy):
     splits = ["train", "val", "test"]
     data = DataConfig(path=str(toy), splits=splits, masks_path=str(toy / "masks"))
     info = inspect_source(data)
-    assert info.rows == listing_before_issue_18(toy, splits, toy / "masks")
+    assert source_rows(info) == listing_before_issue_18(toy, splits, toy / "masks")
     assert info.counts == {"test": 6, "train": 12, "val": 6} and info.num_available == 24
     assert len(info.folders) == 9 and sum(f["num_images"] for f in info.folders) == 24
 
@@ -349,12 +358,14 @@ def test_max_images_from_folder_sizes_is_sample_rows_exactly(tmp_path, seed):
         data = DataConfig(path=str(root), splits=list(sizes), max_images=budget, sample_seed=seed)
         info = inspect_source(data)
         expected = sample_rows(every, budget, seed)
-        assert sorted(r[schema.SOURCE_ID] for r in info.rows) == sorted(r[schema.SOURCE_ID] for r in expected)
+        assert sorted(r[schema.SOURCE_ID] for r in source_rows(info)) == sorted(
+            r[schema.SOURCE_ID] for r in expected
+        )
         assert info.num_images == len(expected) and info.num_available == len(every)
 
 
 def test_entries_outside_split_class_and_unlistable_folders_are_counted(tmp_path, monkeypatch):
-    import engine.readers as readers
+    import engine.readers.image_folder as readers
 
     root = folder_tree(tmp_path / "tree", {"train": {"a": 3, "b": 2, "locked": 4}, "test": {"a": 1}})
     (root / "train" / "stray.png").touch()  # no class folder
@@ -372,7 +383,7 @@ def test_entries_outside_split_class_and_unlistable_folders_are_counted(tmp_path
     info = inspect_source(DataConfig(path=str(root), splits=["train", "test"]))
     assert info.class_names == ["a", "b"]  # "locked" has no images the run can read
     assert info.counts == {"test": 1, "train": 5}
-    assert sorted(r[schema.SOURCE_ID] for r in info.rows) == [
+    assert sorted(r[schema.SOURCE_ID] for r in source_rows(info)) == [
         "test/a/img_0000.png",
         "train/a/img_0000.png",
         "train/a/img_0001.png",
@@ -386,7 +397,7 @@ def test_entries_outside_split_class_and_unlistable_folders_are_counted(tmp_path
     assert unlisted.startswith("1 folders") and "train/locked" in unlisted and "Permission denied" in unlisted
     # A folder that becomes unlistable after inspection costs its rows and a warning, not the run.
     monkeypatch.setattr(readers, "_folder_entries", lambda fs, path: refuse_locked(fs, path + "locked"))
-    assert info.rows == []
+    assert source_rows(info) == []
 
 
 def test_read_tasks_list_the_folders_and_stream_small_blocks(toy, ray_local):
@@ -413,4 +424,4 @@ def test_a_relative_data_path_reaches_the_read_tasks_resolved(toy, monkeypatch):
     info = inspect_source(DataConfig(path=toy.name, masks_path=f"{toy.name}/masks"))
     assert {f["data_path"] for f in info.folders} == {str(toy)}
     monkeypatch.chdir("/")
-    assert info.rows == listing_before_issue_18(toy, ["train"], toy / "masks")
+    assert source_rows(info) == listing_before_issue_18(toy, ["train"], toy / "masks")
