@@ -2,16 +2,19 @@
 
     python -m benchmarks.scale                                  # N = 10^4, 10^5, 10^6 at K = 10 (make bench-scale)
     python -m benchmarks.scale --sizes 10000 100000 --num-variants 10 --num-cpus 2
+    python -m benchmarks.scale --format parquet --sizes 10000 100000 --num-variants 10 --num-cpus 2
 
-A synthetic image folder of N tiny images (8x8 PNG, `train/c<k>/<i>.png`, about 1000 per class folder,
-written once under .cache/scale/) goes through the generation job with no model: read -> skip_done ->
+A synthetic source of N tiny images (8x8 PNG) written once under .cache/scale/: an image folder
+(`train/c<k>/<i>.png`, about 1000 per class folder) or, with `--format parquet`, Hugging Face style Parquet
+(`data/train-<k>-of-<n>.parquet` of 10,000 rows in row groups of 1000, an Image struct {bytes, path} and a
+ClassLabel in the `huggingface` schema metadata, as `datasets` writes them). It goes through the generation job with no model: read -> skip_done ->
 read_bytes -> decode -> expand x K -> write_real -> a pass-through step -> write, the engine's own
 `run_generate` in a subprocess per run. The pass-through recipe is registered in that subprocess only (`RECIPES` is a dict),
 never in the shipped recipes. Per size: a full run (wall, rows/s, the driver's peak RSS, the object
 store's peak use), then a second output killed (SIGKILL of the job's process group) once half of its rows
 are in shards, and resumed: the resumed output must hold every expected id exactly once (and the same ids as
 the full run); resume's extra cost is its wall time minus the full run's time for the rows it had left.
-Results: benchmarks/results/scale.{json,md}, with the command, the machine and its load (`os.getloadavg`).
+Results: benchmarks/results/scale.{json,md} (parquet: scale-parquet.{json,md}), with the command, the machine and its load (`os.getloadavg`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,45 @@ def make_source(num_sources: int, cache: Path = ROOT / ".cache" / "scale") -> Pa
     return root
 
 
+PARQUET_ROWS_PER_FILE = 10_000
+PARQUET_ROW_GROUP = 1000
+
+
+def make_parquet_source(num_sources: int, cache: Path = ROOT / ".cache" / "scale") -> Path:
+    """`data/train-<k>-of-<n>.parquet` as `datasets` writes an image dataset; written once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = cache / f"parquet-n{num_sources}"
+    if (root / "complete").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "data").mkdir(parents=True)
+    png = tiny_png()
+    num_classes = -(-num_sources // IMAGES_PER_CLASS)
+    features = {
+        "image": {"_type": "Image"},
+        "label": {"_type": "ClassLabel", "names": [f"c{k:04d}" for k in range(num_classes)]},
+    }
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    num_files = -(-num_sources // PARQUET_ROWS_PER_FILE)
+    for k in range(num_files):
+        ids = range(k * PARQUET_ROWS_PER_FILE, min(num_sources, (k + 1) * PARQUET_ROWS_PER_FILE))
+        table = pa.table(
+            {
+                "image": pa.array(
+                    [{"bytes": png, "path": f"c{i // IMAGES_PER_CLASS:04d}/{i:07d}.png"} for i in ids],
+                    pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+                ),
+                "label": pa.array([i // IMAGES_PER_CLASS for i in ids], pa.int64()),
+            }
+        ).replace_schema_metadata(metadata)
+        name = f"train-{k:05d}-of-{num_files:05d}.parquet"
+        pq.write_table(table, root / "data" / name, row_group_size=PARQUET_ROW_GROUP)
+    (root / "complete").write_text(str(num_sources))
+    return root
+
+
 def pass_through(batch):
     """The recipe's model step, doing nothing: what remains is the engine's own cost per row."""
     return batch
@@ -103,10 +145,16 @@ def pass_through_stages(config, class_names, config_hash, done_ids, *_):
 
 
 def make_config(source: Path, out: Path, args) -> dict:
+    data = {
+        "format": args.format,
+        "path": str(source),
+        "splits": ["train"],
+        "rows_per_block": args.rows_per_block,
+    }
     return {
         "recipe": PASS_THROUGH,
         "num_variants": args.num_variants,
-        "data": {"path": str(source), "splits": ["train"], "rows_per_block": args.rows_per_block},
+        "data": data,
         "output": {"path": str(out), "gallery_classes": 0, "rows_per_shard": args.rows_per_shard},
         "ray": {"num_cpus": args.num_cpus, "progress_bars": False},
     }
@@ -242,9 +290,10 @@ def check_resumed(resumed: Path, full: Path, expected_rows: int) -> dict:
 
 
 def measure(num_sources: int, args, work: Path) -> dict:
-    source = make_source(num_sources)
+    source = make_parquet_source(num_sources) if args.format == "parquet" else make_source(num_sources)
     expected = num_sources * (args.num_variants + 1)
-    full_out, resumed_out = work / f"full-{num_sources}", work / f"resumed-{num_sources}"
+    name = f"{args.format}-{num_sources}"
+    full_out, resumed_out = work / f"full-{name}", work / f"resumed-{name}"
     for out in (full_out, resumed_out):
         shutil.rmtree(out, ignore_errors=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -283,18 +332,25 @@ def write_results(results: list[dict], args, command: str, notes: tuple[str, ...
             "rows_per_block": args.rows_per_block,
             "rows_per_shard": args.rows_per_shard,
             "ray_num_cpus": args.num_cpus,
-            "images_per_class_folder": IMAGES_PER_CLASS,
+            "format": args.format,
+            "images_per_class": IMAGES_PER_CLASS,
         },
         "results": results,
         "notes": list(notes),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
+    stem = "scale" if args.format == "image_folder" else f"scale-{args.format}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    source = (
+        f"Synthetic image folder (8x8 PNGs, {IMAGES_PER_CLASS} per class folder)"
+        if args.format == "image_folder"
+        else f"Synthetic Hugging Face Parquet (8x8 PNGs in Image structs, {PARQUET_ROWS_PER_FILE:,} rows a file, "
+        f"row groups of {PARQUET_ROW_GROUP}, {IMAGES_PER_CLASS} per class)"
+    )
     lines = [
         "# Scale: the engine without models, 10^4 to 10^6 sources",
         "",
-        f"`{command}` on {data['machine']}. Synthetic image folder (8x8 PNGs, {IMAGES_PER_CLASS} per class "
-        f"folder), K = {args.num_variants}, rows_per_block {args.rows_per_block}, rows_per_shard "
+        f"`{command}` on {data['machine']}. {source}, K = {args.num_variants}, rows_per_block {args.rows_per_block}, rows_per_shard "
         f"{args.rows_per_shard}, a local Ray of {args.num_cpus} CPUs. Wall time excludes Ray's start. Resume: "
         "a second output killed (SIGKILL) once half its rows were in shards, then rerun; its extra cost is its "
         "wall time less the full run's time for the rows it had left; its skip phase is how much later than the "
@@ -317,7 +373,7 @@ def write_results(results: list[dict], args, command: str, notes: tuple[str, ...
             f"{r['load_avg_before'][0]} / {r['load_avg_after'][0]} |"
         )
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(argv[1], argv[2])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--format", choices=["image_folder", "parquet"], default="image_folder")
     parser.add_argument("--num-variants", type=int, default=10, help="K")
     parser.add_argument("--rows-per-block", type=int, default=256)
     # All stages here are tasks, fused into one Ray Data operator whose tasks take the largest batch size

@@ -20,6 +20,7 @@ from engine.readers import (
     IMAGE_SUFFIXES,
     hub_split,
     inspect_source,
+    parquet_pieces,
     read_parquet_rows,
     sample_rows,
     source_rows,
@@ -61,9 +62,11 @@ def read_rows(info, data: DataConfig) -> list[dict]:
     from engine.readers import dataset_root
 
     rows = []
-    for piece in info.pieces:
+    for piece in parquet_pieces(info).to_pylist():
         batch = {k: np.array([v], dtype=object) for k, v in piece.items()}
-        for block in read_parquet_rows(batch, data.image_column, dataset_root(data.path), 4):
+        for block in read_parquet_rows(
+            batch, data.image_column, dataset_root(data.path), 4, info.class_names
+        ):
             n = len(block[schema.SOURCE_ID])
             rows += [{k: block[k][i] for k in block} for i in range(n)]
     return rows
@@ -124,7 +127,7 @@ def test_repeated_paths_with_different_bytes_stay_distinct(tmp_path):
     images = [{"bytes": png(v), "path": "image.jpg"} for v in (10, 20)]
     hf_dataset(images, [0, 1]).to_parquet(tmp_path / "train.parquet")
     info = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
-    ids = [sid for piece in info.pieces for sid in piece[schema.SOURCE_ID]]
+    ids = info.index[schema.SOURCE_ID].to_pylist()
     assert len(set(ids)) == 2 and all(i.startswith("image.jpg#") for i in ids)
     assert info.num_duplicates == 0
 
@@ -136,7 +139,7 @@ def test_id_column_and_split_column(tmp_path):
     ds.to_parquet(tmp_path / "all.parquet")
     info = inspect_source(DataConfig(format="parquet", path=str(tmp_path), splits=["train", "val"]))
     assert info.counts == {"train": 2, "val": 1}  # "validation" is the val split
-    assert sorted(sid for p in info.pieces for sid in p[schema.SOURCE_ID]) == [
+    assert sorted(info.index[schema.SOURCE_ID].to_pylist()) == [
         "images/000.png",
         "images/001.png",
         "images/003.png",
@@ -145,7 +148,7 @@ def test_id_column_and_split_column(tmp_path):
     ds = hf_dataset(images, [0, 1, 0, 1], image_id=["a", "b", "c", "a"])
     ds.to_parquet(tmp_path / "all.parquet")
     info = inspect_source(DataConfig(format="parquet", path=str(tmp_path), id_column="image_id"))
-    assert [sid for p in info.pieces for sid in p[schema.SOURCE_ID]] == ["a", "b", "c"]
+    assert info.index[schema.SOURCE_ID].to_pylist() == ["a", "b", "c"]
     assert info.num_duplicates == 1
 
 
@@ -198,7 +201,7 @@ def test_class_names_needed_only_without_metadata(tmp_path):
     table = pa.table({"image": [png(1), png(2)], "label": ["zebra", "ant"]})
     pq.write_table(table, tmp_path / "train.parquet")
     info = inspect_source(DataConfig(format="parquet", path=str(tmp_path)))
-    assert info.class_names == ["ant", "zebra"] and info.pieces[0][schema.LABEL] == [1, 0]
+    assert info.class_names == ["ant", "zebra"] and info.index[schema.LABEL].to_pylist() == [1, 0]
 
 
 def test_parquet_errors_before_ray(tmp_path):
@@ -218,6 +221,54 @@ def test_other_parquet_files_are_skipped_with_a_note(tmp_path):
     assert info.counts == {"train": 1} and any("without the image and label" in n for n in info.notes)
 
 
+def test_split_column_string_labels_groups_and_max_images(tmp_path):
+    """The columnar index: split values looked up once (null and unknown splits counted in a note), string
+    labels (a name outside data.class_names gets -1), groups, and max_images taking the same sample as
+    `sample_rows` over the index's rows."""
+    n = 40
+    split = ["train" if i % 4 else "validation" for i in range(n)]
+    split[9], split[19] = None, "extra"
+    labels = ["ant", "bee", "cat"]
+    label = [labels[i % 3] for i in range(n)]
+    label[7] = "yak"
+    table = pa.table(
+        {
+            "image": [{"bytes": png(i), "path": f"img/{i:03d}.png"} for i in range(n)],
+            "label": label,
+            "split": split,
+            "group": [i % 2 for i in range(n)],
+        }
+    )
+    pq.write_table(table, tmp_path / "all.parquet", row_group_size=16)
+    data = DataConfig(format="parquet", path=str(tmp_path), splits=["train", "val"], class_names=labels)
+    info = inspect_source(data)
+    kept = [i for i in range(n) if i not in (9, 19)]
+    expected = [
+        {
+            schema.SOURCE_ID: f"img/{i:03d}.png",
+            schema.LABEL: labels.index(label[i]) if label[i] in labels else -1,
+            schema.SPLIT: "train" if i % 4 else "val",
+            schema.GROUP: i % 2,
+            schema.CLASS_NAME: label[i] if label[i] in labels else "",
+        }
+        for i in kept
+    ]
+    assert source_rows(info) == expected
+    assert info.counts == {"train": 28, "val": 10}
+    assert "1 rows of split 'None' skipped (not in data.splits ['train', 'val'])" in info.notes
+    assert "1 rows of split 'extra' skipped (not in data.splits ['train', 'val'])" in info.notes
+    # Read tasks: one per row group, each row's bytes found at its position.
+    rows = read_rows(info, data)
+    assert [r[schema.SOURCE_ID] for r in rows] == [e[schema.SOURCE_ID] for e in expected]
+    assert [r[schema.IMAGE_BYTES] for r in rows] == [png(i) for i in kept]
+    assert [r[schema.CLASS_NAME] for r in rows] == [e[schema.CLASS_NAME] for e in expected]
+    assert len(parquet_pieces(info)) == 3  # row groups of 16, 16 and 8
+    for seed in (0, 1):
+        sampled = inspect_source(data.model_copy(update={"max_images": 12, "sample_seed": seed}))
+        assert source_rows(sampled) == sample_rows(expected, 12, seed=seed)
+        assert sampled.num_available == 38 and sampled.num_images == 12
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -227,6 +278,35 @@ def grid_rows(per_stratum: dict[tuple[str, int], int]) -> list[dict]:
         for (split, label), n in sorted(per_stratum.items())
         for i in range(n)
     ]
+
+
+def sample_rows_before_issue_18(rows: list[dict], max_images: int, seed: int) -> list[dict]:
+    """`sample_rows` as it was, one Python dict per row, before the columnar `sample_indices`."""
+    from engine.readers.source import stable_hash
+
+    if not max_images or len(rows) <= max_images:
+        return rows
+    strata: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        strata.setdefault((str(row[schema.SPLIT]), int(row[schema.LABEL])), []).append(i)
+    keys = {}
+    for members in strata.values():
+        ranked = sorted(members, key=lambda i: stable_hash(seed, rows[i][schema.SOURCE_ID]))
+        for rank, i in enumerate(ranked):
+            keys[i] = (rank / len(ranked), stable_hash(seed, "tie", rows[i][schema.SOURCE_ID]))
+    return [rows[i] for i in sorted(sorted(keys, key=keys.__getitem__)[:max_images])]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_sample_is_the_row_by_row_sample_it_replaced(seed):
+    rng = np.random.default_rng(seed)
+    strata = {
+        (split, label): int(rng.integers(1, 40)) for split in ("train", "val", "test") for label in range(5)
+    }
+    rows = grid_rows(strata)
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    for budget in (1, 7, 15, 16, 100, len(rows) - 1):
+        assert sample_rows(rows, budget, seed=seed) == sample_rows_before_issue_18(rows, budget, seed)
 
 
 def test_max_images_is_a_stratified_deterministic_sample():

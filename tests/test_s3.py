@@ -174,7 +174,7 @@ def test_hf_parquet_with_relative_image_paths_on_s3(s3, tmp_path, monkeypatch):
     from PIL import Image
 
     from engine.config import DataConfig
-    from engine.readers import dataset_root, inspect_source, read_parquet_rows
+    from engine.readers import dataset_root, inspect_source, parquet_pieces, read_parquet_rows
 
     local = tmp_path / "hf"
     (local / "images").mkdir(parents=True)
@@ -196,8 +196,8 @@ def test_hf_parquet_with_relative_image_paths_on_s3(s3, tmp_path, monkeypatch):
     data = DataConfig(format="parquet", path=root)
     info = inspect_source(data)
     assert info.class_names == ["a", "b"] and info.counts == {"train": 3}
-    piece = {k: np.array([v], dtype=object) for k, v in info.pieces[0].items()}
-    (block,) = read_parquet_rows(piece, "image", dataset_root(root), 16)
+    piece = {k: np.array([v], dtype=object) for k, v in parquet_pieces(info).to_pylist()[0].items()}
+    (block,) = read_parquet_rows(piece, "image", dataset_root(root), 16, info.class_names)
     assert list(block[schema.SOURCE_ID]) == paths
     assert [bytes(b) for b in block[schema.IMAGE_BYTES]] == expected
 

@@ -46,7 +46,9 @@ def test_run_killed_halfway_resumes_every_row_exactly_once(tmp_path):
     num_sources, k = 4000, 2
     source = make_source(num_sources, cache=tmp_path / "source")
     out = tmp_path / "out"
-    args = SimpleNamespace(num_variants=k, rows_per_block=100, rows_per_shard=100, num_cpus=2)
+    args = SimpleNamespace(
+        format="image_folder", num_variants=k, rows_per_block=100, rows_per_shard=100, num_cpus=2
+    )
     config = make_config(source, out, args)
     expected = num_sources * (k + 1)
 
@@ -70,3 +72,19 @@ def test_run_killed_halfway_resumes_every_row_exactly_once(tmp_path):
     assert np.array_equal(written, np.sort(np.array(owed, dtype=f"S{len(owed[0])}")))
     run = json.loads((out / "run.json").read_text())
     assert run["rows"]["real_written"] == num_sources and run["rows"]["duplicate_ids"] == 0
+
+
+def test_parquet_source_reads_as_a_hub_dataset(tmp_path):
+    """The benchmark's Parquet source is what `datasets` writes: Hub file names, ClassLabel metadata, Image
+    structs whose paths become the source ids; one read task per row group."""
+    from benchmarks.scale import make_parquet_source
+    from engine.config import DataConfig
+    from engine.readers import inspect_source, parquet_pieces, source_rows
+
+    root = make_parquet_source(2500, cache=tmp_path)
+    info = inspect_source(DataConfig(format="parquet", path=str(root)))
+    assert info.counts == {"train": 2500} and info.class_names == ["c0000", "c0001", "c0002"]
+    rows = source_rows(info)
+    assert [r["source_id"] for r in rows[999:1001]] == ["c0000/0000999.png", "c0001/0001000.png"]
+    assert [r["class_name"] for r in rows[999:1001]] == ["c0000", "c0001"]
+    assert [len(rows) for rows in parquet_pieces(info)["rows"].to_pylist()] == [1000, 1000, 500]

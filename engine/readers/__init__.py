@@ -33,7 +33,9 @@ from engine.readers.parquet import (
     dataset_root,
     hub_split,
     huggingface_features,
+    index_rows,
     inspect_parquet,
+    parquet_pieces,
     read_parquet,
     read_parquet_rows,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "huggingface_features",
     "inspect_source",
     "list_folder_rows",
+    "parquet_pieces",
     "read_file_bytes",
     "read_parquet_rows",
     "read_source",
@@ -104,6 +107,8 @@ def defers_bytes(data: DataConfig) -> bool:
 
 
 def source_rows(info: SourceInfo) -> list[dict]:
-    """Every source row of an image folder, listed here on the driver (tests, small datasets; a run lists
-    them in its read tasks instead)."""
+    """Every source row (without bytes), listed here on the driver: for tests and small datasets; a run
+    lists them in its read tasks instead."""
+    if info.index is not None:
+        return index_rows(info)
     return [row for folder in info.folders for row in folder_rows(folder)]

@@ -21,13 +21,14 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine import schema, storage
 from engine.batch import Batch
 from engine.config import DataConfig
-from engine.readers.source import SourceInfo, read_bytes, sample_rows, split_counts
+from engine.readers.source import SourceInfo, read_bytes, sample_indices
 from engine.storage import filesystem
 
 MASK_COLUMN = "mask"
@@ -135,36 +136,45 @@ def inspect_parquet(data: DataConfig) -> SourceInfo:
     # 2. The split of each file (None: per row, from the split column).
     file_splits = _file_splits(data, files, root, first_schema, notes)
 
-    # 3. One light row per image (no image bytes read unless ids need content hashes).
-    rows: list[dict] = []
-    skipped_splits: Counter = Counter()
-    for location, file_split in zip(files, file_splits, strict=True):
-        if file_split == "":
-            continue  # not a file of any split (noted)
-        rows += _index_file(
-            data, location, root, file_split, id_column, class_names, string_labels, wanted, skipped_splits
-        )
+    # 3. The index: one light row per image, as Arrow columns (no Python object per row: ImageNet's 1.28 M
+    #    rows are about 60 MB here); no image bytes are read unless ids need content hashes.
+    tables, skipped_splits = [], Counter()
+    for number, (location, file_split) in enumerate(zip(files, file_splits, strict=True)):
+        if file_split != "":  # "": not a file of any split (noted)
+            labels = (class_names, string_labels)
+            tables.append(
+                _index_file(
+                    data, location, number, root, file_split, id_column, labels, wanted, skipped_splits
+                )
+            )
     for split, n in sorted(skipped_splits.items()):
         notes.append(f"{n} rows of split {split!r} skipped (not in data.splits {data.splits})")
-    if not rows:
+    index = pa.concat_tables(tables) if tables else _FILE_INDEX.empty_table()
+    if not index.num_rows:
         raise ValueError(f"no rows of splits {data.splits} in {data.path} ({len(files)} parquet files)")
 
     # 4. Unique source ids: content hashes where there is no id or path, or where paths repeat.
-    _assign_source_ids(rows, data.image_column)
-    rows, duplicates = _drop_duplicates(rows, notes)
-    available = len(rows)
-    rows = sample_rows(rows, data.max_images, data.sample_seed)
-    if len(rows) < available:
-        notes.append(f"max_images={data.max_images}: read {len(rows)} of {available} images")
+    index = _with_source_ids(index, data.image_column, files, root)
+    index, duplicates = _drop_duplicates(index, notes)
+    available = index.num_rows
+    if data.max_images and available > data.max_images:
+        splits, ids = index[schema.SPLIT].to_pylist(), index[schema.SOURCE_ID].to_pylist()
+        label_values = index[schema.LABEL].to_numpy()
+        index = index.take(sample_indices(splits, label_values, ids, data.max_images, data.sample_seed))
+        notes.append(f"max_images={data.max_images}: read {index.num_rows} of {available} images")
+    files_column = pa.DictionaryArray.from_arrays(index["file"].combine_chunks(), pa.array(files))
+    index = index.set_column(index.schema.get_field_index("file"), "file", files_column)
+    per_split = pc.value_counts(index[schema.SPLIT].combine_chunks())
+    counts = zip(per_split.field("values").to_pylist(), per_split.field("counts").to_pylist(), strict=True)
     return SourceInfo(
         format=data.format,
         path=data.path,
         class_names=class_names,
-        counts=split_counts(rows),
+        counts=dict(sorted(counts)),
         num_available=available,
         num_duplicates=duplicates,
         notes=notes,
-        pieces=_pieces(rows),
+        index=index.select(INDEX_COLUMNS),
     )
 
 
@@ -228,17 +238,35 @@ def _file_splits(data: DataConfig, files: list[str], root: str, first_schema, no
     return [first] * len(files)
 
 
+_FILE_INDEX = pa.schema(
+    [
+        ("file", pa.int32()),  # position in the dataset's file list
+        ("row_group", pa.int32()),
+        ("row", pa.int64()),  # within the row group
+        ("id", pa.string()),  # the id column's value, if any
+        ("image_path", pa.string()),  # relative to the dataset root where it lies under it
+        (schema.LABEL, pa.int64()),
+        (schema.SPLIT, pa.string()),  # as data.splits spells it
+        (schema.GROUP, pa.int64()),
+    ]
+)
+INDEX_COLUMNS = ["file", "row_group", "row", schema.SOURCE_ID, schema.LABEL, schema.SPLIT, schema.GROUP]
+
+
 def _index_file(
     data: DataConfig,
     location: str,
+    number: int,
     root: str,
     file_split: str | None,
     id_column: str | None,
-    class_names: list[str],
-    string_labels: bool,
+    labels: tuple[list[str], bool],
     wanted: dict[str, str],
     skipped_splits: Counter,
-) -> list[dict]:
+) -> pa.Table:
+    """One file's rows of the wanted splits as a `_FILE_INDEX` table; counts the others' split values in
+    `skipped_splits`. `labels`: the class names, and whether the label column holds names (else ints)."""
+    class_names, string_labels = labels
     parquet = _open_parquet(location)
     arrow_schema = parquet.schema_arrow
     if data.image_column not in arrow_schema.names or data.label_column not in arrow_schema.names:
@@ -253,96 +281,124 @@ def _index_file(
         if extra and extra in arrow_schema.names and extra not in columns:
             columns.append(extra)
     table = parquet.read(columns=columns)
-    labels = table.column(data.label_column).to_pylist()
-    paths = _image_paths(table, data.image_column, image_type)
-    ids = table.column(id_column).to_pylist() if id_column and id_column in table.column_names else None
-    splits = table.column(SPLIT_COLUMN).to_pylist() if file_split is None else None
-    groups = table.column(schema.GROUP).to_pylist() if schema.GROUP in table.column_names else None
-    label_of = {name: i for i, name in enumerate(class_names)}
-    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-    rel_file = posixpath.relpath(location.partition("?")[0], root.partition("?")[0])
+    n = table.num_rows
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.repeat(np.cumsum([0] + sizes)[:-1], sizes)
 
-    rows = []
-    for i in range(table.num_rows):
-        split = canonical_split(splits[i]) if splits is not None else file_split
-        if split not in wanted:
-            skipped_splits[str(splits[i] if splits is not None else split)] += 1
-            continue
-        if string_labels:
-            label = label_of.get(str(labels[i]), -1) if labels[i] is not None else -1
-        else:
-            label = int(labels[i]) if labels[i] is not None else -1
-        row_group = int(np.searchsorted(starts, i, side="right") - 1)
-        rows.append(
-            {
-                "file": location,
-                "rel_file": rel_file,
-                "row_group": row_group,
-                "row": i - int(starts[row_group]),
-                "id": None if ids is None or ids[i] is None else str(ids[i]),
-                "image_path": _relative_to_root(paths[i], root) if paths and paths[i] else None,
-                schema.LABEL: label,
-                schema.CLASS_NAME: class_names[label] if 0 <= label < len(class_names) else "",
-                schema.SPLIT: wanted[split],
-                schema.GROUP: int(groups[i]) if groups and groups[i] is not None else -1,
-            }
-        )
-    return rows
+    # Splits: each distinct value is looked up once (a split column has a handful of them).
+    if file_split is None:
+        values = _strings(table.column(SPLIT_COLUMN)).dictionary_encode()
+        names = [str(v) for v in values.dictionary.to_pylist()] + ["None"]  # the last one: null
+        codes = values.indices.fill_null(len(names) - 1).to_numpy(zero_copy_only=False)
+    else:
+        names, codes = [file_split], np.zeros(n, np.int64)
+    spelled = [wanted.get(canonical_split(name)) for name in names]
+    keep = np.array([s is not None for s in spelled])[codes]
+    for code, count in enumerate(np.bincount(codes[~keep], minlength=len(names))):
+        if count:
+            skipped_splits[names[code]] += int(count)
+    split = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(spelled, pa.string()))
+
+    labels = table.column(data.label_column).combine_chunks()
+    if string_labels:
+        label_of = {name: i for i, name in enumerate(class_names)}
+        values = labels.dictionary_encode()
+        lookup = np.array([label_of.get(str(v), -1) for v in values.dictionary.to_pylist()] + [-1], np.int64)
+        label = lookup[values.indices.fill_null(len(lookup) - 1).to_numpy(zero_copy_only=False)]
+    else:
+        label = labels.fill_null(-1).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    group = (
+        table.column(schema.GROUP).combine_chunks().fill_null(-1).cast(pa.int64())
+        if schema.GROUP in table.column_names
+        else pa.array(np.full(n, -1, np.int64))
+    )
+    index = pa.table(
+        {
+            "file": pa.array(np.full(n, number, np.int32)),
+            "row_group": pa.array(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)),
+            "row": pa.array(np.arange(n, dtype=np.int64) - starts),
+            "id": (
+                _strings(table.column(id_column))
+                if id_column and id_column in table.column_names
+                else pa.nulls(n, pa.string())
+            ),
+            "image_path": _image_paths(table, data.image_column, image_type, root, n),
+            schema.LABEL: pa.array(label),
+            schema.SPLIT: split.dictionary_decode(),
+            schema.GROUP: group,
+        },
+        schema=_FILE_INDEX,
+    )
+    return index.filter(pa.array(keep))
 
 
-def _image_paths(table: pa.Table, image_column: str, image_type) -> list[str | None] | None:
+def _strings(column) -> pa.Array:
+    """A column's values as strings (ids and split names may be stored as ints)."""
+    return column.combine_chunks().cast(pa.string())
+
+
+def _image_paths(table: pa.Table, image_column: str, image_type, root: str, n: int) -> pa.Array:
+    """Each row's image path (null where none or empty), relative to `root` where it lies under it."""
     if image_column not in table.column_names:
-        return None
-    column = table.column(image_column)
+        return pa.nulls(n, pa.string())
+    column = table.column(image_column).combine_chunks()
     if pa.types.is_struct(image_type):
-        return [v.get("path") if v else None for v in column.to_pylist()]
-    return column.to_pylist()
-
-
-def _relative_to_root(path: str, root: str) -> str:
-    """A path as a source id: relative to the dataset root when it lies under it."""
+        column = column.field("path")
+    paths = column.cast(pa.string())
+    paths = pc.if_else(pc.equal(paths, ""), pa.scalar(None, pa.string()), paths)
     root_path = root.partition("?")[0].rstrip("/") + "/"
     if "://" in root_path:
         root_path = root_path.split("://", 1)[1]
-    plain = path.split("://", 1)[1] if "://" in path else path
-    return plain[len(root_path) :] if plain.startswith(root_path) else path
+    plain = pc.replace_substring_regex(paths, r"^.*?://", "", max_replacements=1)  # the scheme, if any
+    relative = pc.utf8_slice_codeunits(plain, len(root_path))  # counts characters, as str slicing does
+    return pc.if_else(pc.starts_with(plain, root_path), relative, paths)
 
 
-def _assign_source_ids(rows: list[dict], image_column: str) -> None:
-    """source_id per row: the id column, else the image path (with a content hash where paths repeat),
-    else a hash of the image bytes; rows with neither a path nor bytes get their file position (they
-    fail as missing images, each on its own)."""
-    path_uses = Counter(row["image_path"] for row in rows if row["id"] is None and row["image_path"])
-    needs_hash = [
-        row
-        for row in rows
-        if row["id"] is None and (not row["image_path"] or path_uses[row["image_path"]] > 1)
-    ]
-    hashes = _content_hashes(needs_hash, image_column)
-    for row in rows:
-        key = (row["file"], row["row_group"], row["row"])
-        if row["id"] is not None:
-            row[schema.SOURCE_ID] = row["id"]
-        elif row["image_path"] and path_uses[row["image_path"]] == 1:
-            row[schema.SOURCE_ID] = row["image_path"]
-        elif hashes.get(key):
-            digest = hashes[key]
-            row[schema.SOURCE_ID] = f"{row['image_path']}#{digest}" if row["image_path"] else digest
-        elif row["image_path"]:  # repeated path, no bytes: the same file named twice
-            row[schema.SOURCE_ID] = row["image_path"]
-        else:
-            row[schema.SOURCE_ID] = f"{row['rel_file']}#{row['row_group']}:{row['row']}"
+def _with_source_ids(index: pa.Table, image_column: str, files: list[str], root: str) -> pa.Table:
+    """Add `source_id`: the id column, else the image path (with a content hash where paths repeat), else
+    a hash of the image bytes; rows with neither a path nor bytes get their file position (they fail as
+    missing images, each on its own). Only rows that need a hash are handled one by one."""
+    ids, paths = index["id"].combine_chunks(), index["image_path"].combine_chunks()
+    no_id = pc.is_null(ids)
+    counts = pc.value_counts(paths.filter(pc.and_(no_id, pc.is_valid(paths))))
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    path_repeated = pc.is_in(paths, value_set=repeated)
+    source_ids = pc.coalesce(ids, pc.if_else(path_repeated, pa.scalar(None, pa.string()), paths))
+    needs_hash = pc.and_(no_id, pc.or_(pc.is_null(paths), path_repeated))
+    if pc.any(needs_hash).as_py():
+        pending = index.filter(needs_hash)
+        hashes = _content_hashes(pending, image_column, files)
+        rel_files = [posixpath.relpath(f.partition("?")[0], root.partition("?")[0]) for f in files]
+        filled = []
+        for digest, path, number, row_group, row in zip(
+            hashes,
+            pending["image_path"].to_pylist(),
+            pending["file"].to_pylist(),
+            pending["row_group"].to_pylist(),
+            pending["row"].to_pylist(),
+            strict=True,
+        ):
+            if digest:
+                filled.append(f"{path}#{digest}" if path else digest)
+            elif path:  # a repeated path without bytes: the same file named twice
+                filled.append(path)
+            else:
+                filled.append(f"{rel_files[number]}#{row_group}:{row}")
+        source_ids = pc.replace_with_mask(source_ids, needs_hash, pa.array(filled, pa.string()))
+    return index.append_column(schema.SOURCE_ID, source_ids)
 
 
-def _content_hashes(rows: list[dict], image_column: str) -> dict[tuple, str]:
-    """sha1 (16 hex) of the embedded image bytes of `rows`, by (file, row group, row); none for empty or
+def _content_hashes(rows: pa.Table, image_column: str, files: list[str]) -> list[str | None]:
+    """sha1 (16 hex) of the embedded image bytes of each of `rows`, in their order; None for empty or
     missing bytes. One streaming pass over the image column of the row groups concerned."""
-    wanted: dict[tuple[str, int], set[int]] = defaultdict(set)
-    for row in rows:
-        wanted[(row["file"], row["row_group"])].add(row["row"])
-    out = {}
-    for (location, row_group), positions in sorted(wanted.items()):
-        parquet = _open_parquet(location)
+    wanted: dict[tuple[int, int], dict[int, int]] = defaultdict(dict)
+    for k, (number, row_group, row) in enumerate(
+        zip(rows["file"].to_pylist(), rows["row_group"].to_pylist(), rows["row"].to_pylist(), strict=True)
+    ):
+        wanted[(number, row_group)][row] = k
+    out: list[str | None] = [None] * rows.num_rows
+    for (number, row_group), positions in sorted(wanted.items()):
+        parquet = _open_parquet(files[number])
         image_type = parquet.schema_arrow.field(image_column).type
         column = f"{image_column}.bytes" if pa.types.is_struct(image_type) else image_column
         offset = 0
@@ -351,73 +407,85 @@ def _content_hashes(rows: list[dict], image_column: str) -> dict[tuple, str]:
             if pa.types.is_struct(values.type):
                 values = values.field("bytes")
             for j, value in enumerate(values.to_pylist()):
-                if offset + j in positions and isinstance(value, bytes) and value:
-                    out[(location, row_group, offset + j)] = hashlib.sha1(value).hexdigest()[:16]
+                k = positions.get(offset + j)
+                if k is not None and isinstance(value, bytes) and value:
+                    out[k] = hashlib.sha1(value).hexdigest()[:16]
             offset += batch.num_rows
     return out
 
 
-def _drop_duplicates(rows: list[dict], notes: list[str]) -> tuple[list[dict], int]:
+def _drop_duplicates(index: pa.Table, notes: list[str]) -> tuple[pa.Table, int]:
     """Keep one row of each source id; count and note the others (never merged silently: two rows with
     one id would have the same output ids, and a resume would count them as one). An image in both a test
     (or val) split and train is kept in the evaluation split: its synthetic variants must not train."""
-    priority = {"test": 0, "val": 1}
-    order = sorted(
-        range(len(rows)), key=lambda i: (priority.get(canonical_split(rows[i][schema.SPLIT]), 2), i)
+    n = index.num_rows
+    splits = index[schema.SPLIT].combine_chunks().dictionary_encode()
+    priority = np.array(
+        [{"test": 0, "val": 1}.get(canonical_split(s), 2) for s in splits.dictionary.to_pylist()], np.int64
+    )[splits.indices.to_numpy(zero_copy_only=False)]
+    order = np.lexsort((np.arange(n), priority))
+    ids = index[schema.SOURCE_ID].combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    _, first = np.unique(ids[order], return_index=True)
+    keep = np.zeros(n, bool)
+    keep[order[first]] = True
+    if keep.all():
+        return index, 0
+    dropped = index[schema.SOURCE_ID].filter(pa.array(~keep))
+    examples = sorted(pc.unique(dropped.combine_chunks()).to_pylist())[:3]
+    notes.append(
+        f"{len(dropped)} duplicate rows skipped: their source id (id column, image path + bytes, or "
+        f"identical image bytes) repeats an earlier row's, e.g. {examples}"
     )
-    seen: set[str] = set()
-    keep, dropped = set(), []
-    for i in order:
-        if rows[i][schema.SOURCE_ID] in seen:
-            dropped.append(rows[i])
-        else:
-            seen.add(rows[i][schema.SOURCE_ID])
-            keep.add(i)
-    kept = [row for i, row in enumerate(rows) if i in keep]
-    if dropped:
-        examples = sorted({row[schema.SOURCE_ID] for row in dropped})[:3]
-        notes.append(
-            f"{len(dropped)} duplicate rows skipped: their source id (id column, image path + bytes, or "
-            f"identical image bytes) repeats an earlier row's, e.g. {examples}"
-        )
-    return kept, len(dropped)
+    return index.filter(pa.array(keep)), len(dropped)
 
 
-def _pieces(rows: list[dict]) -> list[dict]:
-    """One read task per (file, row group), its rows in file order."""
-    grouped: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    order: list[tuple[str, int]] = []
+def parquet_pieces(info: SourceInfo) -> pa.Table:
+    """One row per (file, row group) of the index: what one read task reads, its rows as list columns.
+    The index is in file order, so a piece is a run of equal (file, row group)."""
+    index = info.index.combine_chunks()
+    files = index["file"].chunk(0)  # one chunk after combine_chunks
+    numbers = files.indices.to_numpy(zero_copy_only=False)
+    row_groups = index["row_group"].to_numpy()
+    change = (numbers[1:] != numbers[:-1]) | (row_groups[1:] != row_groups[:-1])
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+    offsets = pa.array(np.concatenate([starts, [index.num_rows]]), pa.int32())
+
+    def listed(name: str) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, index[name].combine_chunks())
+
+    return pa.table(
+        {
+            "file": files.dictionary.take(pa.array(numbers[starts])),
+            "row_group": pa.array(row_groups[starts]),
+            "rows": listed("row"),
+            schema.SOURCE_ID: listed(schema.SOURCE_ID),
+            schema.LABEL: listed(schema.LABEL),
+            schema.SPLIT: listed(schema.SPLIT),
+            schema.GROUP: listed(schema.GROUP),
+        }
+    )
+
+
+def index_rows(info: SourceInfo) -> list[dict]:
+    """The index as source rows (tests, small datasets)."""
+    rows = info.index.select([schema.SOURCE_ID, schema.LABEL, schema.SPLIT, schema.GROUP]).to_pylist()
     for row in rows:
-        key = (row["file"], row["row_group"])
-        if key not in grouped:
-            order.append(key)
-        grouped[key].append(row)
-    pieces = []
-    for location, row_group in order:
-        members = sorted(grouped[(location, row_group)], key=lambda r: r["row"])
-        pieces.append(
-            {
-                "file": location,
-                "row_group": row_group,
-                "rows": [r["row"] for r in members],
-                schema.SOURCE_ID: [r[schema.SOURCE_ID] for r in members],
-                schema.LABEL: [r[schema.LABEL] for r in members],
-                schema.CLASS_NAME: [r[schema.CLASS_NAME] for r in members],
-                schema.SPLIT: [r[schema.SPLIT] for r in members],
-                schema.GROUP: [r[schema.GROUP] for r in members],
-            }
-        )
-    return pieces
+        label = row[schema.LABEL]
+        row[schema.CLASS_NAME] = info.class_names[label] if 0 <= label < len(info.class_names) else ""
+    return rows
 
 
 def read_parquet(info: SourceInfo, data: DataConfig, ray_data, num_cpus: float):
-    """One block per file row group: each is read once, and its rows leave in blocks of rows_per_block."""
-    return ray_data.from_items(info.pieces, override_num_blocks=len(info.pieces)).map_batches(
+    """One block per file row group: each is read once, and its rows leave in blocks of rows_per_block.
+    The pieces go to Ray as Arrow (not `from_items` of dicts): no Python object per source row."""
+    pieces = parquet_pieces(info)
+    return ray_data.from_arrow(pieces, override_num_blocks=pieces.num_rows).map_batches(
         read_parquet_rows,
         fn_kwargs={
             "image_column": data.image_column,
             "root": dataset_root(data.path),
             "rows_per_block": data.rows_per_block,
+            "class_names": info.class_names,
         },
         batch_format="numpy",
         batch_size=1,
@@ -425,7 +493,9 @@ def read_parquet(info: SourceInfo, data: DataConfig, ray_data, num_cpus: float):
     )
 
 
-def read_parquet_rows(batch: Batch, image_column: str, root: str, rows_per_block: int):
+def read_parquet_rows(
+    batch: Batch, image_column: str, root: str, rows_per_block: int, class_names: list[str]
+):
     """Read task: the image (and mask) bytes of one piece's rows, yielded in blocks of rows_per_block.
 
     Image values: bytes, a `datasets` Image struct (bytes, or None and a path), or a path string; paths
@@ -455,8 +525,11 @@ def read_parquet_rows(batch: Batch, image_column: str, root: str, rows_per_block
             offset += record_batch.num_rows
         meta = {
             name: list(batch[name][p])
-            for name in (schema.SOURCE_ID, schema.LABEL, schema.CLASS_NAME, schema.SPLIT, schema.GROUP)
+            for name in (schema.SOURCE_ID, schema.LABEL, schema.SPLIT, schema.GROUP)
         }
+        meta[schema.CLASS_NAME] = [
+            class_names[label] if 0 <= label < len(class_names) else "" for label in meta[schema.LABEL]
+        ]
         for start in range(0, len(positions), rows_per_block):
             part = slice(start, start + rows_per_block)
             yield {
