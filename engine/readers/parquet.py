@@ -136,8 +136,8 @@ def inspect_parquet(data: DataConfig) -> SourceInfo:
     # 2. The split of each file (None: per row, from the split column).
     file_splits = _file_splits(data, files, root, first_schema, notes)
 
-    # 3. The index: one light row per image, as Arrow columns (no Python object per row: ImageNet's 1.28 M
-    #    rows are about 60 MB here); no image bytes are read unless ids need content hashes.
+    # 3. The index: one light row per image, as Arrow columns (no Python object per row: 10^6 rows are 59 MiB
+    #    here); no image bytes are read unless ids need content hashes.
     tables, skipped_splits = [], Counter()
     for number, (location, file_split) in enumerate(zip(files, file_splits, strict=True)):
         if file_split != "":  # "": not a file of any split (noted)
