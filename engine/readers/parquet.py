@@ -470,8 +470,7 @@ def index_rows(info: SourceInfo) -> list[dict]:
     """The index as source rows (tests, small datasets)."""
     rows = info.index.select([schema.SOURCE_ID, schema.LABEL, schema.SPLIT, schema.GROUP]).to_pylist()
     for row in rows:
-        label = row[schema.LABEL]
-        row[schema.CLASS_NAME] = info.class_names[label] if 0 <= label < len(info.class_names) else ""
+        row[schema.CLASS_NAME] = _class_name(info.class_names, row[schema.LABEL])
     return rows
 
 
@@ -527,9 +526,7 @@ def read_parquet_rows(
             name: list(batch[name][p])
             for name in (schema.SOURCE_ID, schema.LABEL, schema.SPLIT, schema.GROUP)
         }
-        meta[schema.CLASS_NAME] = [
-            class_names[label] if 0 <= label < len(class_names) else "" for label in meta[schema.LABEL]
-        ]
+        meta[schema.CLASS_NAME] = [_class_name(class_names, label) for label in meta[schema.LABEL]]
         for start in range(0, len(positions), rows_per_block):
             part = slice(start, start + rows_per_block)
             yield {
@@ -541,6 +538,11 @@ def read_parquet_rows(
                 schema.SPLIT: np.array(meta[schema.SPLIT][part], dtype=object),
                 schema.GROUP: np.array(meta[schema.GROUP][part], dtype=np.int64),
             }
+
+
+def _class_name(class_names: list[str], label: int) -> str:
+    """A label's class name; "" for a label outside the names (-1: unknown), which decode reports."""
+    return class_names[label] if 0 <= label < len(class_names) else ""
 
 
 def _objects(values: list) -> np.ndarray:
