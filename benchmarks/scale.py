@@ -3,6 +3,7 @@
     python -m benchmarks.scale                                  # N = 10^4, 10^5, 10^6 at K = 10 (make bench-scale)
     python -m benchmarks.scale --sizes 10000 100000 --num-variants 10 --num-cpus 2
     python -m benchmarks.scale --format parquet --sizes 10000 100000 --num-variants 10 --num-cpus 2
+    python -m benchmarks.scale --sizes 1000000 --num-variants 1 --num-cpus 2 --full-only  # memory only
 
 A synthetic source of N tiny images (8x8 PNG) written once under .cache/scale/: an image folder
 (`train/c<k>/<i>.png`, about 1000 per class folder) or, with `--format parquet`, Hugging Face style Parquet
@@ -14,7 +15,9 @@ never in the shipped recipes. Per size: a full run (wall, rows/s, the driver's p
 store's peak use), then a second output killed (SIGKILL of the job's process group) once half of its rows
 are in shards, and resumed: the resumed output must hold every expected id exactly once (and the same ids as
 the full run); resume's extra cost is its wall time minus the full run's time for the rows it had left.
-Results: benchmarks/results/scale.{json,md} (parquet: scale-parquet.{json,md}), with the command, the machine and its load (`os.getloadavg`).
+Each run also samples the driver's RSS every second (`driver_rss_mib_over_time` in the JSON: where it grows).
+Results: benchmarks/results/scale.{json,md} (parquet: scale-parquet.{json,md}; `--full-only`:
+scale-k<K>-full-only.{json,md}), with the command, the machine and its load (`os.getloadavg`).
 """
 
 from __future__ import annotations
@@ -175,6 +178,7 @@ def object_store_used_mib() -> float:
 
 def child(config_json: str, result_path: str) -> int:
     """Runs `run_generate` with the pass-through recipe; writes its measurements as JSON."""
+    import psutil
     import ray
 
     from engine import recipes
@@ -194,11 +198,14 @@ def child(config_json: str, result_path: str) -> int:
             ray.shutdown()
     ray_start_s = time.perf_counter() - start
     peak_store = [0.0]
+    rss: list[tuple[float, float]] = []  # (seconds into the run, the driver's RSS MiB): where it grows
     stop = threading.Event()
 
     def sample() -> None:
+        me = psutil.Process()
         while not stop.wait(1.0):
             peak_store[0] = max(peak_store[0], object_store_used_mib())
+            rss.append((time.perf_counter() - start, me.memory_info().rss / 2**20))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -213,6 +220,7 @@ def child(config_json: str, result_path: str) -> int:
         "ray_start_s": round(ray_start_s, 2),
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "object_store_peak_mib": round(peak_store[0], 1),
+        "driver_rss_mib_over_time": [[round(t), round(m)] for t, m in rss[:: max(1, len(rss) // 40)]],
         "rows_written_this_run": rows["written_this_run"],
         "sources_already_done": rows["sources_already_done"],
         "duplicate_ids": rows["duplicate_ids"],
@@ -298,6 +306,15 @@ def measure(num_sources: int, args, work: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     full = run_child(make_config(source, full_out, args), work)
+    if args.full_only:  # the driver's memory over time, without the 2 more runs of kill and resume
+        return {
+            "sources": num_sources,
+            "num_variants": args.num_variants,
+            "rows": expected,
+            "full": {**full, "rows_per_s": round(expected / full["wall_s"], 1)},
+            "load_avg_before": load_before,
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        }
     killed = run_child(make_config(source, resumed_out, args), work, kill_at_rows=expected // 2)
     resumed = run_child(make_config(source, resumed_out, args), work)
     check = check_resumed(resumed_out, full_out, expected)
@@ -340,6 +357,8 @@ def write_results(results: list[dict], args, command: str, notes: tuple[str, ...
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "scale" if args.format == "image_folder" else f"scale-{args.format}"
+    if args.full_only:  # beside, not over, the table with resumes
+        stem += f"-k{args.num_variants}-full-only"
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     source = (
         f"Synthetic image folder (8x8 PNGs, {IMAGES_PER_CLASS} per class folder)"
@@ -363,7 +382,14 @@ def write_results(results: list[dict], args, command: str, notes: tuple[str, ...
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for r in results:
-        f, res = r["full"], r["resume"]
+        f, res = r["full"], r.get("resume")
+        if res is None:  # --full-only
+            lines.append(
+                f"| {r['sources']:,} | {r['rows']:,} | {f['wall_s']} | {f['rows_per_s']:,} | "
+                f"{f['driver_peak_rss_mib']} | {f['object_store_peak_mib']} | - | - | - | - | - | "
+                f"{r['load_avg_before'][0]} / {r['load_avg_after'][0]} |"
+            )
+            continue
         lines.append(
             f"| {r['sources']:,} | {r['rows']:,} | {f['wall_s']} | {f['rows_per_s']:,} | "
             f"{f['driver_peak_rss_mib']} | {f['object_store_peak_mib']} | {r['killed_at_rows']:,} | "
@@ -389,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     # among them (engine.stages): a larger rows_per_shard would make each task take that many sources.
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="the local Ray's CPUs")
+    parser.add_argument(
+        "--full-only", action="store_true", help="only the full run per size (no kill and resume)"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale" / "work")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)

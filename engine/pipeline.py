@@ -266,7 +266,10 @@ def _run_attempt(
         logger.info("class pool: %d rows of %d classes", len(pool.where), len(pool.members))
     stages = pipeline_stages(config, class_names, plan.digest, done_ids, plan.data_dir, pool)
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
-    write_shards(ds, config, plan.data_dir, class_names).take_all()  # one small manifest entry per shard
+    # Drained by reference: the driver never fetches the manifest rows (one per shard, unused here) nor
+    # keeps them, so what it holds at the end does not grow with the number of shards (issue 18, scale).
+    for _ in write_shards(ds, config, plan.data_dir, class_names).iter_internal_ref_bundles():
+        pass
 
 
 def _generated(ledger) -> int:

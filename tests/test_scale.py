@@ -58,6 +58,7 @@ def test_run_killed_halfway_resumes_every_row_exactly_once(tmp_path):
     assert resumed["rows_written_this_run"] == expected - killed, "exactly the missing rows"
     assert resumed["sources_already_done"] > 0 and resumed["duplicate_ids"] == 0
     assert resumed["files_read"] == num_sources - resumed["sources_already_done"], "done sources not read"
+    assert len(resumed["driver_rss_mib_over_time"]) >= 2, "the driver's memory sampled over the run"
 
     # Every expected id, once: the ids the sources owe, from the run's own config hash.
     digest = json.loads((out / "manifest.json").read_text())["config_hash"]
