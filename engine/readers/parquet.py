@@ -193,7 +193,8 @@ def _class_names(data: DataConfig, features: dict, string_labels: bool, files: l
         names: set[str] = set()
         for location in files:
             column = _open_parquet(location).read(columns=[data.label_column]).column(0)
-            names.update(str(v) for v in column.to_pylist() if v is not None)
+            # Arrow's hash set per file: a Python value per class, not per row, on the driver.
+            names.update(str(v) for v in pc.unique(column).to_pylist() if v is not None)
         return sorted(names)
     raise ValueError(
         f"no class names for the int labels of {data.path}: its files have no ClassLabel metadata for "
