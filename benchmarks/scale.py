@@ -306,15 +306,15 @@ def measure(num_sources: int, args, work: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     full = run_child(make_config(source, full_out, args), work)
+    result = {
+        "sources": num_sources,
+        "num_variants": args.num_variants,
+        "rows": expected,
+        "full": {**full, "rows_per_s": round(expected / full["wall_s"], 1)},
+        "load_avg_before": load_before,
+    }
     if args.full_only:  # the driver's memory over time, without the 2 more runs of kill and resume
-        return {
-            "sources": num_sources,
-            "num_variants": args.num_variants,
-            "rows": expected,
-            "full": {**full, "rows_per_s": round(expected / full["wall_s"], 1)},
-            "load_avg_before": load_before,
-            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-        }
+        return {**result, "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
     killed = run_child(make_config(source, resumed_out, args), work, kill_at_rows=expected // 2)
     resumed = run_child(make_config(source, resumed_out, args), work)
     check = check_resumed(resumed_out, full_out, expected)
@@ -323,10 +323,7 @@ def measure(num_sources: int, args, work: Path) -> dict:
     # What resume adds: its wall time less the full run's time for the rows it still had to make.
     extra = resumed["wall_s"] - full["wall_s"] * left / expected
     return {
-        "sources": num_sources,
-        "num_variants": args.num_variants,
-        "rows": expected,
-        "full": {**full, "rows_per_s": round(expected / full["wall_s"], 1)},
+        **result,
         "killed_at_rows": killed["killed_at_rows"],
         "resume": {**resumed, "exactly_once": check},
         "resume_extra_s": round(extra, 2),
@@ -335,7 +332,6 @@ def measure(num_sources: int, args, work: Path) -> dict:
         # new source than the full run did (its start-up plus skipping the done sources).
         "resume_skip_phase_s": round(skip_s, 2),
         "resume_skip_phase_fraction_of_full": round(skip_s / full["wall_s"], 3),
-        "load_avg_before": load_before,
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -383,19 +379,17 @@ def write_results(results: list[dict], args, command: str, notes: tuple[str, ...
     ]
     for r in results:
         f, res = r["full"], r.get("resume")
-        if res is None:  # --full-only
-            lines.append(
-                f"| {r['sources']:,} | {r['rows']:,} | {f['wall_s']} | {f['rows_per_s']:,} | "
-                f"{f['driver_peak_rss_mib']} | {f['object_store_peak_mib']} | - | - | - | - | - | "
-                f"{r['load_avg_before'][0]} / {r['load_avg_after'][0]} |"
-            )
-            continue
+        resume_cells = (
+            "- | - | - | - | -"  # --full-only
+            if res is None
+            else f"{r['killed_at_rows']:,} | {res['wall_s']} | "
+            f"{r['resume_extra_s']} s ({r['resume_extra_fraction_of_full']:.1%}) | "
+            f"{r['resume_skip_phase_s']} s ({r['resume_skip_phase_fraction_of_full']:.1%}) | "
+            f"{'yes' if res['exactly_once']['exactly_once'] else 'NO'}"
+        )
         lines.append(
             f"| {r['sources']:,} | {r['rows']:,} | {f['wall_s']} | {f['rows_per_s']:,} | "
-            f"{f['driver_peak_rss_mib']} | {f['object_store_peak_mib']} | {r['killed_at_rows']:,} | "
-            f"{res['wall_s']} | {r['resume_extra_s']} s ({r['resume_extra_fraction_of_full']:.1%}) | "
-            f"{r['resume_skip_phase_s']} s ({r['resume_skip_phase_fraction_of_full']:.1%}) | "
-            f"{'yes' if res['exactly_once']['exactly_once'] else 'NO'} | "
+            f"{f['driver_peak_rss_mib']} | {f['object_store_peak_mib']} | {resume_cells} | "
             f"{r['load_avg_before'][0]} / {r['load_avg_after'][0]} |"
         )
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
