@@ -3,6 +3,7 @@ Jobs API to a `ray start` head runs the generation recipe from an uploaded worki
 
 Every cluster here is private to its test: its own temp dir (RAY_TMPDIR, so no other `ray.init()` on the
 machine finds it), loopback addresses only, and it is shut down before the test ends. One cluster at a time.
+The tests whose driver is in this process run in a fresh interpreter each (`own_process`, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def pixels(data: bytes):
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.own_process(timeout=420)
 def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_path, ray_tmp):
     import ray
     from ray.cluster_utils import Cluster
@@ -164,7 +165,7 @@ def test_multi_node_run_writes_the_single_node_rows(toy, tiny_models_dir, tmp_pa
         assert abs(pixels(a[schema.IMAGE]) - pixels(b[schema.IMAGE])).max() <= 1, a[schema.ID]
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.own_process(timeout=420)
 def test_removed_worker_node_loses_and_duplicates_nothing(tiny_models_dir, tmp_path, ray_tmp, monkeypatch):
     """A worker node running the background pool is killed (no graceful drain) after two of its batches;
     the pool carries on on the other node with the `gen` resource and the output holds every expected row
