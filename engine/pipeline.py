@@ -268,7 +268,8 @@ def _run_attempt(
     ds = apply_stages(ds, stages, ledger, config.ray.task_num_cpus)
     # Drained by reference: the driver never fetches the manifest rows (one per shard, unused here) nor
     # keeps them, so what it holds at the end does not grow with the number of shards (issue 18, scale).
-    for _ in write_shards(ds, config, plan.data_dir, class_names).iter_internal_ref_bundles():
+    tasks_only = not any(stage.is_actor or stage.on_dataset for stage in stages)
+    for _ in write_shards(ds, config, plan.data_dir, class_names, tasks_only).iter_internal_ref_bundles():
         pass
 
 
@@ -283,26 +284,41 @@ def _generated(ledger) -> int:
     return int(snapshot["stages"].get("expand", {}).get("synthetic_out", 0))
 
 
-def write_shards(ds, config: GenerateConfig, data_uri: str, class_names: list[str] | None = None):
-    """The last step: encode + one atomic shard per `output.rows_per_shard` rows; yields manifest rows."""
+def write_shards(
+    ds, config: GenerateConfig, data_uri: str, class_names: list[str] | None = None, tasks_only: bool = False
+):
+    """The last step: encode + one atomic shard per `output.rows_per_shard` rows; yields manifest rows.
+
+    After an actor stage, whose outputs are blocks of its batch size, the writer gathers `rows_per_shard`
+    rows per call. When every stage is a CPU task (`tasks_only`), Ray Data fuses them all, the source's
+    listing included, into one operator whose tasks take as many source rows as its largest batch size:
+    there the writer takes one block per call and cuts it into shards itself."""
     return ds.map_batches(
         encode_and_write,
         fn_kwargs=_shard_format(config, data_uri, class_names),
         batch_format="numpy",
-        batch_size=config.output.rows_per_shard,
+        batch_size=None if tasks_only else config.output.rows_per_shard,
         num_cpus=config.ray.task_num_cpus,
     )
 
 
 def encode_and_write(
-    batch, data_uri: str, image_format: str, quality: int, models_json: str, class_names: list[str]
+    batch,
+    data_uri: str,
+    image_format: str,
+    quality: int,
+    models_json: str,
+    class_names: list[str],
+    rows_per_shard: int,
 ) -> dict:
-    """Last step: encode rows into the output schema and write them as one shard (see engine.shards)."""
+    """Last step: encode rows into the output schema and write them as shards of at most `rows_per_shard`
+    rows (see engine.shards)."""
     table = encode_rows(batch, image_format, quality, models_json, class_names)
-    if table.num_rows == 0:
-        return {"shard": [], "rows": []}
-    entry = write_shard(table, data_uri)
-    return {"shard": [entry["shard"]], "rows": [entry["rows"]]}
+    entries = [
+        write_shard(table.slice(at, rows_per_shard), data_uri)
+        for at in range(0, table.num_rows, rows_per_shard)
+    ]
+    return {"shard": [e["shard"] for e in entries], "rows": [e["rows"] for e in entries]}
 
 
 def write_real_rows(batch: Batch, **shard_format) -> Batch:
@@ -370,6 +386,7 @@ def _shard_format(config: GenerateConfig, data_uri: str, class_names: list[str] 
         "image_format": config.output.image_format,
         "quality": config.output.quality,
         "models_json": json.dumps(model_tags(config), sort_keys=True),
+        "rows_per_shard": config.output.rows_per_shard,
     }
 
 

@@ -1,4 +1,4 @@
-"""Exactly-once output: a finished run re-run writes nothing; a run killed halfway resumes the rest.
+"""Exactly-once output: a run killed halfway resumes the rest; the finished run re-run writes nothing.
 
 The generation job runs as a subprocess (`python -m jobs.generate`), as a user or `ray job submit` would.
 """
@@ -63,40 +63,6 @@ def ids_in(out: Path) -> list[str]:
     return pq.read_table(out / "data", columns=[schema.ID]).column(schema.ID).to_pylist()
 
 
-def test_rerun_of_finished_job_writes_nothing(toy, tiny_models_dir, tmp_path):
-    out = tmp_path / "out"
-    cmd = generate_cmd(toy, tiny_models_dir, out)
-    subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
-    first = run_json(out)
-    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
-    assert first["rows"]["synthetic_written"] == 48 * 2 and first["rows"]["duplicate_ids"] == 0
-
-    # The rerun also changes scheduling and I/O settings, which may change between a run and its resumption:
-    # same ids, nothing to do. (One rerun for both: each costs a job's start-up.)
-    knobs = (
-        "data.rows_per_block=3",
-        "output.rows_per_shard=5",
-        "prompt.stage.batch_size=2",
-        "ray.num_cpus=3",
-    )
-    subprocess.run(
-        generate_cmd(toy, tiny_models_dir, out, *knobs), cwd=ROOT, env=env(), check=True, capture_output=True
-    )
-    second = run_json(out)
-    assert second["rows"]["written_this_run"] == 0
-    assert second["rows"]["sources_already_done"] == 48
-    assert second["rows"]["synthetic_generated_this_run"] == 0
-    assert second["rows"]["synthetic_per_s"] == 0
-    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == shards
-
-    # Another config over the same output is refused, naming the way out.
-    result = subprocess.run(
-        generate_cmd(toy, tiny_models_dir, out, "seed=1"), cwd=ROOT, env=env(), capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "output.overwrite=true" in result.stderr
-    assert "seed: 0 -> 1" in result.stderr, "the refusal names what changed"
-
-
 def wait_until_stable(data: Path, quiet_s: float = 4.0) -> int:
     """Shards a killed run's last workers were already writing may still land; wait until none do."""
     count, since = -1, time.monotonic()
@@ -114,9 +80,10 @@ def synthetic_rows_in(data: Path) -> int:
     return sum(r != schema.RECIPE_REAL for shard in recipes for r in shard)
 
 
-def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
+def test_killed_run_resumes_exactly_once_and_a_finished_run_writes_nothing(toy, tiny_models_dir, tmp_path):
     """At the default block size (16 sources a block), synthetic shards land while the run goes, so a kill
-    mid-run keeps them, and the resumed run generates exactly the rows that are missing."""
+    mid-run keeps them, and the resumed run generates exactly the rows that are missing; run once more, it
+    writes nothing; with another config, it is refused."""
     num_synthetic = 48 * 2
     # Slow the background stage a little so the kill lands mid-run; shards of one block's synthetic rows.
     slow = ("background.height=96", "background.width=96", "background.num_inference_steps=12")
@@ -166,3 +133,36 @@ def test_killed_run_resumes_exactly_once(toy, tiny_models_dir, tmp_path):
     rows = resumed["rows"]
     assert rows["sources_already_done"] > 0
     assert resumed["stages"]["read_bytes"]["rows_in"] == rows["sources_in"] - rows["sources_already_done"]
+
+    # The finished run again, with scheduling and I/O settings changed too (they may change between a run
+    # and its resumption): the same ids, nothing to do. (One rerun for both: each costs a job's start-up.)
+    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    knobs = (
+        "data.rows_per_block=3",
+        "output.rows_per_shard=5",
+        "prompt.stage.batch_size=2",
+        "ray.num_cpus=3",
+    )
+    subprocess.run(
+        generate_cmd(toy, tiny_models_dir, out, *slow, *other, *knobs),
+        cwd=ROOT,
+        env=env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    again = run_json(out)["rows"]
+    assert again["written_this_run"] == 0 and again["sources_already_done"] == 48
+    assert again["synthetic_generated_this_run"] == 0 and again["synthetic_per_s"] == 0
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == shards
+
+    # Another config over the same output is refused, naming the way out and what changed.
+    result = subprocess.run(
+        generate_cmd(toy, tiny_models_dir, out, *slow, *other, "seed=1"),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "output.overwrite=true" in result.stderr
+    assert "seed: 0 -> 1" in result.stderr

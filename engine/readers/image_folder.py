@@ -6,9 +6,13 @@ Labels are the sorted names of the class folders that hold images; source ids ar
 that are not `<split>/<class>/<image>` (counted) and folders that cannot be listed (named).
 
 Scale (ImageNet: 1.28 M files in 2 x 1000 folders): the driver lists only the `<split>/<class>` folders and
-counts each one's images in threads (`LISTING_THREADS` at once, holding one folder's names each); the run
-lists each folder again in its own read task, which emits the rows. No process ever holds a list of every
-file. `max_images` keeps `sample_rows`' exact sample without one: a folder is one (split, label) stratum,
+counts each one's images in threads (`LISTING_THREADS` at once, holding one folder's names each). From the
+counts it cuts each folder into slices of `rows_per_block` images, and the run's first task for a slice lists
+its folder again and emits that slice's rows (`list_folder_rows`). The driver holds one small row per slice;
+no process ever holds a list of every file, and rows exist only in the tasks that use them: a listing
+operator of its own would run far ahead of the stages (Ray Data backpressures by bytes, and blocks of paths
+are small), and its queued blocks, under Ray's inline size, live in the driver's heap (issue 18: 130 MiB of
+driver RSS at 10^6 sources). `max_images` keeps `sample_rows`' exact sample without one: a folder is one (split, label) stratum,
 so each folder's share follows from the folders' sizes (`_stratified_takes`) and each read task takes its
 share by the same seeded hash. Only a groups file is read whole on the driver (split per folder for the
 tasks): it is for group-annotated datasets, which are small; ImageNet has none.
@@ -151,19 +155,30 @@ def inspect_image_folder(data: DataConfig) -> SourceInfo:
 
 
 def read_image_folder(info: SourceInfo, data: DataConfig, ray_data, num_cpus: float, with_bytes: bool):
-    """One listing task per <split>/<class> folder; its rows are cut into blocks of rows_per_block (a
-    streaming repartition, which Ray Data never fuses with the operators after it), so small blocks stream
-    through the stages and land as shards as they finish, as from a list of files."""
-    ds = (
-        ray_data.from_items(info.folders, override_num_blocks=len(info.folders))
-        .map_batches(list_folder_rows, batch_format="numpy", batch_size=1, num_cpus=num_cpus)
-        .repartition(target_num_rows_per_block=data.rows_per_block, strict=True)
+    """One item per slice of a <split>/<class> folder; each becomes one block of at most rows_per_block
+    rows, so small blocks stream through the stages and land as shards as they finish.
+
+    The listing is a batch-of-one `map_batches`, so Ray Data fuses it into the CPU tasks after it: what
+    follows it must take one block per call (`batch_size=None`), or each fused task would take that many
+    slices (Ray Data sizes a fused task's input by the largest batch size among its operators, counted in
+    its first operator's rows)."""
+    slices = folder_slices(info.folders, data.rows_per_block)
+    ds = ray_data.from_items(slices, override_num_blocks=len(slices)).map_batches(
+        list_folder_rows, batch_format="numpy", batch_size=1, num_cpus=num_cpus
     )
     if with_bytes:
-        ds = ds.map_batches(
-            read_file_bytes, batch_format="numpy", batch_size=data.rows_per_block, num_cpus=num_cpus
-        )
+        ds = ds.map_batches(read_file_bytes, batch_format="numpy", batch_size=None, num_cpus=num_cpus)
     return ds
+
+
+def folder_slices(folders: list[dict], rows_per_block: int) -> list[dict]:
+    """Each folder's `take` images cut into slices of `rows_per_block`: the folder's fields plus the
+    slice's `start` and `stop` in the folder's chosen images."""
+    return [
+        {**folder, "start": start, "stop": min(start + rows_per_block, folder["take"])}
+        for folder in folders
+        for start in range(0, folder["take"], rows_per_block)
+    ]
 
 
 def _in_threads(fn, items: list) -> list:
@@ -239,10 +254,13 @@ def _ranked_ids(fs, root: str, folder: dict, by_hash: bool) -> list[str]:
 
 
 def folder_rows(folder: dict) -> list[dict]:
-    """The source rows of one <split>/<class> folder (its `take` of them, as `sample_rows` picks them).
+    """The source rows of one <split>/<class> folder (its `take` of them, as `sample_rows` picks them, by
+    name), or of its slice `start:stop` of them when the folder dict has one (`folder_slices`). Each slice
+    lists the folder again: a LIST per 1000 names on object storage, cheaper than shipping the names.
 
     A folder that cannot be listed any more (it could at inspection) gives no rows and a warning: the run
-    goes on with the others."""
+    goes on with the others. (A folder whose files change during a run may shift its slices: a rerun
+    resumes with the sources missed.)"""
     fs, root = filesystem(folder["data_path"])
     prefix = f"{folder[schema.SPLIT]}/{folder[schema.CLASS_NAME]}/"
     try:
@@ -251,6 +269,8 @@ def folder_rows(folder: dict) -> list[dict]:
         logger.warning("data: folder %s could not be listed, its images are skipped: %s", prefix, err)
         return []
     chosen = sorted(ids[: folder["take"]]) if folder["sampled"] else sorted(ids)
+    if "start" in folder:
+        chosen = chosen[int(folder["start"]) : int(folder["stop"])]
     masks_root = filesystem(folder["masks_path"])[1] if folder["masks_path"] else None
     groups = json.loads(folder["groups"])
     rows = []
@@ -282,7 +302,7 @@ _ROW_TYPES = {
 
 
 def list_folder_rows(batch: Batch) -> Batch:
-    """Read task: the folders of a batch -> their source rows (paths, not bytes yet)."""
+    """Read task: the folder slices of a batch -> their source rows (paths, not bytes yet)."""
     rows = []
     for i in range(len(batch["data_path"])):
         rows += folder_rows({name: column[i] for name, column in batch.items()})
