@@ -67,8 +67,12 @@ def test_cluster_walkthrough_runs_as_written():
     for path in OUTPUTS:
         shutil.rmtree(path, ignore_errors=True)
     temp_dir = tempfile.mkdtemp(prefix="sr-readme-", dir="/tmp")  # Unix socket paths stay short
+    (Path(temp_dir) / "home").mkdir()
     env = {
         **os.environ,
+        # A home of its own, as on a new machine: a token left in this one's ~/.ray once hid a walkthrough
+        # that failed without it.
+        "HOME": str(Path(temp_dir) / "home"),
         "RAY_TMPDIR": temp_dir,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-machine mode: every address on 127.0.0.1
         "RAY_USAGE_STATS_ENABLED": "0",
