@@ -491,10 +491,10 @@ def test_read_tasks_list_the_folders_and_stream_small_blocks(toy, ray_local):
     ds, class_names = read_source(data, ray.data, 0.5, info)
     assert class_names == info.class_names
     blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    # One block per slice of at most rows_per_block images of one folder, listed in the task that reads
-    # the slice's files (one fused operator: no queue of listed paths between them).
-    assert len(blocks) == len(folder_slices(info.folders, 4))
-    assert max(len(b[schema.SOURCE_ID]) for b in blocks) <= 4
+    # One block per slice of rows_per_block images (across folders: only the last is short), listed in
+    # the task that reads the slice's files (one fused operator: no queue of listed paths between them).
+    assert len(blocks) == len(folder_slices(info.folders, 4)) == -(-len(source_rows(info)) // 4)
+    assert sorted(len(b[schema.SOURCE_ID]) for b in blocks)[1:] == [4] * (len(blocks) - 1)
     assert "MapBatches(list_folder_rows)->MapBatches(read_file_bytes)" in ds.stats()
     rows = {sid: b for b in blocks for sid in b[schema.SOURCE_ID]}
     assert sorted(rows) == [r[schema.SOURCE_ID] for r in listing_before_issue_18(toy, ["train", "test"])]

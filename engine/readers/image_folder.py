@@ -7,8 +7,8 @@ that are not `<split>/<class>/<image>` (counted) and folders that cannot be list
 
 Scale (ImageNet: 1.28 M files in 2 x 1000 folders): the driver lists only the `<split>/<class>` folders and
 counts each one's images in threads (`LISTING_THREADS` at once, holding one folder's names each). From the
-counts it cuts each folder into slices of `rows_per_block` images, and the run's first task for a slice lists
-its folder again and emits that slice's rows (`list_folder_rows`). The driver holds one small row per slice;
+counts it cuts the images into slices of `rows_per_block` (by folder, then name), and the run's first task for
+a slice lists its folders again and emits that slice's rows (`list_folder_rows`). The driver holds one small row per slice;
 no process ever holds a list of every file, and rows exist only in the tasks that use them: a listing
 operator of its own would run far ahead of the stages (Ray Data backpressures by bytes, and blocks of paths
 are small), and its queued blocks, under Ray's inline size, live in the driver's heap (issue 18: 130 MiB of
@@ -155,8 +155,8 @@ def inspect_image_folder(data: DataConfig) -> SourceInfo:
 
 
 def read_image_folder(info: SourceInfo, data: DataConfig, ray_data, num_cpus: float, with_bytes: bool):
-    """One item per slice of a <split>/<class> folder; each becomes one block of at most rows_per_block
-    rows, so small blocks stream through the stages and land as shards as they finish.
+    """One item per slice of rows_per_block images (`folder_slices`); each becomes one block, so small
+    blocks stream through the stages and land as shards as they finish, as from a list of files.
 
     The listing is a batch-of-one `map_batches`, so Ray Data fuses it into the CPU tasks after it: what
     follows it must take one block per call (`batch_size=None`), or each fused task would take that many
@@ -172,13 +172,24 @@ def read_image_folder(info: SourceInfo, data: DataConfig, ray_data, num_cpus: fl
 
 
 def folder_slices(folders: list[dict], rows_per_block: int) -> list[dict]:
-    """Each folder's `take` images cut into slices of `rows_per_block`: the folder's fields plus the
-    slice's `start` and `stop` in the folder's chosen images."""
-    return [
-        {**folder, "start": start, "stop": min(start + rows_per_block, folder["take"])}
-        for folder in folders
-        for start in range(0, folder["take"], rows_per_block)
-    ]
+    """The folders' chosen images, in folder order, cut into slices of `rows_per_block` (the last one
+    shorter), as blocks of one flat list of files would be: a slice may span folders, so small class folders
+    still make full blocks. Each slice is `{"segments": <JSON list of the folder dicts, each with the
+    `start` and `stop` of its part of the slice>}`."""
+    slices, segments, room = [], [], rows_per_block
+    for folder in folders:
+        start = 0
+        while start < folder["take"]:
+            stop = min(folder["take"], start + room)
+            segments.append({**folder, "start": start, "stop": stop})
+            room -= stop - start
+            start = stop
+            if room == 0:
+                slices.append({"segments": json.dumps(segments)})
+                segments, room = [], rows_per_block
+    if segments:
+        slices.append({"segments": json.dumps(segments)})
+    return slices
 
 
 def _in_threads(fn, items: list) -> list:
@@ -302,10 +313,11 @@ _ROW_TYPES = {
 
 
 def list_folder_rows(batch: Batch) -> Batch:
-    """Read task: the folder slices of a batch -> their source rows (paths, not bytes yet)."""
+    """Read task: the slices of a batch (`folder_slices`) -> their source rows (paths, not bytes yet)."""
     rows = []
-    for i in range(len(batch["data_path"])):
-        rows += folder_rows({name: column[i] for name, column in batch.items()})
+    for segments in batch["segments"]:
+        for folder in json.loads(segments):
+            rows += folder_rows(folder)
     return {name: np.array([row[name] for row in rows], dtype=kind) for name, kind in _ROW_TYPES.items()}
 
 
