@@ -7,15 +7,17 @@ that are not `<split>/<class>/<image>` (counted) and folders that cannot be list
 
 Scale (ImageNet: 1.28 M files in 2 x 1000 folders): the driver lists only the `<split>/<class>` folders and
 counts each one's images in threads (`LISTING_THREADS` at once, holding one folder's names each). From the
-counts it cuts the images into slices of `rows_per_block` (by folder, then name), and the run's first task for
-a slice lists its folders again and emits that slice's rows (`list_folder_rows`). The driver holds one small row per slice;
-no process ever holds a list of every file, and rows exist only in the tasks that use them: a listing
-operator of its own would run far ahead of the stages (Ray Data backpressures by bytes, and blocks of paths
-are small), and its queued blocks, under Ray's inline size, live in the driver's heap (issue 18: 130 MiB of
-driver RSS at 10^6 sources). `max_images` keeps `sample_rows`' exact sample without one: a folder is one (split, label) stratum,
-so each folder's share follows from the folders' sizes (`_stratified_takes`) and each read task takes its
-share by the same seeded hash. Only a groups file is read whole on the driver (split per folder for the
-tasks): it is for group-annotated datasets, which are small; ImageNet has none.
+counts it cuts the images into slices of `rows_per_block` (by folder, then name), and the run's first task
+for a slice lists its folders again and emits that slice's rows (`list_folder_rows`). The driver holds one
+small row per slice; no process ever holds a list of every file, and rows exist only in the tasks that use
+them: a listing operator of its own would run far ahead of the stages (Ray Data backpressures by bytes, and
+blocks of paths are small), and its queued blocks, under Ray's inline size, live in the driver's heap
+(issue 18: 130 MiB of driver RSS at 10^6 sources).
+
+`max_images` keeps `sample_rows`' exact sample without a list of every file: a folder is one (split, label)
+stratum, so each folder's share follows from the folders' sizes (`_stratified_takes`) and each read task
+takes its share by the same seeded hash. Only a groups file is read whole on the driver (split per folder
+for the tasks): it is for group-annotated datasets, which are small; ImageNet has none.
 
 Rows travel as paths (`path`, `mask_path`) until `read_file_bytes`, so that a caller can drop rows first
 (a resumed run its done sources, a class pool its non-members) and never read their files.
