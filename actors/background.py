@@ -13,8 +13,8 @@ import numpy as np
 
 from engine import schema
 from engine.config import BackgroundConfig
-from engine.diffusion import load_pipeline
-from engine.models import resolve_device
+from engine.models.diffusion import load_pipeline
+from engine.models.references import resolve_device
 
 STAGE = "background"
 NONFINITE = "background_nonfinite"

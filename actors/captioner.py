@@ -5,7 +5,7 @@ Writes: caption (str): `prefix` with the row's class filled in, then the model's
 
 Two backends, switched by one config key (`caption.backend`), writing the same column:
 - transformers: `Captioner`, a callable class for an actor pool (processor + `generate`);
-- vllm: `CaptionRequests`, the task of an `engine.llm_stage` vLLM stage: ray.data.llm applies the chat
+- vllm: `CaptionRequests`, the task of an `engine.stages.llm` vLLM stage: ray.data.llm applies the chat
   template and runs vLLM, the image going in as the engine's `multimodal_data`.
 Both send the same chat turn (the image, then `instruction`) through the model's own chat template.
 """
@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from engine import schema
-from engine.batch import Batch
 from engine.config import CaptionConfig
-from engine.llm_stage import image_part, sampling_params, text_part, vllm_stage
-from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
-from engine.stages import Stage
+from engine.models.references import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
+from engine.stages.batch import Batch
+from engine.stages.llm import image_part, sampling_params, text_part, vllm_stage
+from engine.stages.loop import Stage
 
 CAPTION = "caption"
 READS = (schema.IMAGE, schema.CLASS_NAME)
@@ -126,7 +126,7 @@ class Captioner:
 
 
 class CaptionRequests:
-    """The vLLM stage's task (`engine.llm_stage.LLMTask`) for captions: the image travels as PNG bytes."""
+    """The vLLM stage's task (`engine.stages.llm.LLMTask`) for captions: the image travels as PNG bytes."""
 
     multimodal = True
 

@@ -1,5 +1,5 @@
 """Label-fidelity filter: CLIP zero-shot scores of each synthetic image against every class prompt and the
-negative prompts; the rules of `engine.fidelity` decide which rows to drop.
+negative prompts; the rules of `engine.methods.fidelity` decide which rows to drop.
 
 Reads: image (HxWx3 uint8), label. Writes: fidelity_prob (float32), fidelity_top (the best prompt: a class
 name or a negative prompt), and `drop` (the rule that fired, "" to keep): the stage loop moves dropped rows
@@ -12,8 +12,8 @@ import numpy as np
 
 from engine import schema
 from engine.config import FilterConfig
-from engine.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts, judge
-from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
+from engine.methods.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts, judge
+from engine.models.references import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
 STAGE = "filter"
 

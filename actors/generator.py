@@ -18,12 +18,13 @@ import json
 import cv2
 import numpy as np
 
-from engine import diffusemix, schema
-from engine.batch import object_array
+from engine import schema
 from engine.config import GenerationConfig
-from engine.decode import RowError, decode_image
-from engine.diffusion import load_pipeline, textual_inversion_classes
-from engine.models import resolve_device
+from engine.methods import diffusemix
+from engine.models.diffusion import load_pipeline, textual_inversion_classes
+from engine.models.references import resolve_device
+from engine.stages.batch import object_array
+from engine.stages.decode import RowError, decode_image
 
 STAGE = "generate"
 PARAMS = "generation"

@@ -4,7 +4,7 @@ Reads:  seed (int64); class_name (optional, checked against the known classes).
 Writes: prompt (str, the cleaned description), prompt_source ("llm", or "template" when the LLM answer was
         unusable and the template fallback was used), instruction (str, the message sent to the LLM).
 
-The question, the cleaning and the fallback come from `engine.background_prompts`, shared with the vLLM
+The question, the cleaning and the fallback come from `engine.methods.background_prompts`, shared with the vLLM
 stage. Random-weight tiny LLMs write gibberish that cleaning often rejects: `prompt_source` counts that.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from engine import schema
-from engine.background_prompts import BackgroundPromptEngine, ComposedInstruction
 from engine.config import PromptConfig
-from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
+from engine.methods.background_prompts import BackgroundPromptEngine, ComposedInstruction
+from engine.models.references import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
 PROMPT_SOURCE = "prompt_source"
 INSTRUCTION = "instruction"

@@ -22,7 +22,7 @@ import numpy as np
 
 from engine import schema
 from engine.config import SegmentConfig
-from engine.models import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
+from engine.models.references import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
 
 DETECT_SCORE = "detect_score"
 TINY_SAM_TYPE = "vit_tiny"

@@ -4,7 +4,7 @@
     python -m benchmarks.efficacy_proxy --spurious 0.9 --k 5 --synthetic-only
     python -m benchmarks.efficacy_proxy --spurious 0.5 --k 0 5
 
-One process, no Ray: the toy dataset (engine.toy_dataset) is built under --out, and a timm classifier is
+One process, no Ray: the toy dataset (engine.tiny.toy_dataset) is built under --out, and a timm classifier is
 trained with the sweep's recipe (AdamW 3e-3, weight decay 0.05, batch 32, random crops of 60-100% area,
 flips, one-cycle schedule, epochs = round(budget / rows per epoch)) on the real train rows plus K rows per
 source that stand in for AGA's with random-weight generators: the subject (dataset mask) flipped, rotated
@@ -146,7 +146,7 @@ def train_and_test(root: Path, k: int, *, synthetic_only: bool, budget: int, mod
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.toy_dataset import make_toy_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".cache/toy-proxy"))

@@ -242,10 +242,10 @@ def run_stages_alone(config, work: Path) -> list[dict]:
     from ray.data.block import BlockAccessor
 
     from engine.config import config_hash
-    from engine.ledger import start_ledger
     from engine.pipeline import pipeline_stages, write_shards
     from engine.readers import read_source
-    from engine.stages import apply_stages
+    from engine.run.ledger import start_ledger
+    from engine.stages.loop import apply_stages
 
     ledger = start_ledger()
     task_cpus = config.ray.task_num_cpus
@@ -332,8 +332,8 @@ def run(settings: OverheadSettings = OverheadSettings(), out_dir: Path | None = 
     import ray
 
     from engine.config import GenerateConfig, load_config
-    from engine.tiny_models import build_tiny_models
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.registry import build_tiny_models
+    from engine.tiny.toy_dataset import make_toy_dataset
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     models = ROOT / ".cache" / "tiny-models"

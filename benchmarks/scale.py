@@ -118,9 +118,9 @@ def pass_through_stages(config, class_names, config_hash, done_ids, *_):
     """skip_done -> decode -> expand -> pass-through (the pipeline adds read_bytes after skip_done and
     write_real after expand)."""
     from engine import schema
-    from engine.decode import decode_images
-    from engine.expand import Expansion, expand_variants, skip_completed_sources
-    from engine.stages import Stage
+    from engine.stages.decode import decode_images
+    from engine.stages.expand import Expansion, expand_variants, skip_completed_sources
+    from engine.stages.loop import Stage
 
     expansion = Expansion(
         recipe=config.recipe,
@@ -270,7 +270,7 @@ def rows_in_shards(data_dir: Path, counted: dict[str, int]) -> int:
 
 
 def sorted_ids(data_dir: Path) -> np.ndarray:
-    from engine.written_ids import _sorted_ids
+    from engine.output.written_ids import _sorted_ids
 
     return _sorted_ids(str(data_dir))[0]
 
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-variants", type=int, default=10, help="K")
     parser.add_argument("--rows-per-block", type=int, default=256)
     # All stages here are tasks, fused into one Ray Data operator whose tasks take the largest batch size
-    # among them (engine.stages): a larger rows_per_shard would make each task take that many sources.
+    # among them (engine.stages.loop): a larger rows_per_shard would make each task take that many sources.
     parser.add_argument("--rows-per-shard", type=int, default=256)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="the local Ray's CPUs")
     parser.add_argument(

@@ -33,8 +33,8 @@ def measure(train_per_class: int, num_variants: int, work: Path, extra: list[str
     from engine import schema
     from engine.config import GenerateConfig, load_config
     from engine.pipeline import run_generate
-    from engine.tiny_models import build_tiny_models
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.registry import build_tiny_models
+    from engine.tiny.toy_dataset import make_toy_dataset
 
     models = ROOT / ".cache" / "tiny-models"
     build_tiny_models(models)

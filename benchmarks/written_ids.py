@@ -3,7 +3,7 @@
     python -m benchmarks.written_ids [--num-ids 1000000]
 
 Writes N random 20-character ids into 10 shards (only the `id` column), builds the handle the pipeline
-uses (`engine.written_ids.written_ids`), and times, inside a Ray task, the first lookup of a 192-id batch
+uses (`engine.output.written_ids.written_ids`), and times, inside a Ray task, the first lookup of a 192-id batch
 (which maps the array from the object store) and the next one; against it, the size of the pickled set that
 every `skip_done` / `expand` task used to receive and the time to unpickle it.
 """
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 def measure(num_ids: int, work: Path) -> dict:
     import ray
 
-    from engine.written_ids import written_ids
+    from engine.output.written_ids import written_ids
 
     rng = np.random.default_rng(0)
     ids = np.char.mod("%020x", rng.integers(0, 2**63, num_ids)).astype(object)

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import schema, storage
-from engine.batch import Batch, take
-from engine.config import GenerateConfig, config_hash, content_changes, content_of, save_resolved
-from engine.encode import encode_rows
-from engine.failures import ConfigError, RunFailed, describe, is_infrastructure_failure, setup_failure
-from engine.ledger import start_ledger
-from engine.models import check_local_models
-from engine.pools import ClassPool, build_class_pool
+from engine.config import GenerateConfig, save_resolved
+from engine.models.references import check_local_models
+from engine.output.resume import prepare_output, resume_identity, run_manifest
+from engine.output.shards import shard_files, write_manifest, write_shard
+from engine.output.written_ids import WrittenIds, count_rows_in_task, written_ids
 from engine.readers import (
-    FILE_COLUMNS,
     SourceInfo,
     defers_bytes,
     inspect_source,
@@ -34,16 +31,13 @@ from engine.readers import (
 )
 from engine.recipes import build_stages, model_tags, pool_spec
 from engine.recipes.filter import filter_stage
-from engine.report import RunReport, build_report, write_errors, write_filtered
-from engine.shards import (
-    read_manifest,
-    remove_temporaries,
-    shard_files,
-    write_manifest,
-    write_shard,
-)
-from engine.stages import Stage, apply_stages, check_resource_budget
-from engine.written_ids import WrittenIds, count_rows_in_task, written_ids
+from engine.run.failures import ConfigError, RunFailed, describe, is_infrastructure_failure, setup_failure
+from engine.run.ledger import start_ledger
+from engine.run.report import RunReport, build_report, write_errors, write_filtered
+from engine.stages.batch import Batch, take
+from engine.stages.class_pools import ClassPool, build_class_pool
+from engine.stages.encode import encode_rows
+from engine.stages.loop import Stage, apply_stages, check_resource_budget
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +103,13 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
     _check_cluster(config, plan)
 
     # 2. The output: resume from its shards (or replace them), the resolved config, an open manifest.
-    done_ids = _prepare_output(out, config.output.overwrite)
+    done_ids = prepare_output(out, config.output.overwrite)
     counts = count_rows_in_task(data_dir)[0]  # rows per recipe already in the shards
     rows_before = sum(counts.values())
     save_resolved(config, storage.join(out, "config.yaml"))
-    write_manifest(str(out), _manifest(config, digest, complete=False))
+    write_manifest(str(out), run_manifest(config, digest, complete=False))
 
-    # 3. The stages. Each attempt is a resume: it skips the rows already in the shards (engine.failures).
+    # 3. The stages. Each attempt is a resume: it skips the rows already in the shards (engine.run.failures).
     attempts, generated = [], 0
     for attempt in range(1, config.ray.max_run_attempts + 1):
         synthetic_before = sum(n for recipe, n in counts.items() if recipe != schema.RECIPE_REAL)
@@ -167,37 +161,15 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
     report.data["failed_attempts"] = attempts
     report.data["data_notes"] = list(plan.source.notes)
     storage.write_text(storage.join(out, "run.json"), json.dumps(report.data, indent=2, allow_nan=False))
-    manifest = _manifest(config, digest, complete=True)
+    manifest = run_manifest(config, digest, complete=True)
     manifest["num_shards"] = len(shard_files(data_dir))  # the shards are found by listing data/
     write_manifest(str(out), manifest)
     storage.write_text(storage.join(out, "README.md"), schema.dataset_card(class_names))  # load_dataset(out)
     if config.output.gallery_classes:
-        from engine.gallery import write_gallery
+        from engine.run.gallery import write_gallery
 
         write_gallery(data_dir, storage.join(out, "gallery"), config.output.gallery_classes)
     return report
-
-
-def resume_identity(out: str, config: GenerateConfig) -> str:
-    """The hash in this run's row ids. A new output (or `overwrite`): the config's content hash. An output
-    that holds shards: the hash it was started with, as long as what determines the rows is unchanged
-    (scheduling, resources, batch sizes and output settings may change, see `scheduling_field`); otherwise
-    a ValueError naming the changed keys."""
-    digest = config_hash(config)
-    data_dir = storage.join(out, "data")
-    if config.output.overwrite or not shard_files(data_dir):
-        return digest
-    previous = read_manifest(str(out)) or {}
-    # Outputs written before the manifest kept the content: compare with their saved config instead.
-    before = previous.get("content") or _saved_content(out)
-    now = content_of(config)
-    if previous.get("config_hash") and (before == now or previous["config_hash"] == digest):
-        return previous["config_hash"]
-    changed = content_changes(before, now) if before is not None else ["(no readable config saved there)"]
-    raise ValueError(
-        f"{data_dir} holds shards of another config: {'; '.join(changed)}. Pass --set output.overwrite=true "
-        "to replace them, choose another output.path, or undo the change to resume"
-    )
 
 
 def check_backends(config: GenerateConfig, stages: list[Stage]) -> None:
@@ -230,20 +202,6 @@ def _operator_stages(plan: RunPlan) -> dict[str, str]:
     return {"vLLMEngineStageUDF": on_dataset[0]} if len(on_dataset) == 1 else {}
 
 
-def _manifest(config: GenerateConfig, digest: str, complete: bool) -> dict:
-    return {"config_hash": digest, "content": content_of(config), "complete": complete}
-
-
-def _saved_content(out: str) -> dict | None:
-    import yaml
-
-    try:
-        saved = yaml.safe_load(storage.read_text(storage.join(out, "config.yaml")))
-        return content_of(GenerateConfig.model_validate(saved))
-    except Exception:  # noqa: BLE001 - an unreadable or older config: the caller says so
-        return None
-
-
 def _run_attempt(
     config: GenerateConfig, plan: RunPlan, ledger, done_ids: WrittenIds, check_cluster: bool
 ) -> None:
@@ -253,7 +211,7 @@ def _run_attempt(
 
     if check_cluster:
         _check_cluster(config, plan)
-    # Image files are read by the `read_bytes` stage, after `skip_done` (pipeline_stages).
+    # Image files are read by the recipe opening's `read_bytes` stage, after `skip_done`.
     ds, class_names = read_source(
         config.data, ray.data, config.ray.task_num_cpus, plan.source, with_bytes=False
     )
@@ -312,7 +270,7 @@ def encode_and_write(
     rows_per_shard: int,
 ) -> dict:
     """Last step: encode rows into the output schema and write them as shards of at most `rows_per_shard`
-    rows (see engine.shards)."""
+    rows (see engine.output.shards)."""
     table = encode_rows(batch, image_format, quality, models_json, class_names)
     entries = [
         write_shard(table.slice(at, rows_per_shard), data_uri)
@@ -340,22 +298,10 @@ def pipeline_stages(
     """The recipe's stages as the pipeline runs them (the benchmarks run the same list), with the stages any
     recipe gets from config: the real rows' early writer and the label-fidelity filter. `pool`: the class
     pool the recipe declared (None for the checks before a run: they build no actor)."""
-    stages = _read_bytes_after_skip(build_stages(config, class_names, digest, done_ids, pool), config)
+    stages = build_stages(config, class_names, digest, done_ids, pool)
     if config.filter is not None:
         stages.append(filter_stage(config.filter, class_names))
     return _write_real_rows_early(stages, config, data_uri, class_names)
-
-
-def _read_bytes_after_skip(stages: list[Stage], config: GenerateConfig) -> list[Stage]:
-    """An image folder's files are read right after `skip_done` (`read_source(with_bytes=False)`): a
-    resumed run reads only the sources it still owes rows for, not every done one (at ImageNet's 1.28 M
-    images of ~110 KB, half a run is about 70 GB read only to be dropped)."""
-    if not defers_bytes(config.data):
-        return stages
-    names = [stage.name for stage in stages]
-    at = names.index("skip_done") + 1 if "skip_done" in names else 0
-    reader = Stage("read_bytes", read_file_bytes, reads=FILE_COLUMNS)
-    return [*stages[:at], reader, *stages[at:]]
 
 
 def _write_real_rows_early(
@@ -369,7 +315,7 @@ def _write_real_rows_early(
         return stages
     at = names.index("expand") + 1
     # One call per block: a block's real rows (`data.rows_per_block` sources) become one shard. A larger
-    # batch would make every fused read..write_real task take that many sources (see engine.stages).
+    # batch would make every fused read..write_real task take that many sources (see engine.stages.loop).
     writer = Stage(
         "write_real",
         write_real_rows,
@@ -388,13 +334,3 @@ def _shard_format(config: GenerateConfig, data_uri: str, class_names: list[str] 
         "models_json": json.dumps(model_tags(config), sort_keys=True),
         "rows_per_shard": config.output.rows_per_shard,
     }
-
-
-def _prepare_output(out: str, overwrite: bool) -> WrittenIds:
-    """Returns the ids already written (`resume_identity` has checked that they are this config's)."""
-    data_dir = storage.join(out, "data")
-    if overwrite:
-        storage.delete_dir(data_dir)
-    storage.make_dirs(data_dir)
-    remove_temporaries(str(data_dir))
-    return written_ids(str(data_dir))

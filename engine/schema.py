@@ -53,7 +53,7 @@ DROP = "drop"  # "" to keep the row, else the rule of a filtering stage that dro
 RECIPE_REAL = "real"
 
 # Columns whose values are objects (bytes, text, arrays) or None. An all-None column of these can come back
-# from Ray's Arrow round trip as floats; `engine.batch.unpack` restores the None values.
+# from Ray's Arrow round trip as floats; `engine.stages.batch.unpack` restores the None values.
 OBJECT_COLUMNS = (IMAGE_BYTES, MASK_BYTES, IMAGE, MASK, BACKGROUND, PROMPT, PARAMS, MODELS, ID, SOFT_LABEL)
 
 SOFT_LABEL_TYPE = pa.list_(pa.struct([("label", pa.int64()), ("weight", pa.float32())]))

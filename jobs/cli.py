@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "tiny-models":
         from jobs.tiny_models import main as run
     else:
-        from engine.toy_dataset import main as run
+        from engine.tiny.toy_dataset import main as run
     return run(rest) or 0
 
 

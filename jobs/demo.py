@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from jobs.runner import add_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
 BENCHMARK_TABLE = "benchmarks/results/efficacy.md"
@@ -25,18 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="synthray demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the demo's generation config (configs/aga_tiny_cpu.yaml); repeatable",
+    add_overrides(
+        parser, "num_variants=4", "a value of the demo's generation config (configs/aga_tiny_cpu.yaml)"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine.tiny_models import build_tiny_models
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.registry import build_tiny_models
+    from engine.tiny.toy_dataset import make_toy_dataset
     from jobs import generate
 
     os.chdir(ROOT)  # the demo config names repo-relative paths (.cache/...)
@@ -51,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         return status
     # 3. Training comparison on the demo's own shards (short: the demo's time budget).
-    from jobs.sweep import compare_strategies, print_table
+    from engine.train.sweep_report import print_table
+    from jobs.sweep import compare_strategies
 
     rows = compare_strategies(
         [str(ROOT / "outputs" / "aga-demo" / "data")],

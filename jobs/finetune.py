@@ -18,31 +18,28 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import load_config, parse_job_args
 from engine.finetune.config import RESUMABLE_KEYS, FinetuneConfig
 from engine.finetune.loop import STATE_FILE, finetune_loop_per_worker, loop_config
 from engine.train.runner import check_budget, fit, init_ray, prepare_run_dir
+from jobs.runner import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_ti_tiny_cpu.yaml"
 ADAPTER_OUTPUTS = ("textual_inversion.safetensors", "lora")
 
 
 def main(argv: list[str] | None = None) -> int:
-    # 1. Config.
-    args = parse_job_args(
-        argv, "synthray finetune", __doc__.splitlines()[0], str(DEFAULT_CONFIG), "max_steps=200"
+    return run_job(
+        argv,
+        prog="synthray finetune",
+        description=__doc__.splitlines()[0],
+        config_cls=FinetuneConfig,
+        default_config=str(DEFAULT_CONFIG),
+        example="max_steps=200",
+        body=lambda config: print_summary(run_finetune(config)),
     )
-    try:
-        config = load_config(FinetuneConfig, args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # 2. Fine-tune, 3. report.
-    try:
-        report = run_finetune(config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+
+def print_summary(report: dict) -> None:
     resumed = report["resumed_from_step"]
     print(
         f"{report['run']}: {report['method']}, {report['steps']} steps"
@@ -52,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if report["skipped_rows"]:
         print(f"  rows not used, by reason: {report['skipped_rows']}")
-    return 0
 
 
 def run_finetune(config: FinetuneConfig) -> dict:
@@ -61,7 +57,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
 
     from engine.finetune.data import load_training_rows
     from engine.finetune.textual_inversion import check_tokenizers, placeholder_tokens
-    from engine.models import check_local_models, resolve_model
+    from engine.models.references import check_local_models, resolve_model
 
     start = time.perf_counter()
     # 1. Models exist and placeholders are new, before anything starts.
@@ -137,13 +133,11 @@ def run_finetune(config: FinetuneConfig) -> dict:
 
 
 def plot_loss(history: list[float], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from engine.train.evaluation import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     steps = np.arange(1, len(history) + 1)
     ax.plot(steps, history, alpha=0.4, label="loss")
     window = max(1, len(history) // 20)
@@ -154,10 +148,7 @@ def plot_loss(history: list[float], path: Path, title: str) -> Path:
     ax.set_ylabel("denoising MSE")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

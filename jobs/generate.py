@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.config import GenerateConfig, load_config, parse_job_args
+from engine.config import GenerateConfig
+from jobs.runner import JobFailed, run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "aga_tiny_cpu.yaml"
 
@@ -18,50 +19,47 @@ def main(argv: list[str] | None = None) -> int:
     workers every attempt, a stage that could not start for a reason other than its config). 2: the config
     or the data cannot run (found before Ray starts and before anything is written, or a stage's config
     refused by its model while loading)."""
-    from engine.failures import ConfigError, RunFailed, StageSetupError
-    from engine.pipeline import prepare_run, run_generate
-    from engine.report import print_summary
+    return run_job(
+        argv,
+        prog="synthray generate",
+        description=__doc__,
+        config_cls=GenerateConfig,
+        default_config=str(DEFAULT_CONFIG),
+        example="num_variants=5",
+        body=generate,
+    )
 
-    # 1. Config, and every check that needs no Ray.
-    args = parse_job_args(argv, "synthray generate", __doc__, str(DEFAULT_CONFIG), "num_variants=5")
-    try:
-        config = load_config(GenerateConfig, args.config, args.overrides)
-        plan = prepare_run(config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # 2. Run, 3. report.
+
+def generate(config: GenerateConfig) -> None:
+    from engine.pipeline import prepare_run, run_generate
+    from engine.run.failures import ConfigError
+    from engine.run.report import print_summary
+
+    # 1. Every check that needs no Ray (a ValueError here: exit 2).
+    plan = prepare_run(config)
+    # 2. Run: past this point only a ConfigError is the config's fault.
     try:
         report = run_generate(config, plan)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StageSetupError as err:
-        print(f"error: {err.summary()}", file=sys.stderr)
-        return 2 if err.config_mistake else 1
-    except RunFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise JobFailed(f"the run stopped: {type(err).__name__}: {err}") from err
+    # 3. Report, and the user's bars.
     print_summary(report)
     if config.filter is not None and report.filtered_fraction > config.filter.max_filtered_fraction:
         filtered = report.data["filtered"]
-        print(
-            f"error: the filter dropped {filtered['total']} of {report.data['stages']['filter']['rows_in']} "
+        raise JobFailed(
+            f"the filter dropped {filtered['total']} of {report.data['stages']['filter']['rows_in']} "
             f"synthetic rows ({report.filtered_fraction:.1%}), above filter.max_filtered_fraction="
             f"{config.filter.max_filtered_fraction:.1%}: {filtered['by_rule']} (a broken generator?); see "
-            f"{report.data['output']['filtered']}",
-            file=sys.stderr,
+            f"{report.data['output']['filtered']}"
         )
-        return 1
     if report.error_fraction > config.max_error_fraction:
-        print(
-            f"error: {report.data['errors']['total']} of {report.data['rows']['real_in']} rows failed "
+        raise JobFailed(
+            f"{report.data['errors']['total']} of {report.data['rows']['real_in']} rows failed "
             f"({report.error_fraction:.1%}), above max_error_fraction={config.max_error_fraction:.1%}; "
-            f"see {report.data['output']['errors']}",
-            file=sys.stderr,
+            f"see {report.data['output']['errors']}"
         )
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

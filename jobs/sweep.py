@@ -19,46 +19,39 @@ and its shards become the variant's data. With `baseline`, each variant's delta 
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from engine.config import load_config, parse_job_args
+from engine.config import load_config
 from engine.train.config import GenerationSpec, SweepConfig, SweepVariant, ToyDatasetSpec, TrainConfig
-
-METRICS = (("test_top1", "test top-1"), ("test_worst_group", "test worst-group"), ("val_top1", "val top-1"))
-# What the benchmark report shows and compares with the baseline.
-REPORT_METRICS = (
-    ("test_top1", "test top-1"),
-    ("test_worst_group", "test worst-group"),
-    ("subject_attention", "subject attention"),
-)
-SIGNIFICANCE = 0.05
+from engine.train.sweep_report import format_markdown, print_table, run_row, summarize, write_report
+from jobs.runner import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    # 1. Config.
-    args = parse_job_args(argv, "synthray sweep", __doc__.splitlines()[0], None, "seeds=[0]")
     command = " ".join(["synthray sweep", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        config = load_config(SweepConfig, args.config, args.overrides)
-        # 2. Inputs and runs, 3. table (and the report).
+
+    def sweep(config: SweepConfig) -> None:
+        # 1. Inputs and runs, 2. table (and the report).
         rows = run_sweep(config, command=command)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_table(
-        rows, title=f"{len(config.variants)} variants x seeds {config.seeds}", baseline=config.baseline
+        title = f"{len(config.variants)} variants x seeds {config.seeds}"
+        print_table(rows, title=title, baseline=config.baseline)
+        written = [Path(config.output) / "sweep.json", Path(config.output) / "sweep.md"]
+        if config.results:
+            written += [Path(f"{config.results}{suffix}") for suffix in (".md", ".json", ".png")]
+        print(", ".join(map(str, written)))
+
+    return run_job(
+        argv,
+        prog="synthray sweep",
+        description=__doc__.splitlines()[0],
+        config_cls=SweepConfig,
+        default_config=None,
+        example="seeds=[0]",
+        body=sweep,
     )
-    written = [Path(config.output) / "sweep.json", Path(config.output) / "sweep.md"]
-    if config.results:
-        written += [Path(f"{config.results}{suffix}") for suffix in (".md", ".json", ".png")]
-    print(", ".join(map(str, written)))
-    return 0
 
 
 # ---------------------------------------------------------------- inputs: toy dataset, generation runs
@@ -66,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_toy_dataset(spec: ToyDatasetSpec) -> bool:
     """Build the toy dataset unless `spec.out` holds one made with these arguments; True when (re)built."""
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.toy_dataset import make_toy_dataset
 
     arguments = spec.model_dump(exclude={"out"})
     saved = Path(spec.out) / "dataset.json"
@@ -352,217 +345,6 @@ def compare_strategies(
         overwrite=True,
     )
     return run_sweep(config)
-
-
-# ---------------------------------------------------------------- table
-
-
-def run_row(variant: str, metrics: dict) -> dict:
-    test = metrics.get("test") or {}
-    history = metrics["history"]
-    return {
-        "variant": variant,
-        "strategy": metrics["strategy"],
-        "seed": metrics["seed"],
-        "test_top1": test.get("top1"),
-        "test_worst_group": test.get("worst_group"),
-        "val_top1": history[-1]["val_top1"] if history else None,
-        "synthetic_per_epoch": metrics["rows_seen"]["synthetic"] / max(len(history), 1),
-        "epochs": len(history),
-        "real_per_epoch": metrics["rows_seen"]["real"] / max(len(history), 1),
-        "wall_s": metrics["wall_s"],
-        "run_dir": metrics["run_dir"],
-    }
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and (sample) std over seeds per variant, in first-seen order; std is 0 for a single seed."""
-    out = []
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        runs = [r for r in rows if r["variant"] == variant]
-        entry = {"variant": variant, "strategy": runs[0]["strategy"], "seeds": [r["seed"] for r in runs]}
-        for key in dict.fromkeys(k for k, _ in (*METRICS, *REPORT_METRICS)):
-            values = [r[key] for r in runs if r.get(key) is not None]
-            entry[key] = {
-                "mean": statistics.fmean(values) if values else None,
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            }
-        entry["synthetic_per_epoch"] = statistics.fmean(r["synthetic_per_epoch"] for r in runs)
-        out.append(entry)
-    return out
-
-
-def _cell(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-
-
-def format_markdown(rows: list[dict]) -> str:
-    header = ["variant", "strategy", "seeds", *(label for _, label in METRICS), "synthetic rows / epoch"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in summarize(rows):
-        cells = [entry["variant"], entry["strategy"], str(len(entry["seeds"]))]
-        cells += [_cell(entry[key]) for key, _ in METRICS]
-        cells.append(f"{entry['synthetic_per_epoch']:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def compare_with_baseline(rows: list[dict], baseline: str) -> dict[str, dict]:
-    """Per variant and REPORT_METRICS key: mean and std of (variant - baseline) over the seeds both ran, and
-    the paired t-test's p-value (scipy.stats.ttest_rel; None below 2 pairs or when every difference is the
-    same, where the test is undefined). `significant`: p < SIGNIFICANCE."""
-    from scipy.stats import ttest_rel
-
-    by_seed = {(r["variant"], r["seed"]): r for r in rows}
-    out: dict[str, dict] = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        out[variant] = {}
-        for key, _ in REPORT_METRICS:
-            pairs = [
-                (by_seed[(variant, seed)][key], by_seed[(baseline, seed)][key])
-                for (name, seed) in by_seed
-                if name == variant
-                and (baseline, seed) in by_seed
-                and by_seed[(variant, seed)].get(key) is not None
-                and by_seed[(baseline, seed)].get(key) is not None
-            ]
-            if not pairs:
-                out[variant][key] = None
-                continue
-            deltas = [v - b for v, b in pairs]
-            p_value = None
-            if len(pairs) > 1 and len(set(deltas)) > 1:
-                p_value = float(ttest_rel([v for v, _ in pairs], [b for _, b in pairs]).pvalue)
-                p_value = None if math.isnan(p_value) else p_value
-            out[variant][key] = {
-                "mean": statistics.fmean(deltas),
-                "std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
-                "num_pairs": len(pairs),
-                "p_value": p_value,
-                "significant": p_value is not None and p_value < SIGNIFICANCE,
-            }
-    return out
-
-
-def _delta_cell(delta: dict | None, variant: str, baseline: str) -> str:
-    if variant == baseline:
-        return "—"
-    if delta is None:
-        return "n/a"
-    p = "p n/a" if delta["p_value"] is None else f"p={delta['p_value']:.3f}"
-    return f"{100 * delta['mean']:+.1f}{' *' if delta['significant'] else ''} ({p})"
-
-
-def report_table(rows: list[dict], baseline: str | None) -> tuple[list[str], list[list[str]]]:
-    """The benchmark table: per variant, each REPORT_METRICS mean ± std (%), its delta to the baseline in
-    points with the paired test's p-value (* when p < SIGNIFICANCE), and synthetic rows per epoch."""
-    deltas = compare_with_baseline(rows, baseline) if baseline else {}
-    header = ["variant", "seeds", "epochs"]
-    for _, label in REPORT_METRICS:
-        header += [label] + ([f"Δ {label} vs {baseline}"] if baseline else [])
-    header.append("synthetic rows / epoch")
-    body = []
-    for entry in summarize(rows):
-        runs = [r for r in rows if r["variant"] == entry["variant"]]
-        cells = [
-            entry["variant"],
-            str(len(entry["seeds"])),
-            "/".join(sorted({str(r.get("epochs")) for r in runs})),
-        ]
-        for key, _ in REPORT_METRICS:
-            cells.append(_cell(entry[key]))
-            if baseline:
-                cells.append(_delta_cell(deltas[entry["variant"]][key], entry["variant"], baseline))
-        cells.append(f"{entry['synthetic_per_epoch']:.0f}")
-        body.append(cells)
-    return header, body
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    }
-
-
-def write_report(
-    config: SweepConfig, rows: list[dict], *, command: str, load_at_start, wall_s: float
-) -> None:
-    """<results>.json (everything), <results>.md (the table, the command, the machine) and <results>.png."""
-    from engine.train.evaluation import plot_variants
-
-    prefix = Path(config.results)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    header, body = report_table(rows, config.baseline)
-    summary = summarize(rows)
-    deltas = compare_with_baseline(rows, config.baseline) if config.baseline else None
-    context = {
-        "command": command,
-        "config": config.model_dump(mode="json"),
-        "machine": machine(),
-        "loadavg_at_start": [round(x, 2) for x in load_at_start],
-        "wall_s": round(wall_s, 1),
-    }
-    Path(f"{prefix}.json").write_text(
-        json.dumps({**context, "summary": summary, "deltas": deltas, "runs": rows}, indent=2) + "\n"
-    )
-    plot_variants(
-        summary, REPORT_METRICS, Path(f"{prefix}.png"), title=f"{len(config.seeds)} seeds, mean ± std"
-    )
-    m = context["machine"]
-    lines = [
-        f"# Efficacy benchmark: {', '.join(e['variant'] for e in summary)}",
-        "",
-        f"Command: `{command}` (runs in {config.output}).",
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, Python {m['python']}; "
-        f"load average at start {' / '.join(f'{x:.2f}' for x in context['loadavg_at_start'])}; "
-        f"wall time {wall_s / 60:.1f} min (cached generation and runs are reused, not re-timed).",
-        f"Seeds: {config.seeds}. Accuracies and subject attention in %, mean ± std over seeds; Δ in points vs "
-        f"`{config.baseline}`, paired t-test over seeds (scipy.stats.ttest_rel), * when p < {SIGNIFICANCE}.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(cells) + " |" for cells in body),
-        "",
-        f"![accuracy and subject attention per variant]({prefix.name}.png)",
-    ]
-    if config.notes:
-        lines += ["", "Notes:", "", *(f"- {note}" for note in config.notes)]
-    Path(f"{prefix}.md").write_text("\n".join(lines) + "\n")
-
-
-def print_table(rows: list[dict], title: str = "", baseline: str | None = None) -> None:
-    """The sweep table (accuracies in %, mean ± std over seeds) on the terminal; with `baseline`, the
-    benchmark's table (deltas and paired tests, subject attention)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title or None)
-    if baseline:
-        header, body = report_table(rows, baseline)
-        for name in header:
-            table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
-        for cells in body:
-            table.add_row(*cells)
-        Console(width=max(Console().width, 200)).print(table)
-        return
-    for name in ("variant", "strategy", "seeds", *(label for _, label in METRICS), "synthetic rows / epoch"):
-        table.add_column(name, justify="left" if name in ("variant", "strategy") else "right", no_wrap=True)
-    for entry in summarize(rows):
-        table.add_row(
-            entry["variant"],
-            entry["strategy"],
-            str(len(entry["seeds"])),
-            *(_cell(entry[key]) for key, _ in METRICS),
-            f"{entry['synthetic_per_epoch']:.0f}",
-        )
-    # Not a terminal (logs, CI): rich would squeeze the table into 80 columns.
-    console = Console()
-    Console(width=max(console.width, 120)).print(table)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.tiny_models import DEFAULT_DIR, TINY_MODELS, build_tiny_models
+    from engine.tiny.registry import DEFAULT_DIR, TINY_MODELS, build_tiny_models
 
     parser = argparse.ArgumentParser(prog="synthray tiny-models", description=__doc__)
     parser.add_argument("--out", default=str(DEFAULT_DIR), help=f"output directory (default {DEFAULT_DIR})")

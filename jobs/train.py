@@ -14,34 +14,26 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import load_config, parse_job_args
 from engine.train.config import TrainConfig
 from engine.train.data import build_datasets, load_training_data, plan_epochs, summarize_plan
 from engine.train.evaluation import plot_curves
 from engine.train.loop import loop_config, train_loop_per_worker
 from engine.train.runner import check_budget, fit, init_ray, prepare_run_dir, read_summary
+from jobs.runner import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_toy_cpu.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    # 1. Config.
-    args = parse_job_args(
-        argv, "synthray train", __doc__.splitlines()[0], str(DEFAULT_CONFIG), "mix.strategy=concat"
+    return run_job(
+        argv,
+        prog="synthray train",
+        description=__doc__.splitlines()[0],
+        config_cls=TrainConfig,
+        default_config=str(DEFAULT_CONFIG),
+        example="mix.strategy=concat",
+        body=lambda config: print_summary(run_training(config)),
     )
-    try:
-        config = load_config(TrainConfig, args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # 2. Train and evaluate, 3. report.
-    try:
-        metrics = run_training(config)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_summary(metrics)
-    return 0
 
 
 def run_training(config: TrainConfig) -> dict:

@@ -125,7 +125,7 @@ def pytest_pyfunc_call(pyfuncitem):
 @pytest.fixture(scope="session")
 def tiny_models_dir() -> Path:
     """The offline tiny models, built once into the repo's cache (the same place `make demo` uses)."""
-    from engine.tiny_models import build_tiny_models
+    from engine.tiny.registry import build_tiny_models
 
     out = ROOT / ".cache" / "tiny-models"
     build_tiny_models(out)
@@ -136,7 +136,7 @@ def tiny_models_dir() -> Path:
 def toy(tmp_path_factory) -> Path:
     """A small toy dataset (3 classes, 4/2/2 images per class, 48 px), one per test module: modules may
     add files to it (e.g. a corrupt image) without affecting others."""
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.toy_dataset import make_toy_dataset
 
     out = tmp_path_factory.mktemp("toy")
     make_toy_dataset(out, num_classes=3, train_per_class=4, val_per_class=2, test_per_class=2, size=48)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine import schema
 from engine.config import load_config
-from engine.toy_dataset import make_toy_dataset
+from engine.tiny.toy_dataset import make_toy_dataset
 from engine.train.attention import (
     ATTENTION_FILE,
     read_masked_rows,

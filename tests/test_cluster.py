@@ -25,7 +25,7 @@ import pytest
 
 from engine import schema
 from engine.config import GenerateConfig, load_config
-from engine.toy_dataset import make_toy_dataset
+from engine.tiny.toy_dataset import make_toy_dataset
 from tests.conftest import ROOT, demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -177,7 +177,7 @@ def test_removed_worker_node_loses_and_duplicates_nothing(tiny_models_dir, tmp_p
     from ray.cluster_utils import Cluster
 
     from engine import pipeline
-    from engine.ledger import start_ledger
+    from engine.run.ledger import start_ledger
 
     # Each attempt's ledger under a name, so the test can watch the first attempt's background pool.
     attempt = itertools.count(1)

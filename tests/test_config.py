@@ -109,8 +109,8 @@ def test_config_hash_follows_what_determines_the_rows(override):
 
 def test_driver_modules_do_not_import_the_gpu_stack():
     code = (
-        "import sys, engine, engine.pipeline, engine.recipes, engine.tiny_models, jobs.cli, jobs.generate, "
-        "jobs.demo, jobs.tiny_models\n"
+        "import sys, engine, engine.pipeline, engine.recipes, engine.tiny.registry, jobs.cli, jobs.generate, "
+        "jobs.demo, jobs.runner, jobs.tiny_models\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'vllm', 'timm') if m in sys.modules]\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"

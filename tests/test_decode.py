@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from engine import schema
-from engine.decode import decode_images
+from engine.stages.decode import decode_images
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -110,7 +110,7 @@ def test_unknown_label_is_an_error():
 def test_mask_column_that_came_back_from_arrow_as_nan_means_no_masks():
     """A source without masks has an all-None mask column, which Ray's Arrow round trip returns as float NaN;
     every stage's input goes through `unpack`, after which the rows decode with no mask."""
-    from engine.batch import unpack
+    from engine.stages.batch import unpack
 
     image = encode(Image.new("RGB", (8, 6), (10, 200, 30)))
     batch = batch_of([image, image])

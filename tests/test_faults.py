@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import schema
-from engine.batch import unpack
 from engine.config import StageSpec
-from engine.failures import RunFailed
-from engine.ledger import start_ledger
-from engine.stages import Stage, apply_stages
+from engine.run.failures import RunFailed
+from engine.run.ledger import start_ledger
+from engine.stages.batch import unpack
+from engine.stages.loop import Stage, apply_stages
 from tests.conftest import ROOT, demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -158,7 +158,7 @@ def test_a_pool_that_can_never_start_fails_instead_of_hanging(ray_local, toy, ti
 
 
 def test_unpack_roundtrip_of_packed_columns():
-    from engine.batch import object_array, pack
+    from engine.stages.batch import object_array, pack
 
     images = object_array([np.zeros((3, 5, 3), np.uint8), None, np.ones((2, 2, 3), np.uint8)])
     packed = pack({schema.IMAGE: images, schema.BBOX: object_array([None, [1, 2, 3, 4], None])})

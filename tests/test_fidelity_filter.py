@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import schema
-from engine.batch import object_array
 from engine.config import FilterConfig, GenerateConfig, ModelRef, load_config
 from engine.config.filter import DEFAULT_NEGATIVE_PROMPTS
-from engine.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts, judge
+from engine.methods.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts, judge
+from engine.stages.batch import object_array
 from tests.conftest import ROOT, demo_overrides
 
 CLASSES = ["circle", "cross", "diamond"]

@@ -1,4 +1,4 @@
-"""Fine-tuning (engine.finetune, jobs/finetune.py) and the adapter loader (engine.diffusion), on the tiny
+"""Fine-tuning (engine.finetune, jobs/finetune.py) and the adapter loader (engine.models.diffusion), on the tiny
 offline SD1.5 pipeline and the toy dataset, CPU only.
 
 The in-process tests drive `training_step` (the step every Ray Train worker takes) directly; the job tests run
@@ -40,7 +40,7 @@ def test_there_are_tiny_and_gpu_finetune_configs():
 
 
 def tiny_pipe(models: Path, adapters: AdapterConfig | None = None):
-    from engine.diffusion import load_pipeline
+    from engine.models.diffusion import load_pipeline
 
     pipe = load_pipeline(ModelRef(id=str(models / "sd15")), role="test", device="cpu", adapters=adapters)
     pipe.set_progress_bar_config(disable=True)
@@ -209,7 +209,7 @@ def test_rerun_resumes_from_the_last_checkpoint(ti_run):
 
 
 def test_tokens_load_with_load_textual_inversion_and_change_the_image(ti_run, tiny_models_dir):
-    from engine.diffusion import read_textual_inversion
+    from engine.models.diffusion import read_textual_inversion
 
     _, _, run_dir = ti_run
     base = generate(tiny_pipe(tiny_models_dir))
@@ -287,7 +287,7 @@ def test_driver_side_of_finetuning_does_not_import_the_gpu_stack():
     import sys
 
     code = (
-        "import sys, jobs.finetune, jobs.cli, engine.diffusion, engine.finetune.loop, engine.finetune.data, "
+        "import sys, jobs.finetune, jobs.cli, engine.models.diffusion, engine.finetune.loop, engine.finetune.data, "
         "engine.finetune.lora, engine.finetune.textual_inversion\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
         "assert not heavy, heavy"
@@ -305,7 +305,7 @@ def test_sdxl_tokens_go_into_both_encoders_and_the_background_stage_loads_them(t
     method = TextualInversion(pipe, ["circle", "square"], ti_loop()["textual_inversion"])
     run_steps(pipe, method, ti_loop(), num_steps=1)
     (path,) = method.export(tmp_path)
-    from engine.diffusion import read_textual_inversion
+    from engine.models.diffusion import read_textual_inversion
 
     tokens, tensors = read_textual_inversion(path)
     assert tokens == ["<circle>", "<square>"] and sorted(tensors) == ["clip_g", "clip_l"]
@@ -327,7 +327,7 @@ def test_sdxl_tokens_go_into_both_encoders_and_the_background_stage_loads_them(t
 
 
 def tiny_pipe_of(path: Path):
-    from engine.diffusion import load_pipeline
+    from engine.models.diffusion import load_pipeline
 
     pipe = load_pipeline(ModelRef(id=str(path)), role="test", device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -436,7 +436,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def write_run_shards(toy: Path, out: Path, no_mask: set[str] = frozenset()) -> Path:
-    """A generation run's `<out>/data` in the output schema (engine.schema), written by engine.shards as a
+    """A generation run's `<out>/data` in the output schema (engine.schema), written by engine.output.shards as a
     run writes it: per toy train image a real row with the toy's mask (none for the source ids in `no_mask`,
     as for an image the segmenter found nothing in) and a synthetic `aga` row (all red, full mask: never a
     training image), plus the real val rows without masks (another split: never read). Two shards."""
@@ -444,7 +444,7 @@ def write_run_shards(toy: Path, out: Path, no_mask: set[str] = frozenset()) -> P
     from PIL import Image
 
     from engine import schema
-    from engine.shards import write_shard
+    from engine.output.shards import write_shard
 
     class_names = sorted(p.name for p in (toy / "train").iterdir())
     rows = []
@@ -621,9 +621,9 @@ def test_fp16_autocast_with_loss_scaling_on_cuda(tiny_models_dir):
     import torch
     from diffusers import DDPMScheduler
 
-    from engine.diffusion import load_pipeline
     from engine.finetune.loop import mixed_precision, training_step
     from engine.finetune.textual_inversion import TextualInversion
+    from engine.models.diffusion import load_pipeline
 
     device = torch.device("cuda")
     amp_dtype, needs_scaler = mixed_precision("fp16", device)

@@ -45,14 +45,14 @@ def batch(num_rows: int = 3, size: int = 32) -> dict:
 
 
 class ListPool:
-    """A class pool's interface (engine.pools.ClassPool: partner, row) over images in memory."""
+    """A class pool's interface (engine.stages.class_pools.ClassPool: partner, row) over images in memory."""
 
     def __init__(self, members: dict[str, list[tuple[str, np.ndarray]]]):
         self.members = {name: [s for s, _ in rows] for name, rows in members.items()}
         self.images = {s: image for rows in members.values() for s, image in rows}
 
     def partner(self, class_name, source_id, seed):
-        from engine.pools import ClassPool
+        from engine.stages.class_pools import ClassPool
 
         return ClassPool.partner(self, class_name, source_id, seed)
 
@@ -95,7 +95,7 @@ def test_each_mode_writes_images_prompts_and_params(models, mode):
     assert {p["mode"] for p in params} == {mode}
     assert [p["prompt"] for p in params] == list(out[schema.PROMPT])
     if mode == "instruct_pix2pix":
-        from engine.config.generation import DIFFUSEMIX_STYLES
+        from engine.config.generator import DIFFUSEMIX_STYLES
 
         assert all(p["prompt"] in DIFFUSEMIX_STYLES for p in params)
     elif mode != "diffmix":
@@ -243,7 +243,7 @@ def test_diff_ii_switches_to_the_suffixed_prompt_after_split_ratio_of_the_steps(
 def test_diffusemix_keeps_half_the_real_image_and_blends_the_folders_fractal(models, tmp_path):
     from PIL import Image
 
-    from engine.diffusemix import blend, hybrid
+    from engine.methods.diffusemix import blend, hybrid
 
     folder = tmp_path / "fractals"
     folder.mkdir()
@@ -267,7 +267,7 @@ def test_diffusemix_keeps_half_the_real_image_and_blends_the_folders_fractal(mod
 
 
 def test_diffusemix_without_a_folder_blends_the_rows_own_julia_set(models):
-    from engine.diffusemix import hybrid
+    from engine.methods.diffusemix import hybrid
 
     rows = batch(2)
     edited = generator(models, "instruct_pix2pix")(rows)[schema.IMAGE]

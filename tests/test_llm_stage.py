@@ -1,4 +1,4 @@
-"""The vLLM stage kind (engine.llm_stage) without vLLM: stage building, the resource budget, and the
+"""The vLLM stage kind (engine.stages.llm) without vLLM: stage building, the resource budget, and the
 prepare/finish steps around the ray.data.llm Processor, fed a simulated Processor output.
 
 The same steps with the real Processor and vLLM run in tests/test_vllm.py (the .venv-vllm environment).
@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE
-from actors.vllm_prompts import BackgroundPromptRequests, vllm_prompt_stage
 from engine import schema
-from engine.batch import object_array, pack, unpack
 from engine.config import GenerateConfig, ModelRef, PromptConfig, StageSpec, load_config
-from engine.llm_stage import APPLIES, INFERENCE_ERROR, ROW, finish_results, prepare_requests
-from engine.stages import Stage, check_resource_budget
+from engine.recipes.aga_vllm_prompts import BackgroundPromptRequests, vllm_prompt_stage
+from engine.stages.batch import object_array, pack, unpack
+from engine.stages.llm import APPLIES, INFERENCE_ERROR, ROW, finish_results, prepare_requests
+from engine.stages.loop import Stage, check_resource_budget
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -35,7 +35,7 @@ def prompt_config(**kwargs) -> PromptConfig:
 def ledger():
     import ray
 
-    from engine.ledger import start_ledger
+    from engine.run.ledger import start_ledger
 
     ray.init(num_cpus=1, include_dashboard=False)
     yield start_ledger()
@@ -196,7 +196,7 @@ def test_missing_columns_are_named():
 
 
 def test_on_dataset_stages_are_applied_as_dataset_transforms():
-    from engine.stages import apply_stages
+    from engine.stages.loop import apply_stages
 
     seen = []
 

@@ -200,7 +200,7 @@ def test_remote_code_in_a_checkpoint_is_not_run_unless_trusted(tiny_models_dir, 
 
 
 def test_pickled_weights_finds_folders_without_safetensors(tmp_path):
-    from engine.models import pickled_weights
+    from engine.models.references import pickled_weights
 
     (tmp_path / "model_index.json").write_text('{"_class_name": "P", "unet": ["x", "y"], "vae": ["x", "y"]}')
     (tmp_path / "unet").mkdir()
@@ -220,7 +220,7 @@ def test_pickled_weights_finds_folders_without_safetensors(tmp_path):
 
 def test_preflight_refuses_pickled_weights_before_ray(tiny_models_dir, tmp_path):
     """The driver's model check (before Ray starts) applies the same policy, naming the config key."""
-    from engine.models import check_local_models
+    from engine.models.references import check_local_models
 
     pickled = pickle_only_copy(tiny_models_dir / "llm", tmp_path / "llm")
     config = PromptConfig(model=ModelRef(id=str(pickled)))
@@ -230,7 +230,7 @@ def test_preflight_refuses_pickled_weights_before_ray(tiny_models_dir, tmp_path)
 
 
 def test_vllm_engine_loads_safetensors_only_unless_allowed():
-    from engine.llm_stage import engine_kwargs
+    from engine.stages.llm import engine_kwargs
 
     vllm = VLLMConfig()
     strict = engine_kwargs(ModelRef(id="/m"), "float32", vllm, None, False)

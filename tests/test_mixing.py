@@ -20,9 +20,9 @@ import yaml
 from PIL import Image
 
 from engine import schema
-from engine.batch import object_array
 from engine.config import load_config
-from engine.toy_dataset import BACKGROUND_DRAWERS, make_toy_dataset
+from engine.stages.batch import object_array
+from engine.tiny.toy_dataset import BACKGROUND_DRAWERS, make_toy_dataset
 from engine.train.config import MixConfig, ShardsConfig, SweepConfig, TrainConfig
 from engine.train.data import (
     check_soft_labels,

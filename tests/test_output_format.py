@@ -11,10 +11,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from engine import schema
-from engine.batch import object_array
 from engine.config import ModelRef
-from engine.encode import encode_rows
-from engine.shards import write_shard
+from engine.output.shards import write_shard
+from engine.stages.batch import object_array
+from engine.stages.encode import encode_rows
 
 CLASSES = ["Straße", "crème brûlée", "spring_rolls"]
 SOFT_ROW = [{"label": 0, "weight": 0.75}, {"label": 2, "weight": 0.25}]
@@ -115,7 +115,7 @@ def test_model_tags_record_what_was_loaded(tmp_path):
 
 
 def test_contact_sheet_draws_latin_letters(tmp_path):
-    from engine.gallery import label_font, write_gallery
+    from engine.run.gallery import label_font, write_gallery
 
     font = label_font()
 
@@ -146,7 +146,7 @@ def test_every_output_format_decodes_to_the_image(image_format, pil_format, tole
     and in RGB order (cv2 encodes BGR), within the lossy formats' error; quality trades size for error."""
     import io
 
-    from engine.encode import encode_image
+    from engine.stages.encode import encode_image
 
     image = np.zeros((24, 40, 3), np.uint8)  # 40 wide, 24 tall; flat colour halves survive compression
     image[:, :20] = (220, 30, 30)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.background_prompts import INSTRUCTIONS, SCENES, TIMES, BackgroundPromptEngine
 from engine.config import ModelRef, PromptConfig
+from engine.methods.background_prompts import INSTRUCTIONS, SCENES, TIMES, BackgroundPromptEngine
 
 CLASSES = ["cat", "dog", "bird"]
 SUPERCLASSES = {"cat": "animal", "dog": "animal", "bird": "animal"}
@@ -149,7 +149,7 @@ def test_compose_is_deterministic_and_diverse():
 
 
 def test_compose_is_stable_across_processes():
-    code = "from engine.background_prompts import BackgroundPromptEngine as E; print(E().compose(99).text)"
+    code = "from engine.methods.background_prompts import BackgroundPromptEngine as E; print(E().compose(99).text)"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert other.stdout.strip() == BackgroundPromptEngine().compose(99).text

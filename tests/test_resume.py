@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import schema
-from engine.toy_dataset import make_toy_dataset
+from engine.tiny.toy_dataset import make_toy_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -97,7 +97,7 @@ def test_generate_from_s3_to_s3(s3, tiny_models_dir, tmp_path, monkeypatch):
 
     from engine.config import GenerateConfig, load_config
     from engine.pipeline import run_generate
-    from engine.toy_dataset import make_toy_dataset
+    from engine.tiny.toy_dataset import make_toy_dataset
     from tests.conftest import ROOT
 
     # 1. The dataset and the tiny models go to the bucket; nothing local is named in the config.

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.shards import MANIFEST_VERSION, read_manifest, write_manifest
+from engine.output.shards import MANIFEST_VERSION, read_manifest, write_manifest
 
 
 def test_manifest_is_small_and_older_layouts_are_migrated_or_refused(tmp_path):
@@ -41,8 +41,8 @@ def test_manifest_is_small_and_older_layouts_are_migrated_or_refused(tmp_path):
 @pytest.mark.slow
 def test_run_killed_halfway_resumes_every_row_exactly_once(tmp_path):
     from benchmarks.scale import make_config, make_source, run_child
-    from engine.expand import Expansion
-    from engine.written_ids import _sorted_ids
+    from engine.output.written_ids import _sorted_ids
+    from engine.stages.expand import Expansion
 
     num_sources, k = 4000, 2
     source = make_source(num_sources, cache=tmp_path / "source")

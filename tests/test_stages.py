@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from engine import schema
-from engine.batch import object_array, unpack
-from engine.ledger import start_ledger
-from engine.stages import Stage, run_batch
+from engine.run.ledger import start_ledger
+from engine.stages.batch import object_array, unpack
+from engine.stages.loop import Stage, run_batch
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_missing_columns_are_named(ledger):
 
 def test_gpu_shortfall_names_the_pools_like_the_cpu_one():
     from engine.config import StageSpec
-    from engine.stages import check_resource_budget
+    from engine.stages.loop import check_resource_budget
 
     class Model:
         pass
@@ -102,7 +102,7 @@ def test_actor_stage_sets_restarts_without_ray_deprecation_warnings(ledger):
     import ray
 
     from engine.config import StageSpec
-    from engine.stages import apply_stages
+    from engine.stages.loop import apply_stages
 
     class Model:
         def __call__(self, batch):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import schema
-from engine.toy_dataset import make_toy_dataset
+from engine.tiny.toy_dataset import make_toy_dataset
 from tests.conftest import ROOT, demo_overrides
 
 pytestmark = pytest.mark.slow

@@ -11,14 +11,12 @@ import pytest
 
 from engine.config import load_config
 from engine.train.config import SweepConfig, SweepVariant
+from engine.train.sweep_report import compare_with_baseline, report_table, write_report
 from jobs.sweep import (
-    compare_with_baseline,
     finished_generation,
     fresh_if_inputs_changed,
     generation_config,
     prepare_toy_dataset,
-    report_table,
-    write_report,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import engine.tiny_models as tiny_models
+import engine.tiny.registry as tiny_models
 
 FAKE = """
 from pathlib import Path

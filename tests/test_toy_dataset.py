@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.toy_dataset import BACKGROUNDS, CLASSES, SPLITS, main, make_toy_dataset
+from engine.tiny.toy_dataset import BACKGROUNDS, CLASSES, SPLITS, main, make_toy_dataset
 
 SMALL = dict(num_classes=3, train_per_class=6, val_per_class=3, test_per_class=3, size=32, seed=7)
 

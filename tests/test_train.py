@@ -207,7 +207,8 @@ def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path
 
 
 def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, capsys, monkeypatch):
-    from jobs.sweep import compare_strategies, print_table
+    from engine.train.sweep_report import print_table
+    from jobs.sweep import compare_strategies
 
     overrides = ("data.image_size=32", "epochs=1", "batch_size=8", "scaling.num_workers=1")
     rows = compare_strategies([str(shards)], str(tmp_path), strategies=("concat",), overrides=overrides)
@@ -245,7 +246,7 @@ def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, 
 
 
 def test_sweep_summary_is_mean_and_std_over_seeds():
-    from jobs.sweep import format_markdown, summarize
+    from engine.train.sweep_report import format_markdown, summarize
 
     def row(variant, seed, top1, worst):
         return {
@@ -462,7 +463,7 @@ def soft_shards(shards, tmp_path_factory) -> Path:
 
 
 def test_train_batches_carry_each_rows_soft_target(soft_shards, tmp_path, local_ray):
-    from engine.batch import object_array
+    from engine.stages.batch import object_array
     from engine.train.data import (
         TARGET,
         build_datasets,

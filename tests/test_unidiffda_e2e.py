@@ -104,8 +104,8 @@ def test_class_pools_hold_at_most_m_rows_per_class_whatever_the_order(ray4, toy)
     import ray.data
 
     from engine.config import DataConfig
-    from engine.pools import PoolSpec, build_class_pool
     from engine.readers import read_file_bytes, read_source
+    from engine.stages.class_pools import PoolSpec, build_class_pool
 
     data = DataConfig(path=str(toy), splits=["train", "val", "test"])
     ds, _ = read_source(data, ray.data)

@@ -36,7 +36,7 @@ VLLM_ON_CPU = [
 def tiny_models_dir():
     """The tiny models these tests use, built into the shared cache if missing. Not segment-anything's
     checkpoint: that package imports torchvision, which this environment must not have."""
-    from engine.tiny_models import build_tiny_models
+    from engine.tiny.registry import build_tiny_models
     from tests.conftest import ROOT
 
     out = ROOT / ".cache" / "tiny-models"
@@ -98,7 +98,7 @@ def independent_hits(text: str, names: list[str]) -> list[str]:
 
 
 def test_aga_end_to_end_with_vllm_prompts(vllm_run):
-    from engine.background_prompts import BackgroundPromptEngine
+    from engine.methods.background_prompts import BackgroundPromptEngine
 
     config, run, rows = vllm_run
     synthetic = [r for r in rows if r[schema.RECIPE] == "aga"]
@@ -135,9 +135,9 @@ def test_prompts_depend_only_on_the_row_seed(vllm_run):
     import ray
     import ray.data
 
-    from actors.vllm_prompts import vllm_prompt_stage
-    from engine.ledger import start_ledger
-    from engine.stages import apply_stages
+    from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
+    from engine.run.ledger import start_ledger
+    from engine.stages.loop import apply_stages
 
     config, run, rows = vllm_run
     prompt = config.prompt.model_copy(deep=True)
@@ -157,7 +157,7 @@ def test_prompts_depend_only_on_the_row_seed(vllm_run):
     before = {r[schema.ID]: r[schema.PROMPT] for r in rows}
     assert len(again) == len(items)
     for r in again:
-        # A block of only real rows carries no prompt column at all (engine.batch.pack drops all-None ones).
+        # A block of only real rows carries no prompt column at all (engine.stages.batch.pack drops all-None ones).
         if r.get(schema.PROMPT) is None:
             assert before[r[schema.ID]] is None
             continue
@@ -196,10 +196,10 @@ def test_captions_through_vllm(ray_local, toy, tiny_models_dir):
     from PIL import Image
 
     from actors.captioner import CAPTION, caption_stage
-    from engine.batch import object_array, pack
     from engine.config import CaptionConfig
-    from engine.ledger import start_ledger
-    from engine.stages import apply_stages
+    from engine.run.ledger import start_ledger
+    from engine.stages.batch import object_array, pack
+    from engine.stages.loop import apply_stages
 
     config = CaptionConfig(
         backend="vllm",

@@ -1,6 +1,6 @@
 """The loading policy on the vLLM backend (runs in .venv-vllm: `make test` runs `-m vllm` there).
 
-A local checkpoint is checked on the driver before any engine starts (engine.models, the same refusal as
+A local checkpoint is checked on the driver before any engine starts (engine.models.references, the same refusal as
 every other loader). A hub id or an s3:// checkpoint is fetched by each engine itself, so there the engine's
 `load_format` is the only guard: the engine arguments a stage builds make vLLM's own weight loader refuse a
 pickle-only checkpoint, and take it when the model says `allow_pickle`.
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    from engine.tiny_models import build_tiny_models
+    from engine.tiny.registry import build_tiny_models
     from tests.conftest import ROOT
 
     return build_tiny_models(ROOT / ".cache" / "tiny-models", names=["llm"])["llm"]
@@ -28,13 +28,13 @@ def pickled_llm(tiny_llm, tmp_path_factory):
 
 
 def prompt_stage(model: ModelRef):
-    from actors.vllm_prompts import vllm_prompt_stage
+    from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
 
     return vllm_prompt_stage(PromptConfig(model=model, backend="vllm"), ["circle"])
 
 
 def test_local_pickle_only_checkpoint_is_refused_before_the_engine(pickled_llm):
-    from engine.llm_stage import build_vllm_processor
+    from engine.stages.llm import build_vllm_processor
 
     with pytest.raises(ValueError, match=REFUSED):
         build_vllm_processor(prompt_stage(ModelRef(id=str(pickled_llm))), 0.25)
@@ -46,7 +46,7 @@ def weight_files(checkpoint, model: ModelRef) -> list[str]:
     from vllm.config import LoadConfig
     from vllm.model_executor.model_loader import get_model_loader
 
-    from engine.llm_stage import engine_kwargs
+    from engine.stages.llm import engine_kwargs
 
     kwargs = engine_kwargs(model, "float32", VLLMConfig(), None, False)
     loader = get_model_loader(LoadConfig(load_format=kwargs["load_format"]))

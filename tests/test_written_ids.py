@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import schema
-from engine.expand import Expansion, expand_variants, skip_completed_sources
-from engine.written_ids import WrittenIds, written_ids
+from engine.output.written_ids import WrittenIds, written_ids
+from engine.stages.expand import Expansion, expand_variants, skip_completed_sources
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_resume_skips_done_sources_and_rows_with_a_handle(ray_one_cpu, tmp_path)
 
 
 def test_rows_are_counted_in_a_task(ray_one_cpu, tmp_path):
-    from engine.written_ids import count_rows_in_task
+    from engine.output.written_ids import count_rows_in_task
 
     data = tmp_path / "data"
     data.mkdir()

@@ -2,16 +2,18 @@
 
 Every model is a `ModelRef` (hub id or local path, plus a pinned revision). Every model stage carries a
 `StageSpec` saying how Ray schedules it; what the stage computes lives in the actor. By concern:
-`base` (ModelRef, StageSpec, scheduling_field), `run` (data, output, Ray), `stages` (one section per model
-stage), `filter` (the label-fidelity filter), `generation` (the diffusion generator, scheduler overrides), `generate` (the generation job), `loading` (YAML, overrides, job arguments, the content hash).
+`base` (ModelRef, StageSpec, scheduling_field), `run` (data, output, Ray), `stage_sections` (one section
+per model stage), `filter` (the label-fidelity filter), `generator` (the diffusion generator's `generation`
+section, scheduler overrides), `adapters` (TI/LoRA adapters), `generate_job` (the generation job's whole
+config), `loading` (YAML, overrides, job arguments, the content hash).
 The names below are the package's interface: `from engine.config import GenerateConfig, load_config`.
 """
 
 from engine.config.adapters import AdapterConfig
 from engine.config.base import TINY_MODELS_HINT, ModelRef, StageSpec, Strict, scheduling_field
 from engine.config.filter import FilterConfig
-from engine.config.generate import GenerateConfig
-from engine.config.generation import GenerationConfig, SchedulerConfig
+from engine.config.generate_job import GenerateConfig
+from engine.config.generator import GenerationConfig, SchedulerConfig
 from engine.config.loading import (
     apply_overrides,
     config_hash,
@@ -20,12 +22,11 @@ from engine.config.loading import (
     content_of,
     format_validation_error,
     load_config,
-    parse_job_args,
     parse_override,
     save_resolved,
 )
 from engine.config.run import SECRET_MARKERS, DataConfig, OutputConfig, RayConfig
-from engine.config.stages import (
+from engine.config.stage_sections import (
     BackgroundConfig,
     CaptionConfig,
     CompositeConfig,
@@ -61,7 +62,6 @@ __all__ = [
     "content_of",
     "format_validation_error",
     "load_config",
-    "parse_job_args",
     "parse_override",
     "save_resolved",
     "scheduling_field",

@@ -1,5 +1,5 @@
 """Adapters a generating stage loads on top of its base pipeline: textual-inversion tokens and a LoRA, as
-`synthray finetune` writes them (engine.diffusion loads them; engine.finetune trains them)."""
+`synthray finetune` writes them (engine.models.diffusion loads them; engine.finetune trains them)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ config saved beside the outputs, and the content hash that row ids and the resum
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -33,28 +32,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ValueError(f"override {text!r}: {part!r} is not a section")
         node[path[-1]] = value
     return raw
-
-
-def parse_job_args(
-    argv: list[str] | None, prog: str, description: str, default_config: str | None, example: str
-) -> argparse.Namespace:
-    """The arguments every job takes: `--config PATH` and repeatable `--set key.path=value`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    if default_config is None:
-        parser.add_argument("--config", required=True, help="YAML config")
-    else:
-        parser.add_argument(
-            "--config", default=default_config, help=f"YAML config (default {default_config})"
-        )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a config value, e.g. --set {example} (repeatable)",
-    )
-    return parser.parse_args(argv)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

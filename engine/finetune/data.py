@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import schema
-from engine.batch import Batch
+from engine.stages.batch import Batch
 
 PIXELS = "pixels"
 SKIP = "skip"  # working column: "" for a usable row, else why it is not used (counted in finetune.json)
@@ -64,8 +64,8 @@ def decode_for_training(
     without a mask, or with an empty one, is not usable."""
     from PIL import Image
 
-    from engine.batch import is_missing
-    from engine.decode import RowError, decode_image, decode_mask
+    from engine.stages.batch import is_missing
+    from engine.stages.decode import RowError, decode_image, decode_mask
 
     n = len(batch[schema.IMAGE_BYTES])
     masks = batch.get(schema.MASK_BYTES, np.full(n, None, dtype=object))
@@ -153,7 +153,7 @@ def read_run_shards(data, ray_data, num_cpus: float):
 
 def _as_source_rows(batch: Batch) -> Batch:
     """Output columns -> the readers' source columns that decode_for_training reads."""
-    from engine.batch import is_missing
+    from engine.stages.batch import is_missing
 
     masks = np.empty(len(batch[schema.MASK]), dtype=object)
     masks[:] = [None if is_missing(m) else bytes(m) for m in batch[schema.MASK]]

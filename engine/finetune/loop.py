@@ -1,4 +1,4 @@
-"""What runs in each Ray Train worker of `synthray finetune`: load the base pipeline through engine.diffusion,
+"""What runs in each Ray Train worker of `synthray finetune`: load the base pipeline through engine.models.diffusion,
 set up the method (textual inversion or DreamBooth-LoRA), resume from Ray Train's latest checkpoint, then take
 optimizer steps of the denoising loss, averaging gradients across ranks, checkpointing every N steps.
 
@@ -207,9 +207,9 @@ def finetune_loop_per_worker(loop: dict) -> None:
     from diffusers import DDPMScheduler
 
     from engine.config import AdapterConfig, ModelRef
-    from engine.diffusion import load_pipeline, read_textual_inversion
     from engine.finetune.lora import DreamBoothLora
     from engine.finetune.textual_inversion import TextualInversion
+    from engine.models.diffusion import load_pipeline, read_textual_inversion
     from engine.train.loop import _quiet_report_logs
 
     _quiet_report_logs()  # Ray Train's per-report INFO lines; the progress line says the same

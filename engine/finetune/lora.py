@@ -1,6 +1,6 @@
 """DreamBooth-LoRA (Ruiz et al. 2023 with Hu et al.'s LoRA, as in diffusers' dreambooth_lora examples): a peft
 LoRA on the UNet's attention projections, trained with an instance prompt per class on top of textual-inversion
-tokens when a TI run is given (engine.diffusion loads those first). Saved with the pipeline's
+tokens when a TI run is given (engine.models.diffusion loads those first). Saved with the pipeline's
 `save_lora_weights` (diffusers keys, safetensors), so `pipe.load_lora_weights` loads it.
 
 torch and peft are imported inside the functions: the driver imports this module without them.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.diffusion import LORA_FILE
+from engine.models.diffusion import LORA_FILE
 
 EXTRA_TARGETS = ("add_k_proj", "add_v_proj")  # added-KV attention (e.g. the UnCLIP/IF UNets) where present
 

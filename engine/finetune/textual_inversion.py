@@ -1,7 +1,7 @@
 """Textual inversion (Gal et al. 2022, as in diffusers' textual_inversion examples): one new token per class,
 all classes trained jointly; only the new rows of each text encoder's token embedding change (SD1.5: one
 encoder; SDXL: both). Writes `textual_inversion.safetensors` (clip_l [+ clip_g], tokens and classes in its
-metadata), which engine.diffusion.load_textual_inversion loads through `pipe.load_textual_inversion`.
+metadata), which engine.models.diffusion.load_textual_inversion loads through `pipe.load_textual_inversion`.
 
 torch is imported inside the functions: the driver imports this module without it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.diffusion import TEXT_ENCODERS, TEXTUAL_INVERSION_FILE
+from engine.models.diffusion import TEXT_ENCODERS, TEXTUAL_INVERSION_FILE
 
 
 def placeholder_tokens(class_names: list[str], placeholder: str) -> list[str]:
@@ -42,7 +42,7 @@ def check_tokenizers(pipe_path: str, ref, tokens: list[str]) -> None:
     """Driver preflight: the placeholders are new to every tokenizer of the checkpoint (loads tokenizers only)."""
     from transformers import AutoTokenizer
 
-    from engine.models import pretrained_kwargs
+    from engine.models.references import pretrained_kwargs
 
     local = Path(pipe_path).exists()
     for _, tokenizer_name, _ in TEXT_ENCODERS:

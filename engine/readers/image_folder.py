@@ -38,9 +38,9 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from engine import schema, storage
-from engine.batch import Batch
 from engine.config import DataConfig
 from engine.readers.source import SourceInfo, read_bytes, stable_hash, with_scheme
+from engine.stages.batch import Batch
 from engine.storage import filesystem
 
 logger = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine import schema, storage
-from engine.batch import Batch
 from engine.config import DataConfig
 from engine.readers.source import SourceInfo, read_bytes, sample_indices
+from engine.stages.batch import Batch
 from engine.storage import filesystem
 
 MASK_COLUMN = "mask"

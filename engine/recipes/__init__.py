@@ -1,8 +1,10 @@
 """Recipe registry: name -> how the recipe builds its stage list from the config, and the class pool it
 needs sampled first (if any).
 
-A recipe adds a file here and one line to `RECIPES`; the engine (read, class pools, stage loop, encode,
-write, report) is shared.
+A recipe adds a file here and one line to `RECIPES`; it starts with the shared opening (`opening`: skip
+done sources, read bytes, decode) and strings its actors (`actors/`) after it. The engine (read, class pools,
+stage loop, encode, write, report) is shared. `filter` is the fidelity-filter stage any recipe gets from
+config; `aga_vllm_prompts` is AGA's prompt stage on vLLM.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from engine.config import GenerateConfig
-from engine.pools import ClassPool, PoolSpec
 from engine.recipes.aga import aga_stages
 from engine.recipes.unidiffda import unidiffda_pool, unidiffda_stages
-from engine.stages import Stage
+from engine.stages.class_pools import ClassPool, PoolSpec
+from engine.stages.loop import Stage
 
-# (config, class names, config hash, ids already written: engine.written_ids.WrittenIds, class pool) -> stages
+# (config, class names, config hash, ids already written: engine.output.written_ids.WrittenIds, class pool) -> stages
 RecipeBuilder = Callable[[GenerateConfig, list[str], str, Collection[str], ClassPool | None], list[Stage]]
 
 
@@ -27,7 +29,7 @@ def _no_pool(config: GenerateConfig) -> PoolSpec | None:
 @dataclass(frozen=True)
 class Recipe:
     stages: RecipeBuilder
-    # The class pool the stages read (engine.pools), sampled from the source before they run; None: none.
+    # The class pool the stages read (engine.stages.class_pools), sampled from the source before they run; None: none.
     pool: Callable[[GenerateConfig], PoolSpec | None] = _no_pool
 
 

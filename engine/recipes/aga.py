@@ -1,6 +1,6 @@
 """AGA (Automated Generative Data Augmentation): keep the subject, replace the background.
 
-decode -> detect+segment (GroundingDINO + SAM, or dataset masks) -> expand x K -> background prompt (LLM)
+opening (skip done, read, decode) -> detect+segment (GroundingDINO + SAM, or dataset masks) -> expand x K -> background prompt (LLM)
 -> background (SDXL) -> composite (subject pasted back with flip/rotate/scale).
 """
 
@@ -12,12 +12,12 @@ from actors.background import PROMPT_TRIMMED, BackgroundGenerator
 from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
 from actors.segmenter import DETECT_SCORE, Segmenter
-from actors.vllm_prompts import vllm_prompt_stage
 from engine import schema
 from engine.config import GenerateConfig
-from engine.decode import decode_images
-from engine.expand import Expansion, expand_variants, skip_completed_sources
-from engine.stages import Stage
+from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
+from engine.recipes.opening import opening_stages
+from engine.stages.expand import Expansion, expand_variants
+from engine.stages.loop import Stage
 
 
 def aga_stages(
@@ -34,18 +34,7 @@ def aga_stages(
         raise ValueError(f"recipe 'aga' needs config sections {missing}")
     seg = config.segment
     expansion = Expansion.from_config(config, config_hash)
-    stages = [
-        Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
-        Stage(
-            "decode",
-            decode_images,
-            kwargs={
-                "max_pixels": config.data.max_pixels,
-                "min_side": config.data.min_side,
-                "require_masks": seg.use_dataset_masks,
-            },
-        ),
-    ]
+    stages = opening_stages(config, expansion, done_ids, require_masks=seg.use_dataset_masks)
     # 1. The subject mask: from the dataset when it ships masks (and the config says so), else the models.
     if not seg.use_dataset_masks:
         stages.append(

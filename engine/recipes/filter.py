@@ -1,12 +1,12 @@
-"""The label-fidelity filter as a stage any recipe gets from config (see engine.fidelity for the rules)."""
+"""The label-fidelity filter as a stage any recipe gets from config (see engine.methods.fidelity for the rules)."""
 
 from __future__ import annotations
 
 from actors.fidelity_filter import FidelityFilter
 from engine import schema
 from engine.config import FilterConfig
-from engine.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts
-from engine.stages import Stage
+from engine.methods.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts
+from engine.stages.loop import Stage
 
 
 def filter_stage(config: FilterConfig, class_names: list[str]) -> Stage:

@@ -3,8 +3,8 @@ fine-tuning x generation x utilization. Fine-tuning is `synthray finetune` (its 
 generation is this recipe, one diffusion generator in one of five modes (actors.generator); utilization is
 the training job's strategy (concat, replace, ...).
 
-decode -> expand x K -> generate (txt2img | sdedit | instruct_pix2pix | ddim_interp | diffmix).
-ddim_interp draws a same-class partner from a class pool (engine.pools) sampled before the stages run.
+opening (skip done, read, decode) -> expand x K -> generate (txt2img | sdedit | instruct_pix2pix | ddim_interp | diffmix).
+ddim_interp draws a same-class partner from a class pool (engine.stages.class_pools) sampled before the stages run.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Collection
 from actors.generator import PARAMS, DiffusionGenerator
 from engine import schema
 from engine.config import GenerateConfig
-from engine.decode import decode_images
-from engine.expand import Expansion, expand_variants, skip_completed_sources
-from engine.pools import ClassPool, PoolSpec
-from engine.stages import Stage
+from engine.recipes.opening import opening_stages
+from engine.stages.class_pools import ClassPool, PoolSpec
+from engine.stages.expand import Expansion, expand_variants
+from engine.stages.loop import Stage
 
 
 def unidiffda_pool(config: GenerateConfig) -> PoolSpec | None:
@@ -41,16 +41,7 @@ def unidiffda_stages(
     expansion = Expansion.from_config(config, config_hash)
     reads = (schema.CLASS_NAME, schema.LABEL, schema.SOURCE_ID, schema.SEED)
     return [
-        Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
-        Stage(
-            "decode",
-            decode_images,
-            kwargs={
-                "max_pixels": config.data.max_pixels,
-                "min_side": config.data.min_side,
-                "require_masks": False,
-            },
-        ),
+        *opening_stages(config, expansion, done_ids),
         Stage(
             "expand",
             expand_variants,

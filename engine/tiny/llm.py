@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.background_prompts import FALLBACK_STYLES, INSTRUCTION_SUFFIX, INSTRUCTIONS, SCENES, TIMES
+from engine.methods.background_prompts import FALLBACK_STYLES, INSTRUCTION_SUFFIX, INSTRUCTIONS, SCENES, TIMES
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")

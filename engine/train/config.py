@@ -186,7 +186,7 @@ class GenerationSpec(Strict):
 
 
 class ToyDatasetSpec(Strict):
-    """engine.toy_dataset.make_toy_dataset's arguments; the sweep builds the dataset when `out` holds another."""
+    """engine.tiny.toy_dataset.make_toy_dataset's arguments; the sweep builds the dataset when `out` holds another."""
 
     out: str = Field(description="Folder of the toy dataset")
     num_classes: int = Field(default=4, ge=2)

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import schema
-from engine.batch import is_missing
+from engine.stages.batch import is_missing
 from engine.train.config import AugmentConfig, ShardsConfig, TrainConfig
 from engine.train.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
 from engine.train.sources import Source, check_one_dataset, different_datasets, find_sources, merge_sources

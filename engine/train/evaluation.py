@@ -52,10 +52,7 @@ def classification_metrics(
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
     """Loss and accuracies per epoch (train, val top-1, val worst group) into a PNG; phase 2 is shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: workers and CI have no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] + 1 for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -78,13 +75,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
             )
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_variants(
@@ -92,10 +83,7 @@ def plot_variants(
 ) -> Path:
     """One panel per metric: a bar per variant at its mean over seeds with the std as error bar (jobs.sweep's
     `summarize` entries, values in [0, 1] shown in %); a variant without a value gets no bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [entry["variant"] for entry in summary]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.6), squeeze=False)
@@ -109,10 +97,25 @@ def plot_variants(
         ax.set_ylim(0, 100)
         ax.set_ylabel(f"{label} (%)")
         ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path, title)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: workers and CI have no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str = "") -> Path:
+    """The figure's title, layout and PNG (folders made as needed); the figure is closed."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     return path

@@ -5,11 +5,11 @@ Reads:  seed (int64); class_name (optional, checked against the known classes).
 Writes: prompt (the cleaned description), prompt_source ("llm", or "template" when the answer was unusable
         and the template fallback was used), instruction (the message sent to the LLM).
 
-The question, the cleaning and the fallback come from `engine.background_prompts`, as in PromptWriter, so for
+The question, the cleaning and the fallback come from `engine.methods.background_prompts`, as in PromptWriter, so for
 a row seed both backends ask the same question and accept the same answers. Sampling is per row: vLLM's
 `SamplingParams(seed=row seed)` gives each request its own generator, so a row's text depends on its seed and
 its prompt only, not on what else is in the engine's batch. Scheduling, the engine and the ledger are the
-engine's (`engine.llm_stage`); this class only turns rows into requests and answers into columns.
+engine's (`engine.stages.llm`); this class only turns rows into requests and answers into columns.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import numpy as np
 
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, SOURCE_LLM, SOURCE_TEMPLATE
 from engine import schema
-from engine.background_prompts import BackgroundPromptEngine
-from engine.batch import Batch
 from engine.config import PromptConfig
-from engine.llm_stage import sampling_params, vllm_stage
-from engine.stages import Stage
+from engine.methods.background_prompts import BackgroundPromptEngine
+from engine.stages.batch import Batch
+from engine.stages.llm import sampling_params, vllm_stage
+from engine.stages.loop import Stage
 
 READS = (schema.SEED, schema.CLASS_NAME)
 WRITES = (schema.PROMPT, PROMPT_SOURCE, INSTRUCTION)
 
 
 class BackgroundPromptRequests:
-    """The vLLM stage's task (`engine.llm_stage.LLMTask`) for AGA background prompts."""
+    """The vLLM stage's task (`engine.stages.llm.LLMTask`) for AGA background prompts."""
 
     multimodal = False
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema
-from engine.batch import Batch, is_missing, num_rows, unpack
+from engine.stages.batch import Batch, is_missing, num_rows, unpack
 
 # Working columns that never go into params (arrays, or already output columns).
 _NOT_PARAMS = {
@@ -114,7 +114,7 @@ def soft_label(value) -> list[dict] | None:
     non-empty list of {"label", "weight"} with non-negative labels and weights that sum to 1.
 
     After Ray's Arrow round trip the list may arrive as a numpy array of dicts, and an all-None column as
-    NaN (see `engine.batch.unpack`); both are accepted.
+    NaN (see `engine.stages.batch.unpack`); both are accepted.
     """
     if is_missing(value):
         return None

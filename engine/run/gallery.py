@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 from PIL import Image, ImageDraw, ImageFont
 
 from engine import schema, storage
-from engine.shards import shard_files
+from engine.output.shards import shard_files
 
 THUMB = 128
 

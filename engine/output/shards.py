@@ -20,6 +20,7 @@ import posixpath
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -68,6 +69,14 @@ def read_column(data_uri: str, columns: list[str]) -> pa.Table:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     fs, _ = filesystem(data_uri)
     return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
+
+
+def count_rows(data_dir: str) -> tuple[dict[str, int], int]:
+    """Rows in the shards per recipe, and how many ids appear more than once (must be 0)."""
+    table = read_column(str(data_dir), [schema.ID, schema.RECIPE])
+    counts = pc.value_counts(table[schema.RECIPE]).to_pylist() if table.num_rows else []
+    duplicates = table.num_rows - len(pc.unique(table[schema.ID])) if table.num_rows else 0
+    return {item["values"]: item["counts"] for item in counts}, duplicates
 
 
 def remove_temporaries(data_uri: str) -> int:

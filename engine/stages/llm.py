@@ -43,9 +43,9 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema
-from engine.batch import ARRAY_COLUMNS, Batch, concat, num_rows, object_array, pack, take, unpack
 from engine.config import ModelRef, StageSpec, VLLMConfig
-from engine.stages import Stage
+from engine.stages.batch import ARRAY_COLUMNS, Batch, concat, num_rows, object_array, pack, take, unpack
+from engine.stages.loop import Stage
 
 ROW = "__synthray_row"  # the packed input row
 IMAGE = "__synthray_image"  # a multimodal request's image, PNG bytes
@@ -150,7 +150,7 @@ def apply_vllm_stage(ds, stage: Stage, ledger, task_num_cpus: float):
 def build_vllm_processor(stage: Stage, task_num_cpus: float):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from engine.models import resolve_model
+    from engine.models.references import resolve_model
 
     spec: StageSpec = stage.spec
     vllm: VLLMConfig = stage.kwargs["vllm"]
@@ -202,7 +202,7 @@ POLICY_KWARGS = ("load_format", "trust_remote_code")
 def engine_kwargs(
     model: ModelRef, dtype: str, vllm: VLLMConfig, revision: str | None, multimodal: bool
 ) -> dict[str, Any]:
-    """vLLM engine arguments of a stage. The loading policy (engine.models): safetensors only unless the
+    """vLLM engine arguments of a stage. The loading policy (engine.models.references): safetensors only unless the
     model says `allow_pickle` ("auto" then also takes .bin/.pt), remote code only if it says
     `trust_remote_code`; ray.data.llm passes `trust_remote_code` on to its tokenizer and template stages."""
     overridden = sorted(set(POLICY_KWARGS) & set(vllm.engine_kwargs))

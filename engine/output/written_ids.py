@@ -70,7 +70,7 @@ def _sorted_ids(data_uri: str) -> tuple[np.ndarray, int]:
     import pyarrow as pa
 
     from engine import schema
-    from engine.shards import read_column
+    from engine.output.shards import read_column
 
     column = read_column(data_uri, [schema.ID]).column(schema.ID).combine_chunks()
     try:
@@ -85,11 +85,11 @@ def _sorted_ids(data_uri: str) -> tuple[np.ndarray, int]:
 
 
 def count_rows_in_task(data_uri: str) -> tuple[dict[str, int], int]:
-    """`engine.report.count_rows` (rows per recipe, duplicate ids) in a Ray task: it reads every id of the
+    """`engine.output.shards.count_rows` (rows per recipe, duplicate ids) in a Ray task: it reads every id of the
     shards (about 590 MiB of a driver's RSS at 1.1 M rows), which the driver must not hold at 10^7 rows."""
     import ray
 
-    from engine.report import count_rows
+    from engine.output.shards import count_rows
 
     # max_calls=1: the worker exits afterwards, handing back what the read took.
     task = ray.remote(num_cpus=0, max_calls=1)(count_rows)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine import schema
-from engine.batch import Batch, take
+from engine.stages.batch import Batch, take
 
 _BLOCKS_KEPT = 8  # blocks an actor keeps fetched (a block holds whole classes' samples)
 

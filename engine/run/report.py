@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import schema, storage
 from engine.config import GenerateConfig
-from engine.shards import read_column
 
 
 @dataclass
@@ -45,14 +43,6 @@ def write_filtered(rows: list[dict], path: str | Path) -> None:
     pq.write_table(table.sort_by([(schema.ID, "ascending")]), inner, filesystem=fs)
 
 
-def count_rows(data_dir: Path) -> tuple[dict[str, int], int]:
-    """Rows in the shards per recipe, and how many ids appear more than once (must be 0)."""
-    table = read_column(str(data_dir), [schema.ID, schema.RECIPE])
-    counts = pc.value_counts(table[schema.RECIPE]).to_pylist() if table.num_rows else []
-    duplicates = table.num_rows - len(pc.unique(table[schema.ID])) if table.num_rows else 0
-    return {item["values"]: item["counts"] for item in counts}, duplicates
-
-
 def build_report(
     config: GenerateConfig,
     snapshot: dict,
@@ -83,7 +73,7 @@ def build_report(
             stages[name]["counts"] = counts
     errors = snapshot["errors"]
     # In a Ray task: reading every id of a million-row output on the driver would grow its memory with it.
-    from engine.written_ids import count_rows_in_task
+    from engine.output.written_ids import count_rows_in_task
 
     written, duplicates = count_rows_in_task(str(data_dir))
     real_in = stages.get("decode", {}).get("rows_in", 0)

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from engine.config.adapters import AdapterConfig
 from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
-from engine.config.generation import SchedulerConfig
+from engine.config.generator import SchedulerConfig
 
 
 class SegmentConfig(Strict):

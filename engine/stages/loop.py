@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from engine import schema
-from engine.batch import Batch, concat, num_rows, pack, take, unpack
 from engine.config import StageSpec
-from engine.failures import StageSetupError
+from engine.run.failures import StageSetupError
+from engine.stages.batch import Batch, concat, num_rows, pack, take, unpack
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
 DEFAULT_DIR = Path(".cache/tiny-models")
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("engine", "actors")
 
 

@@ -6,9 +6,15 @@ from pydantic import Field
 
 from engine.config.base import Strict, scheduling_field
 from engine.config.filter import FilterConfig
-from engine.config.generation import GenerationConfig
+from engine.config.generator import GenerationConfig
 from engine.config.run import DataConfig, OutputConfig, RayConfig
-from engine.config.stages import BackgroundConfig, CaptionConfig, CompositeConfig, PromptConfig, SegmentConfig
+from engine.config.stage_sections import (
+    BackgroundConfig,
+    CaptionConfig,
+    CompositeConfig,
+    PromptConfig,
+    SegmentConfig,
+)
 
 
 class GenerateConfig(Strict):

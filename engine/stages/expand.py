@@ -2,7 +2,7 @@
 
 Reads: source_id, split. Writes: id, recipe, variant, seed. Synthetic rows share the real row's image and
 mask arrays (the recipe's stages replace them); ids and seeds are derived, so a re-run makes the same rows
-and a resumed run can drop the ones already written (`done_ids`: an `engine.written_ids.WrittenIds`).
+and a resumed run can drop the ones already written (`done_ids`: an `engine.output.written_ids.WrittenIds`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import schema
-from engine.batch import Batch, object_array, take
-from engine.written_ids import done_mask
+from engine.output.written_ids import done_mask
+from engine.stages.batch import Batch, object_array, take
 
 
 @dataclass(frozen=True)

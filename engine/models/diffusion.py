@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from engine.config import AdapterConfig, ModelRef, SchedulerConfig
-from engine.models import pretrained_kwargs, resolve_model, torch_dtype
+from engine.models.references import pretrained_kwargs, resolve_model, torch_dtype
 
 TEXTUAL_INVERSION_FILE = "textual_inversion.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name for save_lora_weights

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from engine import schema
-from engine.batch import Batch, is_missing, object_array
+from engine.stages.batch import Batch, is_missing, object_array
 
 
 class RowError(Exception):
@@ -25,7 +25,7 @@ class RowError(Exception):
 
 def decode_images(batch: Batch, max_pixels: int, min_side: int, require_masks: bool) -> Batch:
     n = len(batch[schema.IMAGE_BYTES])
-    # A source without masks may drop the column altogether (see engine.batch.pack).
+    # A source without masks may drop the column altogether (see engine.stages.batch.pack).
     mask_column = batch.get(schema.MASK_BYTES, np.full(n, None, dtype=object))
     images, masks, errors, messages = [None] * n, [None] * n, [""] * n, [""] * n
     for i in range(n):

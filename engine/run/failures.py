@@ -20,7 +20,7 @@ _INFRASTRUCTURE = (
     "ObjectLostError",  # ObjectReconstructionFailedError, OwnerDiedError, ObjectFetchTimedOutError, ...
 )
 # Ray Data names an actor pool's workers `MapWorker(MapBatches(<stage>))`; stages are named after
-# themselves (see engine.stages.apply_stages).
+# themselves (see engine.stages.loop.apply_stages).
 _MAP_WORKER = re.compile(r"MapWorker\((?:MapBatches\()?([A-Za-z0-9_.-]+)\)?\)")
 
 
@@ -74,7 +74,7 @@ def setup_failure(err: BaseException, stage_names: dict[str, str] | None = None)
     """The StageSetupError behind a Ray error, when an actor died in its constructor; else None.
 
     Ray reports it as ActorDiedError(actor_init_failed) whose text holds the remote traceback: our stages
-    raise StageSetupError there (engine.stages.StageRunner); other actors (ray.data.llm's vLLM engine) are
+    raise StageSetupError there (engine.stages.loop.StageRunner); other actors (ray.data.llm's vLLM engine) are
     named from the actor's class, through `stage_names` (operator name -> our stage), and their last
     exception.
     """

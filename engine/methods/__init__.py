@@ -1,0 +1,3 @@
+"""Pure method logic that actors call and tests check without a model: AGA's background prompts
+(`background_prompts`), the label-fidelity rules (`fidelity`), DiffuseMix's image mixing (`diffusemix`).
+No Ray, no stage: a function in, a result out."""
