@@ -12,7 +12,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_DEPS := $(VLLM_VENV)/.dependencies
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test venv venv-vllm lint bench bench-scale bench-train gpu-wheels clean
+.PHONY: demo test test-fast venv venv-vllm lint bench bench-scale bench-train gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest --durations=25
 	$(VLLM_PY) -m pytest -m vllm
+
+# The loop while editing: the main suite without the tests marked slow (end-to-end, multi-actor, clusters).
+# The marker expression repeats pyproject's `not gpu and not vllm`: a -m on the command line replaces it.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m 'not slow and not gpu and not vllm' --durations=10
 
 # CPU benchmarks: engine overhead (pipeline vs each stage alone, memory at N and 4N) and the compositor.
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """What every benchmark result records beside its numbers (machine, versions, load) and how it is written.
 
-Results go to `<out_dir>/<name>.json` (everything) and `<out_dir>/<name>.md` (the tables, for the README).
+Results go to `<out_dir>/<name>.json` (everything) and `<out_dir>/<name>.md` (the tables that docs/performance.md links).
 """
 
 from __future__ import annotations

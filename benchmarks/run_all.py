@@ -3,7 +3,7 @@
     python -m benchmarks.run_all [--smoke] [--out-dir benchmarks/results]
 
 Writes `<out-dir>/engine_overhead.{json,md}`, `<out-dir>/compositor.{json,md}` and `<out-dir>/performance.md`
-(the tables with the device, versions and commands, in the form of the README's Performance section).
+(the tables with the device, versions and commands, in the form docs/performance.md links to).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The README's cluster walkthrough, run exactly as written, so the document cannot drift from what works.
+"""The cluster walkthrough of docs/clusters.md, run exactly as written, so the document cannot drift from
+what works.
 
-Every ```bash block between the `cluster walkthrough` markers of README.md runs in one bash script (`set -e`)
-from the repository root: `ray start --head`, the demo inputs, `ray job submit` of generation and of training,
-`ray stop`. The harness only keeps the head on loopback (Ray's single-machine mode, as in test_cluster) and in
-a private temp dir, and waits after the first block until the head's job agent is up (as a person does who
-reads "No available agent to submit job" and submits again); it changes no command.
+Every ```bash block between the `cluster walkthrough` markers of docs/clusters.md runs in one bash script
+(`set -e`) from the repository root: `ray start --head`, the demo inputs, `ray job submit` of generation and
+of training, `ray stop`. The harness only keeps the head on loopback (Ray's single-machine mode, as in
+test_cluster) and in a private temp dir, and waits after the first block until the head's job agent is up (as
+a person does who reads "No available agent to submit job" and submits again); it changes no command.
 """
 
 import json
@@ -24,6 +25,7 @@ from engine import schema
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+WALKTHROUGH_DOC = ROOT / "docs" / "clusters.md"
 OUTPUTS = (ROOT / "outputs" / "aga-cluster", ROOT / "outputs" / "train-cluster")
 
 
@@ -48,9 +50,9 @@ PY
 
 
 def walkthrough() -> str:
-    readme = (ROOT / "README.md").read_text()
+    doc = WALKTHROUGH_DOC.read_text()
     section = re.search(
-        r"<!-- cluster walkthrough: begin -->(.*)<!-- cluster walkthrough: end -->", readme, re.S
+        r"<!-- cluster walkthrough: begin -->(.*)<!-- cluster walkthrough: end -->", doc, re.S
     ).group(1)
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     assert len(blocks) >= 4, "start, inputs, submit, stop"

@@ -1,5 +1,5 @@
 """What a recipe strings together that is not a model: the `Stage` and the one loop that applies stages
 (`loop`), the batch helpers every stage uses (`batch`), the CPU stage functions (`decode`, `expand`,
-`encode`), the recipe opening every recipe starts with (`opening`: skip done sources, read bytes, decode),
-class pools that stages draw other rows of a class from (`class_pools`), and the vLLM stage kind served
+`encode`; `engine.recipes.opening` strings skip_done, read_bytes and decode together for every recipe), class
+pools that stages draw other rows of a class from (`class_pools`), and the vLLM stage kind served
 through `ray.data.llm` (`llm`)."""
