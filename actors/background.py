@@ -4,7 +4,8 @@ Reads `prompt` (str) and `seed` (int64); writes `background` (object array of Hx
 from `BackgroundConfig`), `prompt_tokens_trimmed` (int64: tokens cut from a prompt longer than the text
 encoder reads; `prompt` is then the text that was read) plus `error` / `error_message` (a row whose pixels
 come out non-finite, e.g. from an fp16 overflow, is marked `background_nonfinite` instead of carrying garbage
-downstream).
+downstream). A blank background (one colour) is dropped to filtered.parquet as `blank_output`
+(engine.stages.output_checks).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from engine import schema
 from engine.config import BackgroundConfig
 from engine.models.diffusion import load_pipeline
 from engine.models.references import resolve_device
+from engine.stages.output_checks import drop_rules
 
 STAGE = "background"
 NONFINITE = "background_nonfinite"
@@ -116,6 +118,7 @@ class BackgroundGenerator:
             f"{STAGE}: the pipeline produced NaN/inf pixels (dtype {self.config.dtype}); "
             "try float32 or bfloat16, or a VAE that is stable in float16"
         )
+        out[schema.DROP] = drop_rules([b if ok else None for b, ok in zip(backgrounds, finite, strict=True)])
         return out
 
 

@@ -5,7 +5,8 @@ Reads `image` (HxWx3 uint8; not for txt2img), `class_name`, `label`, `source_id`
 partner, interpolation weight, prompt switch, DiffuseMix blend, target class, adapters), `soft_label` (Diff-Mix
 rows; None otherwise), and clears `mask`/`bbox` (they described the real image). Error reasons: `no_partner`
 (ddim_interp, a class pool without a second image of the class), `input_size` (input_size: refuse),
-`generation_nonfinite`.
+`generation_nonfinite`. Rows dropped to filtered.parquet (engine.stages.output_checks): `blank_output`, and
+`nsfw_flagged` when the config loads the safety checker.
 
 Every random choice of a row (strength, instruction, target class, partner, weight, noise) is drawn from
 generators seeded by the row's seed, so a row is the same in any batch, on any worker, in a resumed run.
@@ -25,6 +26,7 @@ from engine.models.diffusion import load_pipeline, textual_inversion_classes
 from engine.models.references import resolve_device
 from engine.stages.batch import object_array
 from engine.stages.decode import RowError, decode_image
+from engine.stages.output_checks import drop_rules
 
 STAGE = "generate"
 PARAMS = "generation"
@@ -56,6 +58,7 @@ class DiffusionGenerator:
             scheduler="DDIMScheduler" if config.mode == "ddim_interp" else config.scheduler,
             unet=config.unet,
             pipeline_class=_pipeline_class(config.mode),
+            safety_checker=bool(config.safety_checker),
         )
         self.pipe.set_progress_bar_config(disable=True)  # Ray Data reports progress
         if config.mode == "ddim_interp" and getattr(self.pipe, "text_encoder_2", None) is not None:
@@ -112,8 +115,11 @@ class DiffusionGenerator:
             plan["partner"] = self.pool.partner(
                 class_name, source_id, int(_draw(seed, _PARTNER).integers(2**31))
             )
-            low, high = config.interpolation
-            plan["weight"] = float(_draw(seed, _WEIGHT).uniform(low, high))
+            if config.interpolation == "circle":  # the angle from the real image's latent, on the circle
+                plan["angle"] = float(_draw(seed, _WEIGHT).uniform(0.0, 2 * np.pi))
+            else:
+                low, high = config.interpolation
+                plan["weight"] = float(_draw(seed, _WEIGHT).uniform(low, high))
             if config.split_ratio is not None:
                 suffix = str(_draw(seed, _SUFFIX).choice(config.suffixes))
                 plan["switch"] = {"step": self.switch_step(), "prompt": plan["prompt"] + suffix}
@@ -132,7 +138,7 @@ class DiffusionGenerator:
         return plan
 
     def switch_step(self) -> int:
-        """Diff-II: denoising steps run with the class prompt before the suffixed prompt takes over."""
+        """Diff-II: denoising steps run with the suffixed prompt before the class prompt takes over."""
         steps = self.config.num_inference_steps
         return min(max(1, round(self.config.split_ratio * steps)), steps)
 
@@ -187,11 +193,13 @@ class DiffusionGenerator:
                 errors[i], messages[i] = err.reason, str(err)
 
         images = np.empty(n, dtype=object)
+        flagged = np.zeros(n, dtype=bool)
         live = [i for i in range(n) if errors[i] == ""]
         for group in _groups(live, plans):
-            pixels = self.generate(
+            pixels, nsfw = self.generate(
                 group, plans, inputs, partners, [int(batch[schema.SEED][i]) for i in group]
             )
+            flagged[group] = nsfw
             for i, image in zip(group, pixels, strict=True):
                 if not np.isfinite(image).all():
                     errors[i] = NONFINITE
@@ -201,6 +209,7 @@ class DiffusionGenerator:
                     images[i] = self.blend_diffusemix(
                         inputs[i], images[i], plans[i], int(batch[schema.SEED][i])
                     )
+        rules = drop_rules([images[i] if errors[i] == "" else None for i in range(n)], flagged)
         for i in range(n):  # rows that failed before generating keep their input (they leave the stream)
             if images[i] is None:
                 images[i] = batch[schema.IMAGE][i] if schema.IMAGE in batch else np.zeros((1, 1, 3), np.uint8)
@@ -215,10 +224,12 @@ class DiffusionGenerator:
         out[schema.SOFT_LABEL] = object_array([p.pop("soft_label", None) for p in plans])
         out[PARAMS] = np.array([json.dumps(p, sort_keys=True) for p in plans], dtype=object)
         out[schema.ERROR], out[schema.ERROR_MESSAGE] = errors, messages
+        out[schema.DROP] = rules
         return out
 
-    def generate(self, rows: list[int], plans, inputs, partners, seeds: list[int]) -> np.ndarray:
-        """Pixels (N, H, W, 3) float in [0, 1] for rows that share their pipeline arguments."""
+    def generate(self, rows: list[int], plans, inputs, partners, seeds: list[int]):
+        """Pixels (N, H, W, 3) float in [0, 1] for rows that share their pipeline arguments, and whether the
+        safety checker (when loaded) flagged each."""
         config, mode = self.config, self.config.mode
         generators = [self._torch.Generator("cpu").manual_seed(s) for s in seeds]
         common = {
@@ -230,25 +241,33 @@ class DiffusionGenerator:
             "output_type": "np",
         }
         if mode == "txt2img":
-            return self.pipe(height=config.height, width=config.width, **common).images
-        if mode in ("sdedit", "diffmix"):
+            output = self.pipe(height=config.height, width=config.width, **common)
+        elif mode in ("sdedit", "diffmix"):
             strength = plans[rows[0]]["strength"]
-            return self.pipe(image=[_pil(inputs[i]) for i in rows], strength=strength, **common).images
-        if mode == "instruct_pix2pix":
+            output = self.pipe(image=[_pil(inputs[i]) for i in rows], strength=strength, **common)
+        elif mode == "instruct_pix2pix":
             images = [_pil(inputs[i]) for i in rows]
-            return self.pipe(image=images, image_guidance_scale=config.image_guidance_scale, **common).images
-        latents = self.interpolated_latents(
-            [inputs[i] for i in rows], [partners[i] for i in rows], [plans[i]["weight"] for i in rows], common
-        )
-        if "switch" in plans[rows[0]]:
-            common["callback_on_step_end"] = self.prompt_switch([plans[i]["switch"] for i in rows])
-            common["callback_on_step_end_tensor_inputs"] = ["prompt_embeds"]
-        return self.pipe(latents=latents, **common).images
+            output = self.pipe(image=images, image_guidance_scale=config.image_guidance_scale, **common)
+        else:
+            # Inverted with the class prompt (the reference's); then Diff-II's two stages: the suffixed
+            # prompt leads the high-noise steps, the class prompt takes over for the rest.
+            latents = self.interpolated_latents(
+                [inputs[i] for i in rows], [partners[i] for i in rows], [plans[i] for i in rows], common
+            )
+            if "switch" in plans[rows[0]]:
+                class_prompts = common["prompt"]
+                common["prompt"] = [plans[i]["switch"]["prompt"] for i in rows]
+                common["callback_on_step_end"] = self.prompt_switch(
+                    plans[rows[0]]["switch"]["step"], class_prompts
+                )
+                common["callback_on_step_end_tensor_inputs"] = ["prompt_embeds"]
+            output = self.pipe(latents=latents, **common)
+        flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(rows)
+        return output.images, [bool(f) for f in flagged]
 
-    def prompt_switch(self, switches: list[dict]):
-        """A step-end callback that hands the pipeline the suffixed prompts' embeddings after `step` steps
+    def prompt_switch(self, step: int, prompts: list[str]):
+        """A step-end callback that hands the pipeline the class prompts' embeddings after `step` steps
         (diffusers reads `prompt_embeds` back from the callback; with guidance they are [negative, positive])."""
-        step, prompts = switches[0]["step"], [s["prompt"] for s in switches]
         negative = self.config.negative_prompt or None
 
         def callback(pipe, index: int, timestep, tensors: dict) -> dict:
@@ -268,14 +287,20 @@ class DiffusionGenerator:
 
     # ------------------------------------------------------------------ ddim_interp (Diff-II)
 
-    def interpolated_latents(self, images, partners, weights, common) -> object:
-        """DDIM-invert both images of every row with its prompt, then slerp the noise latents."""
+    def interpolated_latents(self, images, partners, points: list[dict], common) -> object:
+        """DDIM-invert both images of every row with its prompt, then take the row's point between the two
+        noise latents: `{"angle": a}` on the circle through them, `{"weight": w}` on the arc (slerp)."""
         torch = self._torch
         embeds = self.prompt_embeds(common["prompt"])
         with torch.no_grad():
             first = self.ddim_invert(self.encode(images), embeds)
             second = self.ddim_invert(self.encode(partners), embeds)
-        return torch.stack([slerp(a, b, w) for a, b, w in zip(first, second, weights, strict=True)])
+        return torch.stack(
+            [
+                circle_point(a, b, p["angle"]) if "angle" in p else slerp(a, b, p["weight"])
+                for a, b, p in zip(first, second, points, strict=True)
+            ]
+        )
 
     def prompt_embeds(self, prompts: list[str]):
         embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
@@ -293,7 +318,9 @@ class DiffusionGenerator:
         from diffusers import DDIMInverseScheduler
 
         inverse = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
-        inverse.set_timesteps(self.config.num_inference_steps, device=self.device)
+        inverse.set_timesteps(
+            self.config.inversion_steps or self.config.num_inference_steps, device=self.device
+        )
         for t in inverse.timesteps:
             noise = self.pipe.unet(latents, t, encoder_hidden_states=embeds).sample
             latents = inverse.step(noise, t, latents).prev_sample
@@ -312,6 +339,23 @@ def slerp(a, b, weight: float, eps: float = 1e-7):
     out = (torch.sin((1 - weight) * theta) * a.double() + torch.sin(weight * theta) * b.double()) / torch.sin(
         theta
     )
+    return out.to(a.dtype)
+
+
+def circle_point(a, b, angle: float, eps: float = 1e-6):
+    """Diff-II's inversion circle interpolation: the point `angle` radians from `a` on the great circle
+    through `a` and `b` (the reference's rand_slerp with alpha * theta = angle:
+    (sin(theta + angle) a - sin(angle) b) / sin(theta)). Angle 0 gives `a`, -theta gives `b`; for unit
+    latents every point has norm 1. Nearly parallel latents span no circle: `a` itself, as the reference."""
+    import torch
+
+    flat_a, flat_b = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm()).clamp_min(1e-12)
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    if theta.abs() < eps:
+        return a.clone()
+    angle = torch.tensor(angle, dtype=torch.float64)
+    out = (torch.sin(theta + angle) * a.double() - torch.sin(angle) * b.double()) / torch.sin(theta)
     return out.to(a.dtype)
 
 

@@ -143,7 +143,8 @@ def run_generate(config: GenerateConfig, plan: RunPlan | None = None) -> RunRepo
     # 4. Errors, run.json, manifest, dataset card, gallery.
     class_names = plan.source.class_names
     write_errors(snapshot["errors"], storage.join(out, "errors.parquet"))
-    if config.filter is not None:
+    # The fidelity filter's verdicts, and rows any generating stage dropped (engine.stages.output_checks).
+    if config.filter is not None or snapshot["filtered"]:
         write_filtered(snapshot["filtered"], storage.join(out, "filtered.parquet"))
     report = build_report(
         config,

@@ -171,7 +171,9 @@ def test_ddim_inversion_then_denoising_with_weight_zero_gives_the_first_image_ba
         gen.pipe.unet.conv_out.weight.zero_()
         gen.pipe.unet.conv_out.bias.fill_(0.3)
         first, second = gen.encode(images[:1]), gen.encode(images[1:])
-        noise = gen.interpolated_latents(images[:1], images[1:], [0.0], {"prompt": ["a photo of a circle"]})
+        noise = gen.interpolated_latents(
+            images[:1], images[1:], [{"weight": 0.0}], {"prompt": ["a photo of a circle"]}
+        )
         back = gen.pipe(
             prompt=["a photo of a circle"],
             latents=noise,
@@ -206,16 +208,27 @@ def test_ddim_interp_draws_a_same_class_partner_and_refuses_a_class_without_one(
     out = gen(rows)
     assert list(out[schema.ERROR]) == ["", "no_partner"]
     params = json.loads(out["generation"][0])
-    assert params["partner"] == "train/circle/3.png" and 0.0 <= params["weight"] <= 1.0
+    assert params["partner"] == "train/circle/3.png" and 0.0 <= params["angle"] < 2 * np.pi
+    arc = generator(models, "ddim_interp", pool=pool, num_inference_steps=2, interpolation=(0.2, 0.4))
+    assert 0.2 <= json.loads(arc(rows)["generation"][0])["weight"] <= 0.4
 
 
-def test_diff_ii_switches_to_the_suffixed_prompt_after_split_ratio_of_the_steps(models):
-    """The UNet's text conditioning, call by call: inversion (both images) and the first half of the denoising
-    see the class prompt, the steps after the switch the class prompt + the row's suffix."""
+def test_diff_ii_starts_with_the_suffixed_prompt_and_switches_to_the_class_prompt(models):
+    """The UNet's text conditioning, call by call: inversion (both images, in its own step count) sees the
+    class prompt; the first round(split_ratio x steps) denoising calls, the high-noise ones, the class prompt
+    + the row's suffix, and the rest the class prompt (the reference's order, DiffDA-Eval diff_ii.py)."""
     pool = ListPool(
         {"circle": [("train/circle/0.png", smooth_image(0)), ("train/circle/3.png", smooth_image(3))]}
     )
-    gen = generator(models, "ddim_interp", pool=pool, split_ratio=0.5, suffixes=[", in the snow"])
+    gen = generator(
+        models,
+        "ddim_interp",
+        pool=pool,
+        split_ratio=0.3,
+        suffixes=[", in the snow"],
+        num_inference_steps=10,
+        inversion_steps=5,
+    )
     seen = []
     hook = gen.pipe.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
@@ -226,18 +239,101 @@ def test_diff_ii_switches_to_the_suffixed_prompt_after_split_ratio_of_the_steps(
         hook.remove()
     assert list(out[schema.ERROR]) == [""]
     params = json.loads(out["generation"][0])
-    assert params["switch"] == {"step": 2, "prompt": "a photo of a circle, in the snow"}
+    assert params["switch"] == {"step": 3, "prompt": "a photo of a circle, in the snow"}
     assert out[schema.PROMPT][0] == "a photo of a circle"
     embed = {
         p: gen.prompt_embeds([p]).detach()
         for p in ("a photo of a circle", "a photo of a circle, in the snow")
     }
-    assert len(seen) == 4 + 4 + 4  # invert the image, invert its partner, denoise
-    expected = ["a photo of a circle"] * 10 + ["a photo of a circle, in the snow"] * 2
-    for conditioning, prompt in zip(seen, expected, strict=True):
-        assert np.allclose(conditioning.numpy(), embed[prompt].numpy(), atol=1e-6), prompt
-    plain = generator(models, "ddim_interp", pool=pool)({k: v[:1] for k, v in batch().items()})
-    assert not np.array_equal(plain[schema.IMAGE][0], out[schema.IMAGE][0])
+    assert len(seen) == 5 + 5 + 10  # invert the image, invert its partner, denoise
+    expected = (
+        ["a photo of a circle"] * 10 + ["a photo of a circle, in the snow"] * 3 + ["a photo of a circle"] * 7
+    )
+    for call, (conditioning, prompt) in enumerate(zip(seen, expected, strict=True)):
+        assert np.allclose(conditioning.numpy(), embed[prompt].numpy(), atol=1e-6), (call, prompt)
+    plain = generator(models, "ddim_interp", pool=pool, num_inference_steps=10, inversion_steps=5)
+    assert not np.array_equal(
+        plain({k: v[:1] for k, v in batch().items()})[schema.IMAGE][0], out[schema.IMAGE][0]
+    )
+
+
+def test_circle_interpolation_is_the_reference_formula():
+    """Diff-II's rand_slerp with alpha * theta = angle: angle 0 is the first latent, -theta the second, every
+    point of unit latents has norm 1, and drawn angles reach past the arc between the two."""
+    import math
+
+    import torch
+
+    from actors.generator import circle_point, slerp
+
+    generator_ = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, 8, generator=generator_, dtype=torch.float64)
+    b = torch.randn(4, 8, 8, generator=generator_, dtype=torch.float64)
+    a, b = a / a.norm(), b / b.norm()
+    theta = float(torch.arccos((a * b).sum()))
+    assert torch.allclose(circle_point(a, b, 0.0), a, atol=1e-12)
+    assert torch.allclose(circle_point(a, b, -theta), b, atol=1e-9)
+    for angle in (0.3, 1.0, 2.5, 4.0, 6.0):
+        point = circle_point(a, b, angle)
+        assert float(point.norm()) == pytest.approx(1.0, abs=1e-9)
+        # The reference's own expression, alpha = angle / theta.
+        alpha = angle / theta
+        reference = (math.sin((1 + alpha) * theta) * a - math.sin(alpha * theta) * b) / math.sin(theta)
+        assert torch.allclose(point, reference, atol=1e-9)
+    # The arc (slerp weight w) is the stretch angle in [-theta, 0] of the same circle.
+    assert torch.allclose(circle_point(a, b, -0.4 * theta), slerp(a, b, 0.4), atol=1e-9)
+    far = circle_point(a, b, math.pi)
+    assert torch.allclose(far, -a, atol=1e-9), "half a turn from a is -a, which no arc weight reaches"
+
+
+def test_a_checkpoint_with_a_safety_checker_loads_without_it_unless_the_config_asks(models, tmp_path):
+    """SD1.x checkpoints ship a safety checker that blacks out flagged images: the loader leaves it out, loads
+    it only when asked, and refuses the request for a checkpoint that has none."""
+    import diffusers
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from engine.config import ModelRef
+    from engine.models.diffusion import load_pipeline
+
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config=tower, vision_config={**tower, "image_size": 32, "patch_size": 4}, projection_dim=32
+        )
+    )
+    base = diffusers.StableDiffusionPipeline.from_pretrained(models / "sd15")
+    with_checker = diffusers.StableDiffusionPipeline(
+        **{
+            **base.components,
+            "safety_checker": checker,
+            "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+        },
+        requires_safety_checker=True,
+    )
+    with_checker.save_pretrained(tmp_path / "sd15-checker")
+    ref = ModelRef(id=str(tmp_path / "sd15-checker"))
+    assert load_pipeline(ref, role="generate", device="cpu").safety_checker is None
+    assert load_pipeline(ref, role="generate", device="cpu", safety_checker=True).safety_checker is not None
+    with pytest.raises(ValueError, match="has no safety checker"):
+        load_pipeline(ModelRef(id=str(models / "sd15")), role="generate", device="cpu", safety_checker=True)
+
+
+def test_a_constant_output_is_dropped_as_blank_output(models):
+    """A generator whose decoder outputs one colour: every row is dropped to filtered.parquet (the stage
+    loop reads the `drop` column) with rule blank_output, never written as a training image."""
+    import torch
+
+    gen = generator(models, "txt2img", fresh=True)
+    with torch.no_grad():
+        gen.pipe.vae.decoder.conv_out.weight.zero_()
+        gen.pipe.vae.decoder.conv_out.bias.fill_(0.2)
+    out = gen(batch())
+    assert list(out[schema.ERROR]) == ["", "", ""]
+    assert list(out[schema.DROP]) == ["blank_output"] * 3
+    assert all(image.min() == image.max() for image in out[schema.IMAGE])
+    working = generator(models, "txt2img")(batch())
+    assert list(working[schema.DROP]) == ["", "", ""], "the tiny model's real outputs are kept"
 
 
 def test_diffusemix_keeps_half_the_real_image_and_blends_the_folders_fractal(models, tmp_path):
@@ -321,6 +417,8 @@ def test_textual_inversion_tokens_stand_for_the_classes_in_prompts(models, tmp_p
         ({"split_ratio": 0.5}, "split_ratio and generation.suffixes go together"),
         ({"split_ratio": 0.5, "suffixes": [", at night"]}, "split_ratio is a ddim_interp setting"),
         ({"diffusemix": {}}, "diffusemix is an instruct_pix2pix setting"),
+        ({"interpolation": "line"}, "interpolation"),
+        ({"inversion_steps": 50}, "inversion_steps is a ddim_interp setting"),
     ],
 )
 def test_bad_generation_settings_are_config_errors(models, bad, message):

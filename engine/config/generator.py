@@ -65,7 +65,8 @@ class GenerationConfig(Strict):
     - sdedit: img2img of the real image at `strength` (a list: one value drawn per row, as DA-Fusion);
     - instruct_pix2pix: the real image edited by an instruction drawn per row;
     - ddim_interp: DDIM inversion of the real image and of a same-class partner from the class pool,
-      spherical interpolation of the two latents with a per-row weight, DDIM denoising (Diff-II);
+      a point drawn per row on the great circle through the two latents (or on the arc between them),
+      DDIM denoising (Diff-II, "inversion circle interpolation");
     - diffmix: SDEdit toward another class's prompt; the row gets a soft label (Diff-Mix).
     """
 
@@ -114,8 +115,18 @@ class GenerationConfig(Strict):
         default="diffusemix", description="InstructPix2Pix edits, one drawn per row, or a preset's list"
     )
     image_guidance_scale: float = Field(default=1.5, ge=0, description="InstructPix2Pix image guidance")
-    interpolation: tuple[float, float] = Field(
-        default=(0.0, 1.0), description="ddim_interp: the partner's slerp weight is drawn in this range"
+    interpolation: Literal["circle"] | tuple[float, float] = Field(
+        default="circle",
+        description="ddim_interp: 'circle' draws the angle from the first latent uniformly on the great circle "
+        "through both (Diff-II; DiffDA-Eval augmentation/diff_ii.py rand_slerp: alpha ~ U(0, 2 pi / theta)); "
+        "[low, high]: a slerp weight drawn in that range, on the arc between them (0: the real image's)",
+    )
+    inversion_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="ddim_interp: DDIM inversion steps (None: num_inference_steps); the Diff-II reference "
+        "inverts in 200 and denoises in 25 (DiffDA-Eval augmentation/diff_ii.py)",
+        json_schema_extra={"content_omit_if_none": True},
     )
     pool_size: int = Field(
         default=32, ge=1, description="ddim_interp: partners sampled per class (the class pool's bound)"
@@ -124,18 +135,28 @@ class GenerationConfig(Strict):
         default=None,
         gt=0,
         lt=1,
-        description="ddim_interp (Diff-II's two-stage denoising): after this fraction of the steps the "
-        "prompt becomes the class prompt + a suffix drawn per row from `suffixes` (None: one prompt)",
+        description="ddim_interp (Diff-II's two-stage denoising): the first round(split_ratio x steps) "
+        "denoising steps, the high-noise ones, use the class prompt + a suffix drawn per row from `suffixes`, "
+        "the rest the class prompt (reference: the suffixed prompt while t >= 1000 (1 - split_ratio), "
+        "split_ratio 0.3; DiffDA-Eval augmentation/diff_ii.py). None: one prompt",
         json_schema_extra={"content_omit_if_none": True},
     )
     suffixes: list[str] | None = Field(
         default=None,
-        description="ddim_interp: prompt suffixes for the steps after split_ratio, e.g. ', in the snow'",
+        description="ddim_interp: prompt suffixes for the first split_ratio of the steps, e.g. ', in the snow'",
         json_schema_extra={"content_omit_if_none": True},
     )
     diffusemix: DiffuseMixBlend | None = Field(
         default=None,
         description="instruct_pix2pix: DiffuseMix's hybrid (half real, half edited) blended with a fractal",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    safety_checker: bool | None = Field(
+        default=None,
+        description="true: load the checkpoint's safety checker and drop the images it flags "
+        "(filtered.parquet, rule nsfw_flagged). None/false: loaded without it, as in every reference codebase "
+        "(safety_checker=None); a loaded checker would turn flagged images black. A checkpoint without one "
+        "is a config error. (None, not false, is the default so that configs without the key keep their hash)",
         json_schema_extra={"content_omit_if_none": True},
     )
     device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
@@ -153,8 +174,8 @@ class GenerationConfig(Strict):
 
     @field_validator("interpolation")
     @classmethod
-    def _weights_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 <= value[0] <= value[1] <= 1:
+    def _weights_in_range(cls, value: str | tuple[float, float]) -> str | tuple[float, float]:
+        if not isinstance(value, str) and not 0 <= value[0] <= value[1] <= 1:
             raise ValueError(f"interpolation must be 0 <= low <= high <= 1, got {value}")
         return value
 
@@ -174,6 +195,8 @@ class GenerationConfig(Strict):
             )
         if self.split_ratio is not None and self.mode != "ddim_interp":
             raise ValueError(f"generation.split_ratio is a ddim_interp setting, mode is {self.mode}")
+        if self.inversion_steps is not None and self.mode != "ddim_interp":
+            raise ValueError(f"generation.inversion_steps is a ddim_interp setting, mode is {self.mode}")
         if self.diffusemix is not None and self.mode != "instruct_pix2pix":
             raise ValueError(f"generation.diffusemix is an instruct_pix2pix setting, mode is {self.mode}")
         return self

@@ -38,8 +38,11 @@ def load_pipeline(
     scheduler: SchedulerConfig | str | None = None,
     unet: ModelRef | None = None,
     pipeline_class=None,
+    safety_checker: bool = False,
 ):
-    """A diffusers pipeline on `device`, adapters applied. `scheduler`: a scheduler class (name or
+    """A diffusers pipeline on `device`, adapters applied, without the checkpoint's safety checker unless
+    `safety_checker` (SD1.x checkpoints ship one that turns flagged images black: as training data those are
+    labelled black frames; every reference codebase loads with safety_checker=None). `scheduler`: a scheduler class (name or
     SchedulerConfig with settings) built from the checkpoint's scheduler config; None keeps the checkpoint's.
     `unet`: a UNet replacing the checkpoint's (few-step distilled UNets). `pipeline_class`: a specific
     pipeline class (default: whatever the checkpoint's model_index.json names)."""
@@ -48,6 +51,14 @@ def load_pipeline(
     path, revision = resolve_model(model, role)
     cls = pipeline_class or diffusers.DiffusionPipeline
     kwargs = pretrained_kwargs(model, revision)
+    has_checker = _has_safety_checker(cls, path, revision)
+    if safety_checker and not has_checker:
+        raise ValueError(
+            f"{role}: safety_checker is true, but {model.id} has no safety checker (model_index.json names "
+            "none); remove the key or point the config at a checkpoint that ships one"
+        )
+    if has_checker and not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if unet is not None:
         kwargs["unet"] = load_unet(unet, path, revision, model, role, torch_dtype(dtype, device))
     pipe = cls.from_pretrained(path, dtype=torch_dtype(dtype, device), **kwargs).to(device)
@@ -56,6 +67,13 @@ def load_pipeline(
     if adapters is not None:
         apply_adapters(pipe, adapters, role)
     return pipe
+
+
+def _has_safety_checker(cls, path: str, revision: str | None) -> bool:
+    """Whether the checkpoint's model_index.json names a safety checker component."""
+    index = cls.load_config(path, revision=revision)
+    component = index.get("safety_checker")
+    return isinstance(component, list | tuple) and component[0] is not None
 
 
 def build_scheduler(scheduler: SchedulerConfig | str, base_config, role: str):

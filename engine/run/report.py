@@ -119,7 +119,7 @@ def build_report(
             "errors": storage.join(storage.parent(data_dir), "errors.parquet"),
         },
     }
-    if config.filter is not None:
+    if config.filter is not None or filtered:
         data["output"]["filtered"] = storage.join(storage.parent(data_dir), "filtered.parquet")
     if config.output.gallery_classes:
         data["output"]["gallery"] = storage.join(storage.parent(data_dir), "gallery", "index.html")

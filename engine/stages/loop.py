@@ -201,6 +201,8 @@ def _filtered_records(dropped: Batch, rules: np.ndarray, stage: Stage) -> list[d
 
 
 def _json_value(value):
+    if isinstance(value, np.ndarray):  # an image a dropped row carried: its shape, not its pixels
+        return f"array{list(value.shape)}"
     return value.item() if isinstance(value, np.generic) else value
 
 
