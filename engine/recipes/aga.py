@@ -6,6 +6,8 @@ opening (skip done, read, decode) -> detect+segment (GroundingDINO + SAM, or dat
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Collection
 
 from actors.background import PROMPT_TRIMMED, BackgroundGenerator
@@ -18,6 +20,21 @@ from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
 from engine.recipes.opening import opening_stages
 from engine.stages.expand import Expansion, expand_variants
 from engine.stages.loop import Stage
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache  # once per run: the stages are built for the checks and again for each attempt
+def warn_fine_grained_prompts(classes: tuple[str, ...]) -> None:
+    """AGA prompts GroundingDINO with superclasses because fine-grained names fail to detect (the AGA
+    paper): classes without one in `segment.superclasses` are detected by their own names."""
+    logger.warning(
+        "segment.superclasses names no superclass for %d classes (%s); GroundingDINO is prompted with their "
+        "own names, which AGA reports fail for fine-grained classes: map them, e.g. {%s: bird}",
+        len(classes),
+        ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else ""),
+        classes[0],
+    )
 
 
 def aga_stages(
@@ -37,6 +54,9 @@ def aga_stages(
     stages = opening_stages(config, expansion, done_ids, require_masks=seg.use_dataset_masks)
     # 1. The subject mask: from the dataset when it ships masks (and the config says so), else the models.
     if not seg.use_dataset_masks:
+        unmapped = tuple(name for name in class_names if name not in seg.superclasses)
+        if unmapped:
+            warn_fine_grained_prompts(unmapped)
         stages.append(
             Stage(
                 "segment",
