@@ -298,13 +298,25 @@ def test_replace_local_swaps_about_p_with_own_variants_only(index):
     assert abs(fraction - 0.3) < 0.05, fraction  # 1920 draws: 4 standard deviations
 
 
-def test_replace_global_stays_in_class_but_crosses_sources(index):
+def test_replace_class_stays_in_class_but_crosses_sources(index):
     real = index.real_positions
-    positions = select_replace(index, np.random.default_rng(1), p=1.0, scope="global")
+    positions = select_replace(index, np.random.default_rng(1), p=1.0, scope="class")
     assert index.synthetic[positions].all()
     assert (index.labels[positions] == index.labels[real]).all()
     assert (index.source_ids[positions] != index.source_ids[real]).mean() > 0.5
-    assert np.array_equal(select_replace(index, np.random.default_rng(1), p=0.0), real)
+    assert np.array_equal(select_replace(index, np.random.default_rng(1), p=0.0, scope="class"), real)
+
+
+def test_replace_global_draws_across_labels_and_the_slot_takes_the_drawn_label(index):
+    """GRR: the whole synthetic pool; a slot is the drawn row, so its label (and soft label) is what trains."""
+    real = index.real_positions
+    positions = select_replace(index, np.random.default_rng(1), p=1.0, scope="global")
+    assert index.synthetic[positions].all()
+    crossed = index.labels[positions] != index.labels[real]
+    num_classes = len(np.unique(index.labels))
+    # Uniform over the pool: about (1 - 1/num_classes) of the slots change label.
+    assert crossed.mean() > 0.5 * (1 - 1 / num_classes), crossed.mean()
+    assert np.array_equal(select_replace(index, np.random.default_rng(1), p=0.0, scope="global"), real)
 
 
 def test_replace_and_rsp_redraw_each_epoch_deterministically(index):

@@ -70,9 +70,11 @@ class MixConfig(Strict):
     replace_prob: float = Field(
         default=0.5, ge=0, le=1, description="replace: per-sample replacement probability"
     )
-    replace_scope: Literal["local", "global"] = Field(
+    replace_scope: Literal["local", "class", "global"] = Field(
         default="local",
-        description="replace: by one of the row's own variants (local) or any of its class (global)",
+        description="replace: by one of the row's own variants (local, UniDiffDA's LRR), any synthetic row of "
+        "its class (class), or any synthetic row at all, whose label the slot then takes (global, UniDiffDA's "
+        "GRR as its reference code draws it)",
     )
     rsp_prob: float = Field(
         default=0.5, ge=0, le=1, description="rsp: probability each synthetic row joins an epoch"

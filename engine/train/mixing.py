@@ -100,16 +100,24 @@ def select_replace(index: RowIndex, rng: np.random.Generator, p: float, scope: s
 
     DA-Fusion (Trabucco et al. 2024, "Effective Data Augmentation With Diffusion Models": a real image is
     replaced by one of its own synthetic variants with probability alpha) and UniDiffDA's "LRR"/"GRR"
-    (local/global random replacement). `local` draws uniformly among the variants whose source_id is the
-    real row's (a real row with no variants stays real); `global` draws uniformly among all synthetic rows
-    of the same label (a class with none stays real). Output slot i holds real row `real_positions[i]` or its
-    replacement, so the epoch size equals the real count.
+    (local/global random replacement). Scopes of the draw, uniform within it:
+    - `local` (LRR): the variants whose source_id is the real row's (a real row with none stays real);
+    - `global` (GRR, as UniDiffDA's reference code draws it): the whole synthetic pool, whatever its label;
+      the slot then holds the drawn row, so it trains on that row's label (and soft label);
+    - `class`: the synthetic rows of the real row's label (a third scope, between the two; a class with
+      none stays real).
+    Output slot i holds real row `real_positions[i]` or its replacement, so the epoch size equals the real
+    count.
     """
-    if scope not in ("local", "global"):
-        raise ValueError(f"replace scope must be 'local' or 'global', got {scope!r}")
+    if scope not in ("local", "class", "global"):
+        raise ValueError(f"replace scope must be 'local', 'class' or 'global', got {scope!r}")
     real = index.real_positions
     synthetic = index.synthetic_positions
-    keys = index.source_ids if scope == "local" else index.labels
+    keys = {
+        "local": index.source_ids,
+        "class": index.labels,
+        "global": np.zeros(len(index), dtype=np.int64),  # one pool
+    }[scope]
     candidates: dict[object, list[int]] = {}
     for position in synthetic.tolist():
         candidates.setdefault(keys[position], []).append(position)
