@@ -88,8 +88,11 @@ class DiffusionGenerator:
     # ------------------------------------------------------------------ per row
 
     def class_prompt(self, class_name: str) -> str:
-        superclass = self.config.superclasses.get(class_name, "object")
-        return self.config.prompt.format(token=self.tokens.get(class_name, class_name), superclass=superclass)
+        superclass = self.config.superclasses.get(class_name, self.config.superclass or "")
+        prompt = self.config.prompt.format(
+            token=self.tokens.get(class_name, class_name), superclass=superclass
+        )
+        return " ".join(prompt.split())  # an empty {superclass} leaves no double or trailing space
 
     def plan_row(self, class_name: str, label: int, source_id: str, seed: int) -> dict:
         """The row's choices (no pixels): prompt, strength, instruction, target, partner, weight."""

@@ -319,6 +319,21 @@ def test_a_checkpoint_with_a_safety_checker_loads_without_it_unless_the_config_a
         load_pipeline(ModelRef(id=str(models / "sd15")), role="generate", device="cpu", safety_checker=True)
 
 
+def test_the_superclass_is_appended_where_the_prompt_asks_for_it(models):
+    """The reference's 'a photo of a <token> <superclass>': one superclass for the dataset, a map over it per
+    class, and no stray space when neither names one."""
+    template = "a photo of a {token} {superclass}"
+    assert generator(models, "txt2img", prompt=template, superclass="shape").class_prompt("circle") == (
+        "a photo of a circle shape"
+    )
+    mapped = generator(models, "txt2img", prompt=template, superclass="shape", superclasses={"cross": "sign"})
+    assert [mapped.class_prompt(c) for c in ("circle", "cross")] == [
+        "a photo of a circle shape",
+        "a photo of a cross sign",
+    ]
+    assert generator(models, "txt2img", prompt=template).class_prompt("circle") == "a photo of a circle"
+
+
 def test_a_constant_output_is_dropped_as_blank_output(models):
     """A generator whose decoder outputs one colour: every row is dropped to filtered.parquet (the stage
     loop reads the `drop` column) with rule blank_output, never written as a training image."""

@@ -37,3 +37,22 @@ def test_classes_without_a_superclass_are_named_once(tmp_path, caplog):
     full = aga_config(tmp_path, detect, "segment.superclasses={circle: s, cross: s, diamond: s}")
     assert superclass_warnings(caplog, full) == []
     assert superclass_warnings(caplog, aga_config(tmp_path)) == [], "dataset masks: no detection, no warning"
+
+
+def test_a_superclass_map_naming_a_class_the_dataset_lacks_is_a_config_error(tmp_path):
+    import pytest
+
+    config = aga_config(tmp_path, "segment.superclasses={circle: shape, triangle: shape}")
+    with pytest.raises(
+        ValueError, match=r"segment.superclasses names classes the dataset lacks: \['triangle'\]"
+    ):
+        build_stages(config, CLASSES, "hash")
+    unidiffda = load_config(
+        GenerateConfig,
+        ROOT / "configs" / "unidiffda_diff_aug_tiny_cpu.yaml",
+        [f"data.path={tmp_path}", "generation.superclasses={squares: shape}"],
+    )
+    with pytest.raises(
+        ValueError, match=r"generation.superclasses names classes the dataset lacks: \['squares'\]"
+    ):
+        build_stages(unidiffda, CLASSES, "hash")

@@ -92,8 +92,15 @@ class GenerationConfig(Strict):
         default="a photo of a {token}",
         description="Class prompt: {token} = the class name or its textual-inversion token; {superclass}",
     )
+    superclass: str | None = Field(
+        default=None,
+        description="The dataset's superclass for {superclass} in the prompt (e.g. 'bird' for CUB): the "
+        "reference code of Diff-Aug, Diff-Mix and DA-Fusion prompts 'a photo of a <token> <superclass>' "
+        "(DiffDA-Eval augmentation/*.py); `superclasses` overrides it per class. Neither: {superclass} is ''",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     superclasses: dict[str, str] = Field(
-        default_factory=dict, description="class name -> superclass for {superclass} (default: 'object')"
+        default_factory=dict, description="class name -> its superclass for {superclass} (over `superclass`)"
     )
     negative_prompt: str = ""
     height: int = Field(default=512, ge=8, description="Generated size; real images are resized to it")
