@@ -377,6 +377,22 @@ def test_diffusemix_keeps_half_the_real_image_and_blends_the_folders_fractal(mod
     assert len(halves) > 1, "the half is drawn per row"
 
 
+def test_diffusemix_halves_meet_in_a_20_pixel_band():
+    """The reference's seam: the real half, a linear ramp over 20 pixels centred on the middle, the edited
+    half (combine_images, blend_width=20); band=0 is a hard cut."""
+    from engine.methods.diffusemix import hybrid
+
+    real, edited = np.zeros((64, 48, 3), np.uint8), np.full((64, 48, 3), 200, np.uint8)
+    top = hybrid(real, edited, "top")[:, 0, 0].astype(int)
+    assert (top[:22] == 0).all() and (top[42:] == 200).all()
+    ramp = top[22:42]
+    assert (np.diff(ramp) > 0).all() and ramp[0] == 0 and ramp[-1] == 200, ramp
+    left = hybrid(real, edited, "left")[0, :, 0].astype(int)
+    assert (left[:14] == 0).all() and (left[34:] == 200).all() and 0 < left[24] < 200
+    hard = hybrid(real, edited, "top", band=0)[:, 0, 0]
+    assert (hard[:32] == 0).all() and (hard[32:] == 200).all()
+
+
 def test_diffusemix_without_a_folder_blends_the_rows_own_julia_set(models):
     from engine.methods.diffusemix import hybrid
 

@@ -11,17 +11,22 @@ from engine.config.adapters import AdapterConfig
 from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
 
 MODES = ("txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix")
-# DiffuseMix's conditional prompts (Islam et al. 2024, "DiffuseMix"), sent to InstructPix2Pix as they are.
-DIFFUSEMIX_STYLES = (
-    "Autumn",
-    "snowy",
-    "watercolor art",
-    "sunset",
-    "rainbow",
-    "aurora",
-    "mosaic",
-    "ukiyo-e",
-    "a sketch with crayon",
+# DiffuseMix's conditional prompts (Islam et al. 2024, "DiffuseMix"): its styles, in the wording its reference
+# re-implementation sends to InstructPix2Pix (DiffDA-Eval augmentation/diffuse_mix.py get_prompt_candidates:
+# "A transformed version of image into {style}"; the method's own main.py passes the bare style names).
+DIFFUSEMIX_STYLES = tuple(
+    f"A transformed version of image into {style}"
+    for style in (
+        "autumn",
+        "snowy",
+        "watercolor art",
+        "sunset",
+        "rainbow",
+        "aurora",
+        "mosaic",
+        "ukiyo-e",
+        "a sketch with crayon",
+    )
 )
 INSTRUCTION_PRESETS = {"diffusemix": DIFFUSEMIX_STYLES}
 

@@ -26,12 +26,22 @@ class TextualInversionSpec(Strict):
     initializers: dict[str, str] = Field(
         default_factory=dict, description="class name -> initializer word, for classes that differ"
     )
-    learning_rate: float = Field(default=5e-4, gt=0, description="Before scale_lr (diffusers example: 5e-4)")
+    learning_rate: float = Field(
+        default=5e-4,
+        gt=0,
+        description="Before scale_lr (diffusers example and the UniDiffDA reference, DiffDA-Eval "
+        "finetuning/text_inversion.sh: 5e-4; its --scale_lr is never applied there, so its lr is 5e-4)",
+    )
 
 
 class LoraSpec(Strict):
-    rank: int = Field(default=4, ge=1, description="LoRA rank r")
-    alpha: float = Field(default=4.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    # Defaults: the UniDiffDA reference's DreamBooth-LoRA (DiffDA-Eval finetuning/dreambooth.sh: --rank=8, alpha =
+    # rank, lr 5e-6 with --scale_lr, which at its 16 x 2 GPUs x 2 accumulation is 3.2e-4). Diff-Mix's own code
+    # uses rank 10 (configs/finetune_lora_sd15_gpu.yaml follows it).
+    rank: int = Field(default=8, ge=1, description="LoRA rank r (reference: 8)")
+    alpha: float = Field(
+        default=8.0, gt=0, description="LoRA alpha, the update scaled by alpha / r (reference: alpha = r)"
+    )
     target_modules: list[str] = Field(
         default=["to_k", "to_q", "to_v", "to_out.0"],
         description="UNet attention projections to adapt; add_k_proj/add_v_proj are added where the UNet "
@@ -46,7 +56,9 @@ class LoraSpec(Strict):
         default="a photo of a {token}",
         description="Instance prompt; {token}: the class's TI token (else its name), {class_name}: its name",
     )
-    learning_rate: float = Field(default=1e-4, gt=0, description="Before scale_lr")
+    learning_rate: float = Field(
+        default=5e-6, gt=0, description="Before scale_lr (reference: 5e-6, scaled by the effective batch)"
+    )
 
     @field_validator("textual_inversion", mode="before")
     @classmethod

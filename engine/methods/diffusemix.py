@@ -1,6 +1,7 @@
 """DiffuseMix's mixing (Islam et al. 2024, "DiffuseMix: Label-Preserving Data Augmentation with Diffusion
 Models"): after the InstructPix2Pix edit, one half of the real image is kept beside the other half of the
-edited one, and a fractal image is blended over the hybrid at a small weight. The paper draws fractals from a
+edited one, joined by a band where one fades into the other, and a fractal image is blended over the hybrid
+at a small weight. The paper draws fractals from a
 dataset of fractal images; without one (offline tests, a first run) they are procedural Julia sets.
 
 Pure numpy on uint8 HxWx3 images; every choice comes from the caller's generator (the row's seed).
@@ -12,29 +13,36 @@ from pathlib import Path
 
 import numpy as np
 
-# Which half of the real image the hybrid keeps (the other half is the edited image's).
-HALVES = ("top", "bottom", "left", "right")
+# Which half of the real image the hybrid keeps (the other half is the edited image's). The method's code
+# keeps the real image on top (a vertical split) or on the left (a horizontal one), drawn per image, and
+# fades across a 20-pixel band (khawar-islam/diffuseMix augment/utils.py combine_images, blend_width=20; the
+# same in DiffDA-Eval augmentation/diffuse_mix.py).
+HALVES = ("top", "left")
+BAND = 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _COLORMAPS = ("twilight", "magma", "viridis", "plasma", "inferno", "cubehelix", "turbo", "ocean")
 
 
-def hybrid(real: np.ndarray, edited: np.ndarray, half: str) -> np.ndarray:
-    """`half` of the real image, the rest from the edited image (same shape)."""
+def hybrid(real: np.ndarray, edited: np.ndarray, half: str, band: int = BAND) -> np.ndarray:
+    """`half` of the real image, the rest from the edited image (same shape), the seam a linear fade over
+    `band` pixels centred on the middle (0: a hard cut)."""
     if real.shape != edited.shape:
         raise ValueError(f"hybrid needs images of one shape, got {real.shape} and {edited.shape}")
+    if half not in ("top", "bottom", "left", "right"):
+        raise ValueError(f"half must be one of top, bottom, left, right, got {half!r}")
     height, width = real.shape[:2]
-    keep = np.zeros((height, width, 1), dtype=bool)
-    if half == "top":
-        keep[: height // 2] = True
-    elif half == "bottom":
-        keep[height // 2 :] = True
-    elif half == "left":
-        keep[:, : width // 2] = True
-    elif half == "right":
-        keep[:, width // 2 :] = True
-    else:
-        raise ValueError(f"half must be one of {HALVES}, got {half!r}")
-    return np.where(keep, real, edited)
+    length = height if half in ("top", "bottom") else width
+    # Weight of the edited image along the split axis: 0 on the real half, a ramp across the band, then 1.
+    band = min(band, length)
+    start = length // 2 - band // 2
+    edited_weight = np.zeros(length, dtype=np.float32)
+    edited_weight[start : start + band] = np.linspace(0.0, 1.0, band, dtype=np.float32)
+    edited_weight[start + band :] = 1.0
+    if half in ("bottom", "right"):
+        edited_weight = edited_weight[::-1]
+    mask = edited_weight[:, None, None] if half in ("top", "bottom") else edited_weight[None, :, None]
+    mixed = (1.0 - mask) * real.astype(np.float32) + mask * edited.astype(np.float32)
+    return mixed.round().clip(0, 255).astype(np.uint8)
 
 
 def blend(image: np.ndarray, fractal: np.ndarray, weight: float) -> np.ndarray:
