@@ -73,10 +73,15 @@ class BackgroundGenerator:
             self.pipe.unet.compile(mode=self.config.compile_mode, fullgraph=True)
 
     def _fit_prompts(self, prompts: list[str]) -> tuple[list[str], np.ndarray]:
-        tokenizer = getattr(self.pipe, "tokenizer", None)
-        if tokenizer is None or not prompts:
+        # Every text encoder of the pipeline reads the prompt (SDXL: CLIP-L and OpenCLIP-G, two tokenizers).
+        tokenizers = [
+            tok
+            for tok in (getattr(self.pipe, "tokenizer", None), getattr(self.pipe, "tokenizer_2", None))
+            if tok
+        ]
+        if not tokenizers or not prompts:
             return prompts, np.zeros(len(prompts), dtype=np.int64)
-        return fit_prompts(tokenizer, prompts)
+        return fit_prompts(tokenizers, prompts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         schema.require_columns(batch, [schema.PROMPT, schema.SEED], STAGE)
@@ -122,16 +127,39 @@ class BackgroundGenerator:
         return out
 
 
-def fit_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], np.ndarray]:
-    """Prompts cut to the tokens the text encoder reads (CLIP: `model_max_length` with its start and end
-    tokens), and the number of tokens cut per row. The pipeline would cut them anyway, silently but for a
-    warning per batch; cut here, the stored prompt is the text that drew the image and run.json counts it."""
-    limit = tokenizer.model_max_length - 2
-    ids = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    fitted = [
-        p if len(i) <= limit else tokenizer.decode(i[:limit]) for p, i in zip(prompts, ids, strict=True)
-    ]
-    return fitted, np.array([max(len(i) - limit, 0) for i in ids], dtype=np.int64)
+def fit_prompts(tokenizers, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Prompts cut so that every tokenizer reads them whole (CLIP: `model_max_length` with its start and end
+    tokens), and the number of tokens cut per row (by the first tokenizer). The pipeline would cut them
+    anyway, with a warning per batch; cut here, the stored prompt is the text that drew the image and run.json
+    counts it. Decoding cut ids and tokenizing the text again is not always the identity (a word split at the
+    cut re-tokenizes longer), so the text is cut until every tokenizer's count of the text itself fits."""
+    tokenizers = list(tokenizers) if isinstance(tokenizers, list | tuple) else [tokenizers]
+
+    def ids(tokenizer, text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+    fitted, trimmed = [], []
+    for prompt in prompts:
+        text = prompt
+        for attempt in range(_MAX_FIT_ROUNDS):
+            excess, tokenizer = max(
+                ((len(ids(tok, text)) - (tok.model_max_length - 2), tok) for tok in tokenizers),
+                key=lambda pair: pair[0],
+            )
+            if excess <= 0:
+                break
+            tokens = ids(tokenizer, text)
+            text = tokenizer.decode(tokens[: max(len(tokens) - excess - attempt, 0)])
+        else:
+            raise AssertionError(
+                f"prompt not fitted to the tokenizers in {_MAX_FIT_ROUNDS} rounds: {prompt!r}"
+            )
+        fitted.append(text)
+        trimmed.append(max(len(ids(tokenizers[0], prompt)) - len(ids(tokenizers[0], text)), 0))
+    return fitted, np.array(trimmed, dtype=np.int64)
+
+
+_MAX_FIT_ROUNDS = 8  # each round after the first cuts one token more than the count asks
 
 
 def _column(batch: dict[str, np.ndarray], name: str, num_rows: int) -> np.ndarray:

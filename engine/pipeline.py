@@ -47,7 +47,7 @@ def init_ray(config: GenerateConfig) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **config.ray.env_vars}
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **config.ray.worker_env_vars()}
     ray.init(
         address=config.ray.address,
         num_cpus=config.ray.local_num_cpus(),

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.runner import add_overrides
+from jobs.runner import add_overrides, add_verbose
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     add_overrides(
         parser, "num_variants=4", "a value of the demo's generation config (configs/aga_tiny_cpu.yaml)"
     )
+    add_verbose(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from engine.tiny.registry import build_tiny_models
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         make_toy_dataset(toy)
     # 2. Generation: the embedded default config is the demo.
     sets = [arg for override in args.overrides for arg in ("--set", override)]
+    sets += ["--verbose"] if args.verbose else []
     status = generate.main(["--config", str(generate.DEFAULT_CONFIG), *sets])
     if status:
         return status

@@ -40,10 +40,24 @@ def add_overrides(parser: argparse.ArgumentParser, example: str, what: str = "a 
     )
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the model libraries' loading bars and info logs inside the Ray workers (ray.verbose=true)",
+    )
+
+
 def parse_job_args(
-    argv: list[str] | None, prog: str, description: str, default_config: str | None, example: str
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    default_config: str | None,
+    example: str,
+    verbose: bool = True,
 ) -> argparse.Namespace:
-    """The arguments every job takes: `--config PATH` and repeatable `--set key.path=value`."""
+    """The arguments every job takes: `--config PATH`, repeatable `--set key.path=value` and, for jobs whose
+    config has a `ray` section, `--verbose` (added to the overrides as ray.verbose=true)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     if default_config is None:
         parser.add_argument("--config", required=True, help="YAML config")
@@ -52,7 +66,12 @@ def parse_job_args(
             "--config", default=default_config, help=f"YAML config (default {default_config})"
         )
     add_overrides(parser, example)
-    return parser.parse_args(argv)
+    if verbose:
+        add_verbose(parser)
+    args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        args.overrides.append("ray.verbose=true")
+    return args
 
 
 def run_job(
@@ -70,7 +89,7 @@ def run_job(
     from engine.run.failures import RunFailed, StageSetupError
 
     # 1. Arguments (`--help` answers here), 2. config, 3. the job.
-    args = parse_job_args(argv, prog, description, default_config, example)
+    args = parse_job_args(argv, prog, description, default_config, example, "ray" in config_cls.model_fields)
     try:
         body(load_config(config_cls, args.config, args.overrides))
     except StageSetupError as err:

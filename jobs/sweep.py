@@ -106,10 +106,10 @@ def start_local_ray(config: SweepConfig) -> None:
     if ray.is_initialized() or ray_config.address is not None or os.environ.get("RAY_ADDRESS"):
         return
     # What the generation runs would give their own local Ray (engine.pipeline.init_ray).
-    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **ray_config.worker_env_vars()}
     for variant in config.variants:
         if variant.generate is not None:
-            env_vars.update(generation_config(config, variant.generate).ray.env_vars)
+            env_vars.update(generation_config(config, variant.generate).ray.worker_env_vars())
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             ray.init(num_cpus=ray_config.local_num_cpus(), runtime_env={"env_vars": env_vars})

@@ -178,3 +178,34 @@ def test_long_prompts_are_cut_to_what_the_text_encoder_reads(generator, caplog):
     assert len(tokenizer(out[schema.PROMPT][0], add_special_tokens=False).input_ids) <= 75
     assert out[schema.PROMPT][0].startswith("a quiet meadow under soft morning light")
     assert "sequence length" not in caplog.text and "truncated" not in caplog.text
+
+
+def test_fitted_prompts_are_read_whole_by_every_tokenizer(sdxl_dir):
+    """Cut ids decoded and tokenized again are not always the same ids (a word cut mid-BPE re-tokenizes
+    longer): on random-character prompts, like a random-weight LLM writes, a one-shot cut by the first
+    tokenizer leaves some over 75 tokens; the fit leaves none, for both of SDXL's tokenizers."""
+    from transformers import CLIPTokenizer
+
+    from actors.background import fit_prompts
+
+    tokenizers = [CLIPTokenizer.from_pretrained(sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz,.!")
+    prompts = [
+        " ".join("".join(rng.choice(letters, size=rng.integers(2, 12))) for _ in range(60))
+        for _ in range(200)
+    ]
+
+    def count(tokenizer, text):
+        return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+
+    one_shot = [
+        tokenizers[0].decode(tokenizers[0](p, add_special_tokens=False).input_ids[:75]) for p in prompts
+    ]
+    assert sum(max(count(t, p) for t in tokenizers) > 75 for p in one_shot) > 0, "the case this guards"
+    fitted, trimmed = fit_prompts(tokenizers, prompts)
+    assert all(max(count(t, p) for t in tokenizers) <= 75 for p in fitted)
+    assert all(
+        count(tokenizers[0], p) - count(tokenizers[0], f) == n
+        for p, f, n in zip(prompts, fitted, trimmed, strict=True)
+    )

@@ -9,6 +9,9 @@ what it left behind is read: outputs, run.json and Ray's own session logs.
   tests' fixtures start Ray first, so `init_ray` returns early there).
 - Mixed-size, non-square images go through every stage: each synthetic row keeps its source's size, and its
   mask is the image's size.
+- The console of a healthy run, piped as a job log is, holds nothing that reads as a failure: no model
+  libraries' loading bars, no 77-token warnings, no deprecation warning from the project's own calls; the
+  summary, with where the outputs are, comes last. `--verbose` brings the loading bars back.
 
 Ray's session folder is found through RAY_TMPDIR, set to a fresh short folder (Unix socket paths have a
 length limit) so only this run's session is there.
@@ -93,7 +96,7 @@ def run(tiny_models_dir, tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "jobs.generate", *[a for s in sets for a in ("--set", s)]],
+        [sys.executable, "-W", "default", "-m", "jobs.generate", *[a for s in sets for a in ("--set", s)]],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -111,6 +114,8 @@ def run(tiny_models_dir, tmp_path_factory):
         "sizes": sizes,
         "logs": sessions[0] / "logs",
         "session": sessions[0],
+        "sets": sets,
+        "env": env,
     }
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -171,3 +176,40 @@ def test_mixed_size_non_square_images_keep_their_size(run):
         image = Image.open(io.BytesIO(r[schema.IMAGE]))
         assert (r[schema.HEIGHT], r[schema.WIDTH]) == (h, w) and image.size == (w, h), r[schema.SOURCE_ID]
         assert Image.open(io.BytesIO(r[schema.MASK])).size == (w, h), r[schema.SOURCE_ID]
+
+
+LIBRARY_CHATTER = (
+    "Loading pipeline components",  # diffusers
+    "Loading weights",  # transformers 5
+    "Token indices sequence length is longer",  # a CLIP tokenizer reading a prompt past 77 tokens
+    "The following part of your input was truncated",  # diffusers' CLIP text encoding
+)
+
+
+def test_a_healthy_runs_console_holds_no_library_chatter_and_ends_with_the_summary(run):
+    import re
+
+    console = run["result"].stdout + run["result"].stderr
+    assert not [c for c in LIBRARY_CHATTER if c in console], [c for c in LIBRARY_CHATTER if c in console]
+    # Warnings are shown (-W default): none may come from a call site of this project.
+    own = re.findall(
+        r"(?:engine|actors|jobs)/[\w/]+\.py:\d+: \w*(?:Deprecation|Future)Warning[^\n]*", console
+    )
+    assert not own, own
+    last = [line for line in run["result"].stdout.splitlines() if line.strip()][-3:]
+    assert any(str(run["out"]) in line for line in last), last
+
+
+def test_verbose_brings_the_loading_bars_back(run, tmp_path):
+    sets = [s for s in run["sets"] if not s.startswith("output.path=")] + [f"output.path={tmp_path / 'out'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.generate", "--verbose", *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT,
+        env={**run["env"], "RAY_TMPDIR": tempfile.mkdtemp(prefix="srv-", dir="/tmp")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    console = result.stdout + result.stderr
+    assert "Loading pipeline components" in console and "Loading weights" in console

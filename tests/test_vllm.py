@@ -152,8 +152,11 @@ def test_prompts_depend_only_on_the_row_seed(vllm_run):
 
     from actors.background import fit_prompts
 
-    # The shards keep each prompt as the background stage read it: cut to CLIP's 77 tokens.
-    tokenizer = CLIPTokenizer.from_pretrained(f"{config.background.model.id}/tokenizer")
+    # The shards keep each prompt as the background stage read it: cut to CLIP's 77 tokens (both of SDXL's).
+    tokenizer = [
+        CLIPTokenizer.from_pretrained(f"{config.background.model.id}/{name}")
+        for name in ("tokenizer", "tokenizer_2")
+    ]
     before = {r[schema.ID]: r[schema.PROMPT] for r in rows}
     assert len(again) == len(items)
     for r in again:

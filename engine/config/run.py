@@ -67,6 +67,14 @@ class OutputConfig(Strict):
 
 
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+# Set in every Ray worker unless `ray.verbose`: diffusers', transformers' and the Hub's loading bars off and
+# their loggers at warning level, read by each library when a worker imports it. A job log then holds what
+# went wrong, not a "Loading pipeline components" bar per actor interleaved with the other processes' output.
+QUIET_LIBRARIES = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "warning",
+    "DIFFUSERS_VERBOSITY": "warning",
+}
 
 
 class RayConfig(Strict):
@@ -75,6 +83,11 @@ class RayConfig(Strict):
         default=None, description="Logical CPUs for a local Ray (None: the machine's)"
     )
     progress_bars: bool = True
+    verbose: bool = Field(
+        default=False,
+        description="Model libraries' loading bars and info logs inside actors and Ray Train workers (the "
+        "jobs' --verbose); off, they log warnings and errors only",
+    )
     preserve_order: bool = Field(
         default=True,
         description="Rows reach the writer in input order, so shards are byte-identical across runs; "
@@ -100,6 +113,10 @@ class RayConfig(Strict):
         description="Fail fast when actor pools exceed the cluster's current resources; false for "
         "autoscaling clusters (e.g. KubeRay GPU groups from 0 replicas) that add nodes on demand",
     )
+
+    def worker_env_vars(self) -> dict[str, str]:
+        """The environment of the job's Ray workers: quiet model libraries unless verbose, then `env_vars`."""
+        return ({} if self.verbose else dict(QUIET_LIBRARIES)) | self.env_vars
 
     def local_num_cpus(self) -> int | None:
         """`num_cpus` for `ray.init`, only when it starts a local Ray: a submitted job (RAY_ADDRESS set by

@@ -16,6 +16,7 @@ torch and diffusers are imported inside the functions: the driver imports this m
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from engine.config import AdapterConfig, ModelRef, SchedulerConfig
@@ -49,6 +50,10 @@ def load_pipeline(
     import diffusers
 
     path, revision = resolve_model(model, role)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        # transformers and the Hub read this switch (engine.config.run.QUIET_LIBRARIES); diffusers' own bars
+        # ("Loading pipeline components...") ignore it.
+        diffusers.utils.logging.disable_progress_bar()
     cls = pipeline_class or diffusers.DiffusionPipeline
     kwargs = pretrained_kwargs(model, revision)
     has_checker = _has_safety_checker(cls, path, revision)

@@ -55,7 +55,7 @@ def init_ray(config: RayConfig) -> dict[str, float]:
         ray.init(
             address=config.address,
             num_cpus=config.local_num_cpus(),
-            runtime_env={"env_vars": dict(config.env_vars)} if config.env_vars else None,
+            runtime_env={"env_vars": config.worker_env_vars()},
         )
     # Datasets copy the driver's context: this reaches the executors inside the workers too.
     context = DataContext.get_current()
