@@ -115,11 +115,11 @@ def pass_through(batch):
 
 
 def pass_through_stages(config, class_names, config_hash, done_ids, *_):
-    """skip_done -> decode -> expand -> pass-through (the pipeline adds read_bytes after skip_done and
+    """The recipe opening (skip_done -> read_bytes -> decode) -> expand -> pass-through (the pipeline adds
     write_real after expand)."""
     from engine import schema
-    from engine.stages.decode import decode_images
-    from engine.stages.expand import Expansion, expand_variants, skip_completed_sources
+    from engine.recipes.opening import opening_stages
+    from engine.stages.expand import Expansion, expand_variants
     from engine.stages.loop import Stage
 
     expansion = Expansion(
@@ -131,12 +131,7 @@ def pass_through_stages(config, class_names, config_hash, done_ids, *_):
         expand_splits=None,
     )
     return [
-        Stage("skip_done", skip_completed_sources, kwargs={"expansion": expansion, "done_ids": done_ids}),
-        Stage(
-            "decode",
-            decode_images,
-            kwargs={"max_pixels": config.data.max_pixels, "min_side": 8, "require_masks": False},
-        ),
+        *opening_stages(config, expansion, done_ids),
         Stage(
             "expand",
             expand_variants,
