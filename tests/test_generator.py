@@ -449,6 +449,7 @@ def test_textual_inversion_tokens_stand_for_the_classes_in_prompts(models, tmp_p
         ({"split_ratio": 0.5, "suffixes": [", at night"]}, "split_ratio is a ddim_interp setting"),
         ({"diffusemix": {}}, "diffusemix is an instruct_pix2pix setting"),
         ({"interpolation": "line"}, "interpolation"),
+        ({"strength": [0.1, 0.5]}, "strength 0.1 x num_inference_steps 4 gives no denoising step"),
         ({"inversion_steps": 50}, "inversion_steps is a ddim_interp setting"),
     ],
 )

@@ -9,6 +9,7 @@ that path once failed on every row while all tests used the toy dataset's masks.
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -60,16 +61,22 @@ def with_tiny_models(raw: dict, toy: Path, models: Path, out: Path) -> dict:
 
 def with_tiny_generator(raw: dict, models: Path) -> dict:
     """A UniDiffDA preset: the tiny SD1.5 (InstructPix2Pix for that mode), no adapters (they come from a
-    fine-tuning run on the real checkpoint), 32 px in 2 steps (DDIM inversion: 2 more), one variant."""
+    fine-tuning run on the real checkpoint), 32 px in 2 steps (DDIM inversion: 2 more), one variant. An
+    img2img preset gets the steps its lowest strength needs for one denoising step (0.1: 10)."""
     generation = raw["generation"]
     name = "ip2p" if generation["mode"] == "instruct_pix2pix" else "sd15"
+    steps = 2
+    if generation["mode"] in ("sdedit", "diffmix"):
+        strength = generation.get("strength", 0.5)
+        steps = max(steps, math.ceil(1 / min(strength if isinstance(strength, list) else [strength])))
     raw["generation"] = {k: v for k, v in generation.items() if k != "adapters"} | {
         "model": {"id": str(models / name)},
         "device": "cpu",
         "dtype": "float32",
         "height": 32,
         "width": 32,
-        "num_inference_steps": 2,
+        "num_inference_steps": steps,
+        "inversion_steps": None,
         "stage": CPU_STAGE,
     }
     raw["num_variants"] = 1

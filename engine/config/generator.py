@@ -3,6 +3,7 @@ diffusion stage takes (few-step checkpoints such as SDXL-Lightning need their ow
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -207,6 +208,15 @@ class GenerationConfig(Strict):
             )
         if self.split_ratio is not None and self.mode != "ddim_interp":
             raise ValueError(f"generation.split_ratio is a ddim_interp setting, mode is {self.mode}")
+        if self.mode in ("sdedit", "diffmix"):
+            # diffusers' img2img denoises int(num_inference_steps x strength) steps: 0 is an exception per row.
+            idle = [s for s in self.strengths() if int(self.num_inference_steps * s) < 1]
+            if idle:
+                raise ValueError(
+                    f"generation.strength {min(idle)} x num_inference_steps {self.num_inference_steps} gives no "
+                    f"denoising step (diffusers runs int(steps x strength)); raise num_inference_steps to at "
+                    f"least {math.ceil(1 / min(idle))}"
+                )
         if self.inversion_steps is not None and self.mode != "ddim_interp":
             raise ValueError(f"generation.inversion_steps is a ddim_interp setting, mode is {self.mode}")
         if self.diffusemix is not None and self.mode != "instruct_pix2pix":
