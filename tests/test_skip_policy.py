@@ -6,7 +6,6 @@ module, so the hooks are exercised as `make test` and CI run them.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +53,6 @@ def test_never_collected():
 
 def run_pytest(tmp_path: Path, source: str, *args: str, ci: bool = False) -> subprocess.CompletedProcess:
     (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
-    shutil.copy(CONFTEST.with_name("module_seconds.json"), tmp_path)  # the conftest's module order
     (tmp_path / "pytest.ini").write_text(INI)
     (tmp_path / "test_case.py").write_text(source)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
