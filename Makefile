@@ -41,18 +41,11 @@ venv-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/synthray demo
 
-# Every test CI runs. The vLLM suite (its own environment) runs in the background while the main suite runs
-# its modules on 2 workers (pytest-xdist, one module per worker at a time, longest first:
-# tests/module_seconds.json); once both are done, the tests marked serial run alone (the cluster walkthrough
-# binds Ray's default ports). The tests wait on Ray start-up and subprocesses much of the time, so 2 workers
-# gain on 2 cores. --durations: the slowest tests in every log, where the budget is won or lost.
+# The main suite (markers `not gpu and not vllm`, from pyproject.toml), then the vLLM suite in its own env.
+# --durations: the slowest tests in every log, where the 30-minute budget is won or lost.
 test: $(STAMP) $(VLLM_STAMP)
-	mkdir -p .cache
-	$(VLLM_PY) -m pytest -m vllm > .cache/vllm-tests.log 2>&1 & vllm=$$!; \
-	$(PY) -m pytest -n 2 --dist loadfile -m 'not gpu and not vllm and not serial' --durations=25; main=$$?; \
-	wait $$vllm; vllm_status=$$?; echo "---- vLLM suite (.venv-vllm) ----"; cat .cache/vllm-tests.log; \
-	$(PY) -m pytest -m serial; serial=$$?; \
-	exit $$(( main || serial || vllm_status ))
+	$(PY) -m pytest --durations=25
+	$(VLLM_PY) -m pytest -m vllm
 
 # The loop while editing: the main suite without the tests marked slow (end-to-end, multi-actor, clusters).
 # The marker expression repeats pyproject's `not gpu and not vllm`: a -m on the command line replaces it.

@@ -1,4 +1,3 @@
-import json
 import os
 import shutil
 import signal
@@ -73,17 +72,8 @@ OWN_PROCESS_ENV = "SYNTHRAY_OWN_PROCESS"
 IN_OWN_PROCESS = os.environ.get(OWN_PROCESS_ENV) == "1"
 
 
-# Seconds each module took in a serial run on 2 cores (`pytest --durations=0`, setup + call + teardown; modules
-# under 5 s left out). Only the order uses them: `make test` runs modules on 2 workers, one module per worker
-# at a time (pytest-xdist --dist loadfile), and starting the longest first keeps one worker from running a
-# 3-minute module alone at the end (measured: 22.4 min in collection order, the last 9 on one worker).
-MODULE_SECONDS = json.loads((Path(__file__).parent / "module_seconds.json").read_text())
-
-
 def pytest_collection_modifyitems(config, items):
-    """Modules longest first (MODULE_SECONDS; a module's tests stay together and in order). The child of an
-    own_process test runs it under the marker's timeout; here, the parent waits for up to two children."""
-    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))  # stable: file order otherwise
+    """The child runs the test under the marker's timeout; here, the parent waits for up to two children."""
     for item in items:
         marker = item.get_closest_marker("own_process")
         if marker is not None:
