@@ -59,7 +59,6 @@ def walkthrough() -> str:
     return "\n".join([blocks[0], WAIT_FOR_JOB_AGENT, *blocks[1:]])
 
 
-@pytest.mark.serial  # the walkthrough's ports are the documented ones: nothing else may run beside it
 @pytest.mark.timeout(900)
 def test_cluster_walkthrough_runs_as_written():
     script = walkthrough()
