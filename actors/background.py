@@ -127,35 +127,36 @@ class BackgroundGenerator:
         return out
 
 
-def fit_prompts(tokenizers, prompts: list[str]) -> tuple[list[str], np.ndarray]:
+def fit_prompts(tokenizers: list, prompts: list[str]) -> tuple[list[str], np.ndarray]:
     """Prompts cut so that every tokenizer reads them whole (CLIP: `model_max_length` with its start and end
     tokens), and the number of tokens cut per row (by the first tokenizer). The pipeline would cut them
     anyway, with a warning per batch; cut here, the stored prompt is the text that drew the image and run.json
     counts it. Decoding cut ids and tokenizing the text again is not always the identity (a word split at the
     cut re-tokenizes longer), so the text is cut until every tokenizer's count of the text itself fits."""
-    tokenizers = list(tokenizers) if isinstance(tokenizers, list | tuple) else [tokenizers]
 
-    def ids(tokenizer, text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    def excess(tokens: list[int], tokenizer) -> int:
+        return len(tokens) - (tokenizer.model_max_length - 2)
 
     fitted, trimmed = [], []
     for prompt in prompts:
-        text = prompt
+        text, original = prompt, None
         for attempt in range(_MAX_FIT_ROUNDS):
-            excess, tokenizer = max(
-                ((len(ids(tok, text)) - (tok.model_max_length - 2), tok) for tok in tokenizers),
-                key=lambda pair: pair[0],
-            )
-            if excess <= 0:
+            read = [
+                (tok(text, add_special_tokens=False, truncation=False, verbose=False).input_ids, tok)
+                for tok in tokenizers
+            ]
+            original = len(read[0][0]) if original is None else original
+            tokens, tokenizer = max(read, key=lambda pair: excess(*pair))
+            over = excess(tokens, tokenizer)
+            if over <= 0:
                 break
-            tokens = ids(tokenizer, text)
-            text = tokenizer.decode(tokens[: max(len(tokens) - excess - attempt, 0)])
+            text = tokenizer.decode(tokens[: max(len(tokens) - over - attempt, 0)])
         else:
             raise AssertionError(
                 f"prompt not fitted to the tokenizers in {_MAX_FIT_ROUNDS} rounds: {prompt!r}"
             )
         fitted.append(text)
-        trimmed.append(max(len(ids(tokenizers[0], prompt)) - len(ids(tokenizers[0], text)), 0))
+        trimmed.append(max(original - len(read[0][0]), 0))
     return fitted, np.array(trimmed, dtype=np.int64)
 
 

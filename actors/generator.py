@@ -334,9 +334,7 @@ def slerp(a, b, weight: float, eps: float = 1e-7):
     """Spherical interpolation of two noise tensors (weight 0 -> a, 1 -> b); linear when nearly parallel."""
     import torch
 
-    flat_a, flat_b = a.flatten().double(), b.flatten().double()
-    cos = torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm()).clamp_min(eps)
-    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    theta = _angle(a, b, eps)
     if theta.abs() < 1e-4:
         return ((1 - weight) * a.double() + weight * b.double()).to(a.dtype)
     out = (torch.sin((1 - weight) * theta) * a.double() + torch.sin(weight * theta) * b.double()) / torch.sin(
@@ -352,14 +350,21 @@ def circle_point(a, b, angle: float, eps: float = 1e-6):
     latents every point has norm 1. Nearly parallel latents span no circle: `a` itself, as the reference."""
     import torch
 
-    flat_a, flat_b = a.flatten().double(), b.flatten().double()
-    cos = torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm()).clamp_min(1e-12)
-    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    theta = _angle(a, b, 1e-12)
     if theta.abs() < eps:
         return a.clone()
     angle = torch.tensor(angle, dtype=torch.float64)
     out = (torch.sin(theta + angle) * a.double() - torch.sin(angle) * b.double()) / torch.sin(theta)
     return out.to(a.dtype)
+
+
+def _angle(a, b, eps: float):
+    """The angle between two tensors as flat vectors, in float64 (`eps` bounds the norms' product)."""
+    import torch
+
+    flat_a, flat_b = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm()).clamp_min(eps)
+    return torch.arccos(cos.clamp(-1.0, 1.0))
 
 
 def _pipeline_class(mode: str):

@@ -44,7 +44,7 @@ def test_a_superclass_map_naming_a_class_the_dataset_lacks_is_a_config_error(tmp
 
     config = aga_config(tmp_path, "segment.superclasses={circle: shape, triangle: shape}")
     with pytest.raises(
-        ValueError, match=r"segment.superclasses names classes the dataset lacks: \['triangle'\]"
+        ValueError, match=r"segment.superclasses names classes the dataset does not have: \['triangle'\]"
     ):
         build_stages(config, CLASSES, "hash")
     unidiffda = load_config(
@@ -53,6 +53,6 @@ def test_a_superclass_map_naming_a_class_the_dataset_lacks_is_a_config_error(tmp
         [f"data.path={tmp_path}", "generation.superclasses={squares: shape}"],
     )
     with pytest.raises(
-        ValueError, match=r"generation.superclasses names classes the dataset lacks: \['squares'\]"
+        ValueError, match=r"generation.superclasses names classes the dataset does not have: \['squares'\]"
     ):
         build_stages(unidiffda, CLASSES, "hash")

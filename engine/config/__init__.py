@@ -10,7 +10,14 @@ The names below are the package's interface: `from engine.config import Generate
 """
 
 from engine.config.adapters import AdapterConfig
-from engine.config.base import TINY_MODELS_HINT, ModelRef, StageSpec, Strict, scheduling_field
+from engine.config.base import (
+    TINY_MODELS_HINT,
+    ModelRef,
+    StageSpec,
+    Strict,
+    check_class_keys,
+    scheduling_field,
+)
 from engine.config.filter import FilterConfig
 from engine.config.generate_job import GenerateConfig
 from engine.config.generator import GenerationConfig, SchedulerConfig
@@ -65,4 +72,5 @@ __all__ = [
     "parse_override",
     "save_resolved",
     "scheduling_field",
+    "check_class_keys",
 ]

@@ -24,6 +24,14 @@ def scheduling_field(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"scheduling": True}, **kwargs)
 
 
+def check_class_keys(mapping: dict, class_names: list[str], key: str) -> None:
+    """A per-class setting that names a class the dataset does not have is a typo, not a no-op: refuse it.
+    Checked where the dataset's classes are known (a recipe's or a stage's build), not in the model."""
+    unknown = sorted(set(mapping) - set(class_names))
+    if unknown:
+        raise ValueError(f"{key} names classes the dataset does not have: {unknown}; classes: {class_names}")
+
+
 class ModelRef(Strict):
     id: str = Field(description="Hugging Face hub id, or a local directory/file path")
     revision: str | None = Field(

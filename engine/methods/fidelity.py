@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import FilterConfig
+from engine.config import FilterConfig, check_class_keys
 
 FIDELITY_PROB = "fidelity_prob"  # the row's class probability (softmax over the class prompts)
 FIDELITY_TOP = "fidelity_top"  # the prompt that scored highest: a class name, or the negative prompt
@@ -32,11 +32,7 @@ class Verdict:
 
 def class_prompts(config: FilterConfig, class_names: list[str]) -> list[str]:
     """One prompt per class, in label order; a `class_prompts` key that is no class is a config error."""
-    unknown = sorted(set(config.class_prompts) - set(class_names))
-    if unknown:
-        raise ValueError(
-            f"filter.class_prompts names classes the dataset does not have: {unknown}; classes: {class_names}"
-        )
+    check_class_keys(config.class_prompts, class_names, "filter.class_prompts")
     return [
         config.class_prompts.get(name, config.class_prompt.format(class_name=name)) for name in class_names
     ]

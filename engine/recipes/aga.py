@@ -15,9 +15,9 @@ from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
 from actors.segmenter import DETECT_SCORE, Segmenter
 from engine import schema
-from engine.config import GenerateConfig
+from engine.config import GenerateConfig, check_class_keys
 from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
-from engine.recipes.opening import check_class_map, opening_stages
+from engine.recipes.opening import opening_stages
 from engine.stages.expand import Expansion, expand_variants
 from engine.stages.loop import Stage
 
@@ -50,7 +50,7 @@ def aga_stages(
     if missing:
         raise ValueError(f"recipe 'aga' needs config sections {missing}")
     seg = config.segment
-    check_class_map(seg.superclasses, class_names, "segment.superclasses")
+    check_class_keys(seg.superclasses, class_names, "segment.superclasses")
     expansion = Expansion.from_config(config, config_hash)
     stages = opening_stages(config, expansion, done_ids, require_masks=seg.use_dataset_masks)
     # 1. The subject mask: from the dataset when it ships masks (and the config says so), else the models.

@@ -35,12 +35,3 @@ def opening_stages(
     }
     stages.append(Stage("decode", decode_images, kwargs=decode_kwargs))
     return stages
-
-
-def check_class_map(mapping: dict[str, str], class_names: list[str], key: str) -> None:
-    """A per-class setting that names a class the dataset lacks is a typo, not a no-op: refuse it."""
-    unknown = sorted(set(mapping) - set(class_names))
-    if unknown:
-        raise ValueError(
-            f"{key} names classes the dataset lacks: {unknown}; its classes: {', '.join(class_names)}"
-        )

@@ -13,8 +13,8 @@ from collections.abc import Collection
 
 from actors.generator import PARAMS, DiffusionGenerator
 from engine import schema
-from engine.config import GenerateConfig
-from engine.recipes.opening import check_class_map, opening_stages
+from engine.config import GenerateConfig, check_class_keys
+from engine.recipes.opening import opening_stages
 from engine.stages.class_pools import ClassPool, PoolSpec
 from engine.stages.expand import Expansion, expand_variants
 from engine.stages.loop import Stage
@@ -38,7 +38,7 @@ def unidiffda_stages(
     if config.generation is None:
         raise ValueError("recipe 'unidiffda' needs the config section ['generation']")
     generation = config.generation
-    check_class_map(generation.superclasses, class_names, "generation.superclasses")
+    check_class_keys(generation.superclasses, class_names, "generation.superclasses")
     expansion = Expansion.from_config(config, config_hash)
     reads = (schema.CLASS_NAME, schema.LABEL, schema.SOURCE_ID, schema.SEED)
     return [
