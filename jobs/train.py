@@ -73,6 +73,7 @@ def run_training(config: TrainConfig) -> dict:
         "history": history,
         "val": summary.get("val"),
         "test": summary.get("test"),
+        "extra_tests": summary.get("extra_tests") or {},
         "rows_seen": {
             "real": sum(h["train_rows"]["real"] for h in history),
             "synthetic": sum(h["train_rows"]["synthetic"] for h in history),
@@ -111,7 +112,12 @@ def print_summary(metrics: dict) -> None:
         f"{' (resumed after epoch ' + str(metrics['resumed_from_epoch']) + ')' if metrics['resumed_from_epoch'] is not None else ''}, "
         f"rows seen real {metrics['rows_seen']['real']} / synthetic {metrics['rows_seen']['synthetic']}\n"
         f"  val top-1 {pct(last.get('val_top1'))}, worst group {pct(last.get('val_worst_group'))}; "
-        f"test top-1 {pct(test.get('top1'))}, worst group {pct(test.get('worst_group'))}\n"
+        f"test top-1 {pct(test.get('top1'))}, worst group {pct(test.get('worst_group'))}"
+        + "".join(
+            f"; {name} top-1 {pct(m.get('top1'))}, worst group {pct(m.get('worst_group'))}"
+            for name, m in (metrics.get("extra_tests") or {}).items()
+        )
+        + "\n"
         f"  {metrics['run_dir']}/metrics.json, curves.png, checkpoint {metrics['checkpoint']} ({metrics['wall_s']}s)"
     )
 

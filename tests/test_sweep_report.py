@@ -207,3 +207,31 @@ def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, capsys):
     monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(Exception("other")))
     with pytest.raises(Exception, match="other"):
         jobs.sweep.start_local_ray(config)
+
+
+def test_extra_test_splits_get_their_own_columns_and_deltas():
+    rows = [
+        {**row, "test_ood_top1": row["test_top1"] - 0.2, "test_ood_worst_group": row["test_worst_group"] / 2}
+        for row in ROWS
+    ]
+    header, body = report_table(rows, "real")
+    assert header[3:9] == [
+        "test top-1", "Δ test top-1 vs real", "test worst-group", "Δ test worst-group vs real",
+        "test_ood top-1", "Δ test_ood top-1 vs real",
+    ]  # fmt: skip
+    assert body[1][7] == "42.3 ± 3.2" and body[1][8].startswith("+10.0 * (p=")
+    assert compare_with_baseline(rows, "real")["aga"]["test_ood_worst_group"]["num_pairs"] == 3
+    # Runs without the split keep the table they had.
+    assert report_table(ROWS, "real")[0][7] == "subject attention"
+
+
+def test_run_row_reads_the_extra_tests_of_metrics_json():
+    from engine.train.sweep_report import run_row
+
+    metrics = {
+        "strategy": "real", "seed": 0, "history": [{"val_top1": 0.5}], "rows_seen": {"real": 10, "synthetic": 0},
+        "wall_s": 1.0, "run_dir": "x", "test": {"top1": 0.5, "worst_group": 0.1},
+        "extra_tests": {"test_ood": {"top1": 0.4, "worst_group": 0.05}},
+    }  # fmt: skip
+    row = run_row("real", metrics)
+    assert (row["test_ood_top1"], row["test_ood_worst_group"]) == (0.4, 0.05)

@@ -176,3 +176,27 @@ def test_eval_per_group_fills_every_val_and_test_group(tmp_path):
     main(["--out", str(tmp_path / "cli"), "--num-classes", "2", "--train-per-class", "2", "--size", "16",
           "--eval-per-group", "3"])  # fmt: skip
     assert len(list((tmp_path / "cli" / "test" / "cross").iterdir())) == 6
+
+
+def test_ood_split_puts_every_class_on_backgrounds_no_other_split_uses(tmp_path):
+    summary = make_toy_dataset(tmp_path / "data", num_classes=3, train_per_class=4, eval_per_group=1, size=16,
+                               ood_per_group=2)  # fmt: skip
+    rows = _read_groups(tmp_path / "data")
+    seen = {r["background"] for r in rows if not r["source_id"].startswith("test_ood/")}
+    ood = [r for r in rows if r["source_id"].startswith("test_ood/")]
+    assert seen == set(BACKGROUNDS[:3]) and summary["ood_backgrounds"] == list(BACKGROUNDS[3:])
+    assert {r["background"] for r in ood} == set(BACKGROUNDS[3:])
+    # Every (class, unseen background) group gets ood_per_group images; its ids follow the 9 others'.
+    assert summary["counts"]["test_ood"] == {name: 10 for name in summary["classes"]}
+    assert summary["groups"]["test_ood"] == {str(g): 2 for g in range(9, 24)}
+    for row in ood:
+        class_index = summary["classes"].index(row["source_id"].split("/")[1])
+        expected = 9 + class_index * 5 + BACKGROUNDS[3:].index(row["background"])
+        assert int(row["group"]) == expected
+        assert summary["group_names"][expected] == f"{CLASSES[class_index]} on {row['background']}"
+    assert (tmp_path / "data" / "masks" / ood[0]["source_id"]).is_file()
+    # Without the argument nothing changes: no split, no key in the arguments a caller compares.
+    plain = make_toy_dataset(tmp_path / "plain", num_classes=3, train_per_class=4, eval_per_group=1, size=16)
+    assert "test_ood" not in plain["counts"] and "ood_per_group" not in plain["arguments"]
+    with pytest.raises(ValueError, match="no background type is left"):
+        make_toy_dataset(tmp_path / "full", num_classes=8, ood_per_group=1)

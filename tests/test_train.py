@@ -20,7 +20,15 @@ from engine.config import load_config
 from engine.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"num_classes": 3, "train_per_class": 8, "val_per_class": 3, "test_per_class": 3, "size": 32}
+# One image per class x unseen background in test_ood (15): evaluated where a test names data.extra_test_splits.
+TINY = {
+    "num_classes": 3,
+    "train_per_class": 8,
+    "val_per_class": 3,
+    "test_per_class": 3,
+    "size": 32,
+    "ood_per_group": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,7 @@ def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path
         "mix.strategy=two_phase",
         "mix.phase2_epochs=1",
         "scaling.num_workers=2",
+        "data.extra_test_splits=[test_ood]",
     )
     metrics = run_training(config)
 
@@ -204,6 +213,13 @@ def test_two_worker_run_follows_the_plan_and_writes_its_outputs(shards, tmp_path
     assert set(test["group_accuracy"]) == test_groups and len(test_groups) > 1
     assert test["worst_group"] == min(test["group_accuracy"].values())
     assert test["top1"] == pytest.approx(np.trace(test["confusion_matrix"]) / 9)
+    # The extra test split: its own rows and groups, evaluated with the last weights beside test.
+    ood = saved["extra_tests"]["test_ood"]
+    assert ood["num_rows"] == 15 and ood["synthetic_rows"] == 0
+    ood_groups = {str(r[schema.GROUP]) for r in rows if r[schema.SPLIT] == "test_ood"}
+    assert set(ood["group_accuracy"]) == ood_groups and len(ood_groups) == 15
+    assert ood["worst_group"] == min(ood["group_accuracy"].values())
+    assert metrics["data"]["test_ood"] == 15
 
 
 def test_sweep_runs_a_variant_and_prints_the_table(shards, tmp_path, local_ray, capsys, monkeypatch):
@@ -520,3 +536,16 @@ def test_a_low_data_run_trains_on_soft_rows(soft_shards, tmp_path, local_ray, ca
     assert len(notes) == 3 and all("has 8 real train rows, all kept" in note for note in notes)
     assert notes[0] in capsys.readouterr().err
     assert metrics["data"]["excluded"]["few_shot_real_rows"] == 0
+
+
+def test_extra_test_splits_must_exist_and_be_new(shards, tmp_path):
+    from engine.train.data import load_training_data
+
+    config = make_config(shards, tmp_path, "data.extra_test_splits=[sketch]")
+    with pytest.raises(ValueError, match=r"extra_test_splits names \['sketch'\].*'test_ood'"):
+        load_training_data(config.data, seed=0)
+    with pytest.raises(ValueError, match=r"cannot name \['val'\]"):
+        make_config(shards, tmp_path, "data.extra_test_splits=[val]")
+    data = load_training_data(make_config(shards, tmp_path, "data.extra_test_splits=[test_ood]").data)
+    assert sorted(data.eval) == ["test", "test_ood", "val"] and len(data.eval["test_ood"]) == 15
+    assert sorted(load_training_data(make_config(shards, tmp_path).data).eval) == ["test", "val"]

@@ -7,10 +7,16 @@ groups where class and background disagree, which is what generative background 
 
 Layout under `out` (torchvision ImageFolder per split):
 
-    <split>/<class>/<class>_<nnnn>.png          RGB image, split in train/val/test
+    <split>/<class>/<class>_<nnnn>.png          RGB image, split in train/val/test (and test_ood)
     masks/<split>/<class>/<class>_<nnnn>.png    L-mode 0/255 mask of the object's pixels
     groups.csv                                  source_id,group,background  (group = class * B + background)
+    captions.csv                                source_id,caption  ("a circle on sand": what a captioner
+                                                would say, from the labels; fine-tuning's full.captions_file)
     dataset.json                                classes, backgrounds, knobs, counts, description
+
+With `ood_per_group`, a fourth split `test_ood` holds the same shapes on backgrounds no other split uses
+(types num_classes.., e.g. snow, sky, night and lava for 4 classes): an out-of-distribution test set, the
+toy's ImageNet-Sketch. Its groups number on from the in-distribution ones.
 
 Same arguments give byte-identical files.
 """
@@ -30,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
+OOD_SPLIT = "test_ood"
 
 # Alphabetical, so that any prefix is alphabetical too: ImageFolder labels classes by sorted folder name,
 # and this keeps that label equal to the class index used in `group`.
@@ -269,6 +276,12 @@ def _assign_backgrounds(
     return rng.permutation(backgrounds)
 
 
+def caption(class_name: str, background: str) -> str:
+    """A toy image's caption: the words a captioner would use, here from its labels (the toy has no
+    captioner that knows its shapes)."""
+    return f"a {class_name} on {background}"
+
+
 def _save_png(array: np.ndarray, path: Path) -> None:
     # Fixed compression and no metadata chunks: byte-identical across builds.
     Image.fromarray(array).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
@@ -282,7 +295,7 @@ def _prepare_out(out: Path) -> None:
                 f"{out} is not empty and holds no toy dataset (no dataset.json); pick another --out"
             )
         # Only what this module writes, so that stale files from larger counts cannot linger.
-        for name in (*SPLITS, "masks"):
+        for name in (*SPLITS, OOD_SPLIT, "masks"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -298,6 +311,7 @@ def make_toy_dataset(
     size: int = 64,
     spurious: float = 0.9,
     seed: int = 0,
+    ood_per_group: int | None = None,
 ) -> dict:
     """Render the toy dataset into `out` (layout in the module docstring) and return its summary.
 
@@ -308,6 +322,8 @@ def make_toy_dataset(
     The summary (also written, minus `out` and `paths`, to dataset.json) has `classes`, `backgrounds`,
     `counts[split][class]`, `groups[split][group_id]`, `own_background_fraction[split]`, `arguments` (this
     call's, so that a caller can tell whether a folder holds the dataset it wants) and `paths`.
+
+    `ood_per_group` images per class x unseen background make the `test_ood` split (module docstring).
     """
     arguments = {
         "num_classes": num_classes,
@@ -319,6 +335,9 @@ def make_toy_dataset(
         "spurious": spurious,
         "seed": seed,
     }
+    if ood_per_group is not None:
+        # Only when asked: the arguments of a dataset without the split stay what they were.
+        arguments["ood_per_group"] = ood_per_group
     if eval_per_group is not None:
         if val_per_class is not None or test_per_class is not None:
             raise ValueError("give either eval_per_group or val_per_class/test_per_class, not both")
@@ -341,19 +360,31 @@ def make_toy_dataset(
         if count < 0:
             raise ValueError(f"{split}_per_class must be non-negative, got {count}")
 
-    out = Path(out)
-    _prepare_out(out)
     classes = list(CLASSES[:num_classes])
     backgrounds = list(BACKGROUNDS[:num_classes])
     num_backgrounds = len(backgrounds)
+    ood_backgrounds = list(BACKGROUNDS[num_classes:]) if ood_per_group is not None else []
+    # (split, its backgrounds, the id of its first group): test_ood's groups follow the others'.
+    layout = [(split, backgrounds, 0) for split in SPLITS]
+    if ood_per_group is not None:
+        if ood_per_group < 1:
+            raise ValueError(f"ood_per_group must be at least 1, got {ood_per_group}")
+        if not ood_backgrounds:
+            raise ValueError(
+                f"no background type is left for {OOD_SPLIT}: {num_classes} classes use all {MAX_CLASSES}"
+            )
+        per_class[OOD_SPLIT] = ood_per_group * len(ood_backgrounds)
+        layout.append((OOD_SPLIT, ood_backgrounds, num_classes * num_backgrounds))
 
+    out = Path(out)
+    _prepare_out(out)
     counts: dict[str, dict[str, int]] = {}
     groups: dict[str, dict[str, int]] = {}
     own_fraction: dict[str, float] = {}
     rows: list[tuple[str, int, str]] = []
-    for split_index, split in enumerate(SPLITS):
+    for split_index, (split, split_backgrounds, first_group) in enumerate(layout):
         counts[split] = {}
-        group_counts = np.zeros(num_classes * num_backgrounds, np.int64)
+        group_counts = np.zeros(num_classes * len(split_backgrounds), np.int64)
         num_own = 0
         for class_index, name in enumerate(classes):
             image_dir = out / split / name
@@ -364,20 +395,22 @@ def make_toy_dataset(
             # other splits' images unchanged.
             assign_rng = np.random.default_rng([seed, 0, split_index, class_index, 0])
             assigned = _assign_backgrounds(
-                assign_rng, split, class_index, per_class[split], num_backgrounds, spurious
+                assign_rng, split, class_index, per_class[split], len(split_backgrounds), spurious
             )
             for i, background_index in enumerate(assigned.tolist()):
                 rng = np.random.default_rng([seed, 1, split_index, class_index, i])
-                image, mask = render_example(rng, name, backgrounds[background_index], size)
+                image, mask = render_example(rng, name, split_backgrounds[background_index], size)
                 file_name = f"{name}_{i:04d}.png"
                 _save_png(image, image_dir / file_name)
                 _save_png(mask, mask_dir / file_name)
-                group = class_index * num_backgrounds + background_index
-                rows.append((f"{split}/{name}/{file_name}", group, backgrounds[background_index]))
+                group = class_index * len(split_backgrounds) + background_index
+                rows.append(
+                    (f"{split}/{name}/{file_name}", first_group + group, split_backgrounds[background_index])
+                )
                 group_counts[group] += 1
-                num_own += background_index == class_index
+                num_own += split_backgrounds is backgrounds and background_index == class_index
             counts[split][name] = per_class[split]
-        groups[split] = {str(g): int(n) for g, n in enumerate(group_counts)}
+        groups[split] = {str(first_group + g): int(n) for g, n in enumerate(group_counts)}
         total = sum(counts[split].values())
         own_fraction[split] = round(num_own / total, 4) if total else 0.0
 
@@ -385,6 +418,10 @@ def make_toy_dataset(
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["source_id", "group", "background"])
         writer.writerows(rows)
+    with open(out / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["source_id", "caption"])
+        writer.writerows((source_id, caption(source_id.split("/")[1], bg)) for source_id, _, bg in rows)
 
     summary = {
         "description": (
@@ -394,7 +431,8 @@ def make_toy_dataset(
         ),
         "classes": classes,
         "backgrounds": backgrounds,
-        "group_names": [f"{c} on {b}" for c in classes for b in backgrounds],
+        "group_names": [f"{c} on {b}" for bs in (backgrounds, ood_backgrounds) for c in classes for b in bs],
+        **({"ood_backgrounds": ood_backgrounds} if ood_backgrounds else {}),
         "spurious": spurious,
         "seed": seed,
         "size": size,
@@ -406,9 +444,10 @@ def make_toy_dataset(
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["out"] = str(out)
     summary["paths"] = {
-        "images": {split: str(out / split) for split in SPLITS},
+        "images": {split: str(out / split) for split, _, _ in layout},
         "masks": str(out / "masks"),
         "groups_csv": str(out / "groups.csv"),
+        "captions_csv": str(out / "captions.csv"),
         "dataset_json": str(out / "dataset.json"),
     }
     return summary
@@ -438,6 +477,12 @@ def main(argv: list[str] | None = None) -> None:
         "--spurious", type=float, default=0.9, help="Train fraction on the class's own background"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ood-per-group",
+        type=int,
+        default=None,
+        help=f"Also a {OOD_SPLIT} split: this many images per class x background unseen in the other splits",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -452,10 +497,11 @@ def main(argv: list[str] | None = None) -> None:
             size=args.size,
             spurious=args.spurious,
             seed=args.seed,
+            ood_per_group=args.ood_per_group,
         )
     except ValueError as error:
         parser.error(str(error))
-    totals = " / ".join(f"{split} {sum(summary['counts'][split].values())}" for split in SPLITS)
+    totals = " / ".join(f"{split} {sum(n.values())}" for split, n in summary["counts"].items())
     print(
         f"toy dataset: {len(summary['classes'])} classes ({', '.join(summary['classes'])}), {totals} images, "
         f"train own-background {summary['own_background_fraction']['train']:.2f} -> {args.out} "

@@ -35,6 +35,12 @@ class ShardsConfig(Strict):
     shuffle_buffer_rows: int = Field(
         default=2048, ge=1, description="Decoded rows each worker shuffles over (on top of block order)"
     )
+    extra_test_splits: list[str] = Field(
+        default_factory=list,
+        description="Splits of the shards evaluated after the last epoch beside `test`, each reported under "
+        "its name (metrics.json `extra_tests`, the sweep's table): shifted or out-of-distribution test sets "
+        "(AGA reports ImageNet-V2 and Sketch), e.g. the toy's test_ood (backgrounds never seen in training)",
+    )
     shots_per_class: int | None = Field(
         default=None,
         ge=1,
@@ -42,6 +48,17 @@ class ShardsConfig(Strict):
         "of seed and source_id), and only the synthetic rows of those sources; a class with fewer keeps all "
         "and the run's notes say so; val/test untouched (None: every row)",
     )
+
+    @model_validator(mode="after")
+    def _extra_tests_are_new_splits(self) -> ShardsConfig:
+        taken = sorted(set(self.extra_test_splits) & {"train", "val", "test"})
+        if taken:
+            raise ValueError(
+                f"data.extra_test_splits cannot name {taken}: train, val and test have their roles"
+            )
+        if len(set(self.extra_test_splits)) != len(self.extra_test_splits):
+            raise ValueError(f"data.extra_test_splits repeats a split: {self.extra_test_splits}")
+        return self
 
 
 class AugmentConfig(Strict):
@@ -201,6 +218,12 @@ class ToyDatasetSpec(Strict):
         default=0.9, ge=0, le=1, description="Train share of a class on its own background"
     )
     seed: int = Field(default=0, ge=0)
+    ood_per_group: int | None = Field(
+        default=None,
+        ge=1,
+        description="Also a test_ood split: this many images per class x background type no other split uses "
+        "(an out-of-distribution test set; train with data.extra_test_splits=[test_ood])",
+    )
 
 
 class AttentionSpec(Strict):

@@ -108,7 +108,8 @@ def load_training_data(config: ShardsConfig, *, seed: int | None = None) -> Trai
     must come from one dataset (e.g. two generation runs over the same real images, K=2 and K=5); they
     share their real rows, kept from the first path holding each source_id (counted in `excluded` as
     `duplicate_real_rows`). Paths of different datasets are refused, naming the two runs. Synthetic rows
-    of a recipe outside `config.recipes` and synthetic rows of val/test are left out (counted too).
+    of a recipe outside `config.recipes` and synthetic rows of val/test (and of `config.extra_test_splits`,
+    evaluated like test) are left out (counted too).
     With `config.shots_per_class` (the low-data protocol) the train split keeps k real rows per class drawn
     by `seed` (the training seed; required then) and the synthetic rows of those sources only (`draw_shots`).
     Shards of schema version 1 (no soft_label column) read as one-hot rows.
@@ -155,7 +156,14 @@ def load_training_data(config: ShardsConfig, *, seed: int | None = None) -> Trai
         unwanted = ~is_real & ~np.isin(recipe, list(config.recipes))
         excluded["recipe_not_selected"] = int((unwanted & keep).sum())
         keep &= ~unwanted
-    eval_synthetic = ~is_real & np.isin(split, EVAL_SPLITS)
+    eval_splits = [*EVAL_SPLITS, *config.extra_test_splits]
+    missing = [name for name in config.extra_test_splits if not (split == name).any()]
+    if missing:
+        raise ValueError(
+            f"data.extra_test_splits names {missing}, but no shard row has that split (splits present: "
+            f"{sorted(set(split.tolist()))}); the generation run reads the splits in its data.splits"
+        )
+    eval_synthetic = ~is_real & np.isin(split, eval_splits)
     excluded["synthetic_in_val_test"] = int((eval_synthetic & keep).sum())
     keep &= ~eval_synthetic
 
@@ -181,7 +189,7 @@ def load_training_data(config: ShardsConfig, *, seed: int | None = None) -> Trai
     return TrainingData(
         files=files,
         train=train,
-        eval={name: table.filter(pa.array(split == name)) for name in EVAL_SPLITS},
+        eval={name: table.filter(pa.array(split == name)) for name in eval_splits},
         class_names=class_names,
         excluded=excluded,
         sources=[

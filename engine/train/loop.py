@@ -231,6 +231,14 @@ def train_loop_per_worker(loop: dict) -> None:
         metrics["synthetic_rows"] = sum(g[3] for g in gathered)
         return metrics
 
+    def final_tests() -> dict:
+        """`test` and each extra test split (shifted / out-of-distribution sets), with the last weights."""
+        extra = [s for s in loop["eval_splits"] if s not in ("train", "val", "test")]
+        return {
+            "test": evaluate("test") if "test" in loop["eval_splits"] else None,
+            "extra_tests": {name: evaluate(name) for name in extra},
+        }
+
     # 3. Epochs.
     epochs = loop["epochs"]
     for epoch in range(start_epoch, epochs):
@@ -285,15 +293,14 @@ def train_loop_per_worker(loop: dict) -> None:
         history.append(record)
         summary = None
         if epoch == epochs - 1:
-            test = evaluate("test") if "test" in loop["eval_splits"] else None
-            summary = {"history": history, "resumed_from_epoch": resumed_from, "val": val, "test": test}
+            summary = {"history": history, "resumed_from_epoch": resumed_from, "val": val, **final_tests()}
         due = summary is not None or (epoch + 1) % loop["checkpoint_every"] == 0
         _report(record, summary, model, optimizer, scaler, epoch, history, rank, due=due)
 
     # 4. A run resumed after its last epoch still reports its test metrics (with the same weights).
     if start_epoch >= epochs:
-        val, test = (evaluate(s) if s in loop["eval_splits"] else None for s in ("val", "test"))
-        summary = {"history": history, "resumed_from_epoch": resumed_from, "val": val, "test": test}
+        val = evaluate("val") if "val" in loop["eval_splits"] else None
+        summary = {"history": history, "resumed_from_epoch": resumed_from, "val": val, **final_tests()}
         _report(history[-1], summary, model, optimizer, scaler, epochs - 1, history, rank, due=True)
 
 

@@ -23,6 +23,7 @@ REPORT_METRICS = (
     ("subject_attention", "subject attention"),
 )
 SIGNIFICANCE = 0.05
+TEST_KEYS = ("test_top1", "val_top1")
 
 
 def run_row(variant: str, metrics: dict) -> dict:
@@ -40,7 +41,35 @@ def run_row(variant: str, metrics: dict) -> dict:
         "real_per_epoch": metrics["rows_seen"]["real"] / max(len(history), 1),
         "wall_s": metrics["wall_s"],
         "run_dir": metrics["run_dir"],
+        **{
+            f"{name}_{key}": result.get(key)
+            for name, result in (metrics.get("extra_tests") or {}).items()
+            for key in ("top1", "worst_group")
+        },
     }
+
+
+def extra_test_metrics(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    """(key, label) of the extra test splits' top-1 and worst group the runs report (data.extra_test_splits),
+    in first-seen order: they join the tables beside test."""
+    names = dict.fromkeys(
+        key[: -len("_top1")] for row in rows for key in row if key.endswith("_top1") and key not in TEST_KEYS
+    )
+    return tuple(
+        item
+        for name in names
+        for item in ((f"{name}_top1", f"{name} top-1"), (f"{name}_worst_group", f"{name} worst-group"))
+    )
+
+
+def report_metrics(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    """REPORT_METRICS with the extra test splits' columns after test's."""
+    return (*REPORT_METRICS[:2], *extra_test_metrics(rows), *REPORT_METRICS[2:])
+
+
+def table_metrics(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    """METRICS with the extra test splits' columns after test's."""
+    return (*METRICS[:2], *extra_test_metrics(rows), *METRICS[2:])
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -49,7 +78,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         runs = [r for r in rows if r["variant"] == variant]
         entry = {"variant": variant, "strategy": runs[0]["strategy"], "seeds": [r["seed"] for r in runs]}
-        for key in dict.fromkeys(k for k, _ in (*METRICS, *REPORT_METRICS)):
+        for key in dict.fromkeys(k for k, _ in (*table_metrics(rows), *report_metrics(rows))):
             values = [r[key] for r in runs if r.get(key) is not None]
             entry[key] = {
                 "mean": statistics.fmean(values) if values else None,
@@ -67,11 +96,12 @@ def _cell(stat: dict) -> str:
 
 
 def format_markdown(rows: list[dict]) -> str:
-    header = ["variant", "strategy", "seeds", *(label for _, label in METRICS), "synthetic rows / epoch"]
+    metrics = table_metrics(rows)
+    header = ["variant", "strategy", "seeds", *(label for _, label in metrics), "synthetic rows / epoch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in summarize(rows):
         cells = [entry["variant"], entry["strategy"], str(len(entry["seeds"]))]
-        cells += [_cell(entry[key]) for key, _ in METRICS]
+        cells += [_cell(entry[key]) for key, _ in metrics]
         cells.append(f"{entry['synthetic_per_epoch']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -87,7 +117,7 @@ def compare_with_baseline(rows: list[dict], baseline: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         out[variant] = {}
-        for key, _ in REPORT_METRICS:
+        for key, _ in report_metrics(rows):
             pairs = [
                 (by_seed[(variant, seed)][key], by_seed[(baseline, seed)][key])
                 for (name, seed) in by_seed
@@ -127,8 +157,9 @@ def report_table(rows: list[dict], baseline: str | None) -> tuple[list[str], lis
     """The benchmark table: per variant, each REPORT_METRICS mean ± std (%), its delta to the baseline in
     points with the paired test's p-value (* when p < SIGNIFICANCE), and synthetic rows per epoch."""
     deltas = compare_with_baseline(rows, baseline) if baseline else {}
+    metrics = report_metrics(rows)
     header = ["variant", "seeds", "epochs"]
-    for _, label in REPORT_METRICS:
+    for _, label in metrics:
         header += [label] + ([f"Δ {label} vs {baseline}"] if baseline else [])
     header.append("synthetic rows / epoch")
     body = []
@@ -139,7 +170,7 @@ def report_table(rows: list[dict], baseline: str | None) -> tuple[list[str], lis
             str(len(entry["seeds"])),
             "/".join(sorted({str(r.get("epochs")) for r in runs})),
         ]
-        for key, _ in REPORT_METRICS:
+        for key, _ in metrics:
             cells.append(_cell(entry[key]))
             if baseline:
                 cells.append(_delta_cell(deltas[entry["variant"]][key], entry["variant"], baseline))
@@ -179,7 +210,7 @@ def write_report(
         json.dumps({**context, "summary": summary, "deltas": deltas, "runs": rows}, indent=2) + "\n"
     )
     plot_variants(
-        summary, REPORT_METRICS, Path(f"{prefix}.png"), title=f"{len(config.seeds)} seeds, mean ± std"
+        summary, report_metrics(rows), Path(f"{prefix}.png"), title=f"{len(config.seeds)} seeds, mean ± std"
     )
     m = context["machine"]
     lines = [
@@ -218,14 +249,15 @@ def print_table(rows: list[dict], title: str = "", baseline: str | None = None) 
             table.add_row(*cells)
         Console(width=max(Console().width, 200)).print(table)
         return
-    for name in ("variant", "strategy", "seeds", *(label for _, label in METRICS), "synthetic rows / epoch"):
+    metrics = table_metrics(rows)
+    for name in ("variant", "strategy", "seeds", *(label for _, label in metrics), "synthetic rows / epoch"):
         table.add_column(name, justify="left" if name in ("variant", "strategy") else "right", no_wrap=True)
     for entry in summarize(rows):
         table.add_row(
             entry["variant"],
             entry["strategy"],
             str(len(entry["seeds"])),
-            *(_cell(entry[key]) for key, _ in METRICS),
+            *(_cell(entry[key]) for key, _ in metrics),
             f"{entry['synthetic_per_epoch']:.0f}",
         )
     # Not a terminal (logs, CI): rich would squeeze the table into 80 columns.
