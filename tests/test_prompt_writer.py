@@ -373,3 +373,53 @@ def test_writer_input_errors(writer, config):
         PromptWriter(config.model_copy(update={"backend": "vllm"}), CLASSES)
     empty = writer(make_batch([]))
     assert len(empty["prompt"]) == 0 and len(empty["instruction"]) == 0
+
+
+# --------------------------------------------------------------------------- the template backend
+
+
+def test_domain_words_replace_the_built_in_pools():
+    config = PromptConfig(
+        backend="template", scenes=["grass", "water", "sand", "circle field"], times=[], styles=["toy photo"]
+    )
+    engine = BackgroundPromptEngine.from_config(config, ["circle", "square"])
+    # Used whole, minus the scene with a class word; no time words at all is not a shortfall.
+    assert engine.scenes == ["grass", "water", "sand"] and engine.times == [""]
+    assert engine.shortfalls == {"scene": 1}
+    prompts = {engine.fallback(seed) for seed in range(200)}
+    assert prompts == {"grass, toy photo", "water, toy photo", "sand, toy photo"}
+    bare = BackgroundPromptEngine.from_config(
+        PromptConfig(backend="template", scenes=["sand"], styles=[]), []
+    )
+    assert bare.fallback(3).startswith("sand ") and bare.times[0] in TIMES  # built-in times stay by default
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"backend": "transformers"}, "prompt.model is required for backend 'transformers'"),
+        ({"backend": "vllm"}, "prompt.model is required for backend 'vllm'"),
+        (
+            {"backend": "template", "scenes": ["sand"], "num_scenes": 4},
+            "give prompt.scenes or prompt.num_scenes",
+        ),
+        ({"backend": "template", "scenes": []}, "prompt.scenes is empty"),
+    ],
+)
+def test_template_config_errors_name_the_key(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PromptConfig(**fields)
+
+
+def test_template_writer_writes_each_rows_template_without_a_model():
+    from actors.template_prompts import TemplatePromptWriter
+
+    config = PromptConfig(backend="template", scenes=["grass", "water"], times=["at noon"], styles=[])
+    writer = TemplatePromptWriter(config, ["circle"])
+    seeds = np.array([5, 6, 7, 5], np.int64)
+    out = writer({"seed": seeds, "class_name": np.array(["circle"] * 4, object)})
+    assert list(out["prompt_source"]) == ["template"] * 4
+    assert set(out["prompt"]) <= {"grass at noon", "water at noon"} and out["prompt"][0] == out["prompt"][3]
+    assert all("grass" in q or "water" in q for q in out["instruction"])
+    # A row's prompt depends on its seed only, not on its batch.
+    assert writer({"seed": seeds[2:3]})["prompt"][0] == out["prompt"][2]

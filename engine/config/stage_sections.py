@@ -66,14 +66,29 @@ class VLLMConfig(Strict):
 
 
 class PromptConfig(Strict):
-    backend: Literal["transformers", "vllm"] = Field(
+    backend: Literal["transformers", "vllm", "template"] = Field(
         default="transformers",
-        description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
+        description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm; "
+        "template: no LLM, the composed scene + time + style itself (a new domain's own words in `scenes`)",
     )
-    model: ModelRef = Field(description="Instruction LLM")
+    model: ModelRef | None = Field(default=None, description="Instruction LLM (backends transformers, vllm)")
     num_instructions: int = Field(default=3, ge=1, description="Instruction templates used")
-    num_scenes: int = Field(default=18, ge=1, description="Scene templates used")
-    num_times: int = Field(default=13, ge=1, description="Time-of-day/season templates used")
+    num_scenes: int = Field(default=18, ge=1, description="Built-in scene templates used (not with `scenes`)")
+    num_times: int = Field(
+        default=13, ge=1, description="Built-in time/season templates used (not with `times`)"
+    )
+    scenes: list[str] | None = Field(
+        default=None,
+        description="The domain's scene words, used whole instead of the built-in AGA scenes (e.g. a toy's "
+        "[grass, water, sand, brick]); a scene holding a class word is still dropped",
+    )
+    times: list[str] | None = Field(
+        default=None, description="Time/season words instead of the built-in ones; [] for none"
+    )
+    styles: list[str] | None = Field(
+        default=None,
+        description="Style endings of a template prompt instead of the built-in photo styles; [] for none",
+    )
     max_new_tokens: int = Field(default=48, ge=1)
     temperature: float = Field(default=0.8, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -82,6 +97,19 @@ class PromptConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Engine settings for backend vllm")
     stage: StageSpec = scheduling_field(default_factory=StageSpec)
+
+    @model_validator(mode="after")
+    def _model_and_pools(self) -> PromptConfig:
+        if self.backend != "template" and self.model is None:
+            raise ValueError(f"prompt.model is required for backend {self.backend!r} (the instruction LLM)")
+        for pool in ("scenes", "times"):
+            if getattr(self, pool) is not None and f"num_{pool}" in self.model_fields_set:
+                raise ValueError(
+                    f"give prompt.{pool} or prompt.num_{pool}, not both: a given list is used whole"
+                )
+        if self.scenes == []:
+            raise ValueError("prompt.scenes is empty: name the domain's scenes, or leave it out for AGA's")
+        return self
 
 
 class CaptionConfig(Strict):

@@ -302,12 +302,17 @@ class BackgroundPromptEngine:
 
     @classmethod
     def from_config(cls, config, class_names: list[str], superclasses: dict[str, str] | None = None):
-        """From a `PromptConfig`: its template sizes, and the dataset's class words forbidden."""
+        """From a `PromptConfig`: its template sizes or the domain's own scene/time/style words (used whole),
+        and the dataset's class words forbidden."""
+        scenes, times, styles = config.scenes, config.times, config.styles
         return cls(
             num_instructions=config.num_instructions,
-            num_scenes=config.num_scenes,
-            num_times=config.num_times,
+            num_scenes=config.num_scenes if scenes is None else len(scenes),
+            num_times=config.num_times if times is None else len(times),
             forbidden_words=dataset_forbidden_words(class_names, superclasses, config.extra_forbidden_words),
+            scenes=SCENES if scenes is None else scenes,
+            times=TIMES if times is None else times,
+            styles=FALLBACK_STYLES if styles is None else styles,
         )
 
     def __init__(
@@ -338,7 +343,8 @@ class BackgroundPromptEngine:
         self.scenes = self._take("scene", self._allowed(scenes), num_scenes, len(scenes))
         if not self.scenes:
             self.scenes = self._allowed(NEUTRAL_SCENES)[:1] or [""]
-        self.times = self._take("time", self._allowed(times), num_times, len(times))
+        # No time words at all (a domain without them, `times: []`) is a choice, not a shortfall.
+        self.times = self._take("time", self._allowed(times), num_times, len(times)) if times else []
         if not self.times:
             self.times = [""]
         self.styles = self._allowed(styles)

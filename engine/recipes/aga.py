@@ -14,6 +14,7 @@ from actors.background import PROMPT_TRIMMED, BackgroundGenerator
 from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
 from actors.segmenter import DETECT_SCORE, Segmenter
+from actors.template_prompts import TemplatePromptWriter
 from engine import schema
 from engine.config import GenerateConfig, check_class_keys
 from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
@@ -86,7 +87,7 @@ def aga_stages(
         stages.append(
             Stage(
                 "prompt",
-                PromptWriter,
+                TemplatePromptWriter if config.prompt.backend == "template" else PromptWriter,
                 config.prompt.stage,
                 {"config": config.prompt, "class_names": class_names, "superclasses": seg.superclasses},
                 reads=(schema.SEED, schema.CLASS_NAME),
