@@ -24,7 +24,7 @@ from engine.train.runner import check_budget, fit, init_ray, prepare_run_dir
 from jobs.runner import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_ti_tiny_cpu.yaml"
-ADAPTER_OUTPUTS = ("textual_inversion.safetensors", "lora")
+ADAPTER_OUTPUTS = ("textual_inversion.safetensors", "lora", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +120,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
         "classes": class_names,
         "images_per_class": data.images_per_class,
         "skipped_rows": data.skipped,
+        "rows_without_caption": data.uncaptioned,
         "tokens": state["tokens"],
         "outputs": outputs,
         "checkpoint": result.checkpoint.path,

@@ -657,3 +657,160 @@ def test_fp16_autocast_with_loss_scaling_on_cuda(tiny_models_dir):
     others = np.setdiff1d(np.arange(weight.shape[0]), ids)
     assert torch.equal(weight.detach()[others], before[others])
     assert not torch.equal(weight.detach()[ids], before[ids]), "fp16 steps never updated the placeholders"
+
+
+# --------------------------------------------------------------------------- full fine-tuning
+
+
+def full_loop(**full) -> dict:
+    spec = {
+        "train_text_encoder": False,
+        "vae_steps": 0,
+        "kl_weight": 1e-6,
+        "prompt": "a photo of a {class_name}",
+    }
+    return ti_loop(method="full", full={**spec, **full})
+
+
+def module_weights(pipe) -> dict:
+    return {
+        name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()}
+        for name in ("unet", "vae", "text_encoder")
+    }
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    import torch
+
+    return {
+        name for name in before if any(not torch.equal(before[name][k], after[name][k]) for k in before[name])
+    }
+
+
+@pytest.mark.parametrize(
+    ("full", "expected"),
+    [({}, {"unet"}), ({"train_text_encoder": True}, {"unet", "text_encoder"})],
+    ids=["unet", "unet+text_encoder"],
+)
+def test_full_method_trains_the_unet_and_by_config_the_text_encoder_only(tiny_models_dir, full, expected):
+    from engine.finetune.full import FullFinetune
+
+    pipe = tiny_pipe(tiny_models_dir)
+    before = module_weights(pipe)
+    loop = full_loop(**full)
+    method = FullFinetune(pipe, ["circle", "square"], loop["full"])
+    run_steps(pipe, method, loop, 2, weight_decay=0.0)
+    assert changed(before, module_weights(pipe)) == expected
+
+
+def test_full_method_trains_the_vae_alone_first_then_the_unet(tiny_models_dir):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from engine.finetune.full import FullFinetune
+    from engine.finetune.loop import training_step
+
+    pipe = tiny_pipe(tiny_models_dir)
+    loop = full_loop(vae_steps=2)
+    method = FullFinetune(pipe, ["circle", "square"], loop["full"])
+    optimizer = torch.optim.AdamW(method.parameters(), lr=0.01, weight_decay=0.0)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # Two flat colours: a reconstruction the tiny VAE can learn in a few steps.
+    pixels = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    pixels[:, 0], pixels[2:, 2] = 200, 90
+    labels, spans, losses = np.array([0, 1, 0, 1]), [], []
+    for step in range(3):
+        before = module_weights(pipe)
+        loss, span = training_step(pipe, scheduler, method, optimizer, pixels, labels, loop, step=step, rank=0,
+                                   device="cpu", captions=["a circle on sand", "", "", ""])  # fmt: skip
+        losses.append(loss)
+        spans.append(span)
+        assert changed(before, module_weights(pipe)) == ({"vae"} if step < 2 else {"unet"}), step
+    assert spans[:2] == [None, None] and spans[2] is not None, "the VAE's steps draw no timestep"
+    assert losses[1] < losses[0], "the autoencoder loss went down"
+
+
+def test_full_method_checkpoint_tensors_round_trip_and_name_their_module(tiny_models_dir):
+    import torch
+
+    from engine.finetune.full import FullFinetune
+
+    pipe = tiny_pipe(tiny_models_dir)
+    method = FullFinetune(pipe, ["circle"], full_loop(train_text_encoder=True)["full"])
+    tensors = method.state_tensors()
+    assert {k.split(".")[0] for k in tensors} == {"unet", "text_encoder"}
+    key = next(k for k in tensors if k.startswith("unet."))
+    edited = {**tensors, key: tensors[key] + 1}
+    method.load_state_tensors(edited)
+    assert torch.equal(method.state_tensors()[key], edited[key])
+    with pytest.raises(AssertionError, match="does not train"):
+        method.load_state_tensors({**tensors, "vae.decoder.conv_in.weight": torch.zeros(1)})
+
+
+def test_captions_file_needs_its_columns(tmp_path):
+    from engine.finetune.data import read_captions
+
+    good = tmp_path / "captions.csv"
+    good.write_text('source_id,caption\ntrain/a/1.png,"a circle, on sand"\ntrain/a/2.png,\n')
+    assert read_captions(str(good)) == {"train/a/1.png": "a circle, on sand", "train/a/2.png": ""}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text\nx,y\n")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['source_id', 'caption'\]"):
+        read_captions(str(bad))
+
+
+def test_full_vae_phase_must_leave_unet_steps():
+    with pytest.raises(ValueError, match=r"full.vae_steps \(5\) must be below max_steps \(5\)"):
+        FinetuneConfig(
+            method="full", model={"id": "/m"}, data={"path": "/d"}, max_steps=5, full={"vae_steps": 5}
+        )
+
+
+@pytest.fixture(scope="module")
+def full_run(toy, tiny_models_dir, tmp_path_factory, ray_local):
+    """configs/finetune_full_toy_cpu.yaml made small: 1 VAE step then 2 UNet steps on two workers, with the
+    toy's captions (one row's caption removed), then rerun to 4 steps on one worker (resume)."""
+    import csv
+
+    from jobs.finetune import run_finetune
+
+    out = tmp_path_factory.mktemp("full")
+    with open(toy / "captions.csv") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["caption"] = ""
+    captions = out / "captions.csv"
+    with open(captions, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["source_id", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    small = ("full.vae_steps=1", f"full.captions_file={captions}", "scaling.resources_per_worker={CPU: 1}")
+    two_workers = ("scaling.num_workers=2", "scaling.resources_per_worker={CPU: 0.5}")
+    first = run_finetune(
+        job_config(
+            "finetune_full_toy_cpu.yaml", toy, tiny_models_dir, out, "max_steps=3", *small, *two_workers
+        )
+    )
+    second = run_finetune(
+        job_config("finetune_full_toy_cpu.yaml", toy, tiny_models_dir, out, "max_steps=4", *small)
+    )
+    return first, second, Path(second["run_dir"])
+
+
+def test_full_job_ends_identical_on_two_workers_and_resumes(full_run):
+    first, second, run_dir = full_run
+    digests = first["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert first["outputs"] == ["pipeline"] and first["rows_without_caption"] == 1
+    assert second["resumed_from_step"] == 3 and second["loss_history"][:3] == first["loss_history"]
+    assert (run_dir / "pipeline" / "model_index.json").is_file()
+
+
+def test_full_job_pipeline_loads_in_the_generator_and_draws_otherwise(full_run, tiny_models_dir):
+    from engine.models.diffusion import load_pipeline
+
+    _, _, run_dir = full_run
+    trained = load_pipeline(ModelRef(id=str(run_dir / "pipeline")), role="generator", device="cpu")
+    trained.set_progress_bar_config(disable=True)
+    base = tiny_pipe(tiny_models_dir)
+    assert type(trained) is type(base)
+    assert not np.array_equal(generate(trained, "a circle on grass"), generate(base, "a circle on grass"))

@@ -10,7 +10,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from engine.config import DataConfig, ModelRef, RayConfig, Strict
 from engine.train.config import ScalingSpec
 
-METHODS = ("textual_inversion", "dreambooth_lora")
+METHODS = ("textual_inversion", "dreambooth_lora", "full")
 
 
 class TextualInversionSpec(Strict):
@@ -66,6 +66,39 @@ class LoraSpec(Strict):
         return {"id": value} if isinstance(value, str) else value
 
 
+class FullSpec(Strict):
+    """`method: full` (engine.finetune.full): whole modules trained, saved as a diffusers pipeline folder."""
+
+    train_text_encoder: bool = Field(
+        default=False,
+        description="Also train the text encoder(s): a random or out-of-domain encoder has to learn the "
+        "domain's words (diffusers' train_text_to_image keeps it frozen, the default)",
+    )
+    vae_steps: int = Field(
+        default=0,
+        ge=0,
+        description="First train the VAE alone for this many steps as an autoencoder (a random tiny VAE "
+        "cannot reconstruct anything); 0: the VAE stays frozen, as in diffusers' example",
+    )
+    kl_weight: float = Field(
+        default=1e-6, ge=0, description="KL weight of the autoencoder loss (LDM's KL-f8 autoencoder: 1e-6)"
+    )
+    prompt: str = Field(
+        default="a photo of a {class_name}",
+        description="A row's prompt when it has no caption ({class_name}: its class)",
+    )
+    captions_file: str | None = Field(
+        default=None,
+        description="CSV with columns source_id,caption (image folders: the path under data.path, e.g. "
+        "train/circle/circle_0000.png); a row missing or empty there takes `prompt` (counted)",
+    )
+    learning_rate: float = Field(
+        default=1e-4,
+        gt=0,
+        description="Before scale_lr (diffusers' train_text_to_image example: 1e-4, without --scale_lr)",
+    )
+
+
 class FinetuneCheckpointSpec(Strict):
     every_steps: int = Field(
         default=100, ge=1, description="Checkpoint every N optimizer steps (and the last)"
@@ -116,7 +149,7 @@ FinetuneData = Annotated[
 
 
 class FinetuneConfig(Strict):
-    method: Literal["textual_inversion", "dreambooth_lora"] = Field(description="What to train")
+    method: Literal["textual_inversion", "dreambooth_lora", "full"] = Field(description="What to train")
     model: ModelRef = Field(description="Base pipeline (SD1.5 or SDXL, diffusers format)")
     data: FinetuneData = Field(
         description="Real training images: a dataset read by engine.readers (image_folder, parquet), or "
@@ -147,6 +180,7 @@ class FinetuneConfig(Strict):
     )
     textual_inversion: TextualInversionSpec = Field(default_factory=TextualInversionSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    full: FullSpec = Field(default_factory=FullSpec)
     log_every: int = Field(default=10, ge=1, description="Progress line every N steps (rank 0)")
     scaling: ScalingSpec = Field(default_factory=lambda: ScalingSpec(num_workers=1))
     checkpoint: FinetuneCheckpointSpec = Field(default_factory=FinetuneCheckpointSpec)
@@ -178,6 +212,15 @@ class FinetuneConfig(Strict):
             low, high = self.timestep_range
             if not 0 <= low <= high:
                 raise ValueError(f"timestep_range {list(self.timestep_range)} must be 0 <= t_min <= t_max")
+        return self
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> FinetuneConfig:
+        if self.method == "full" and self.full.vae_steps >= self.max_steps:
+            raise ValueError(
+                f"full.vae_steps ({self.full.vae_steps}) must be below max_steps ({self.max_steps}): the "
+                "UNet trains after the VAE"
+            )
         return self
 
     def run_name(self) -> str:

@@ -2,7 +2,8 @@
 run's shards), decoded and cropped to the training resolution, with every class checked to have usable images
 before any worker starts.
 
-Rows of the dataset handed to the workers: `pixels` (resolution x resolution x 3 uint8), `label` (int64).
+Rows of the dataset handed to the workers: `pixels` (resolution x resolution x 3 uint8), `label` (int64),
+`caption` (str: the row's caption from `full.captions_file`, "" for none).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from engine import schema
 from engine.stages.batch import Batch
 
 PIXELS = "pixels"
+CAPTION = "caption"
 SKIP = "skip"  # working column: "" for a usable row, else why it is not used (counted in finetune.json)
 
 # The 27 prompt templates of the textual-inversion paper's code (diffusers' textual_inversion example).
@@ -53,7 +55,12 @@ SUBJECT_FILL = 127  # the background of a subject-only crop: mid gray
 
 
 def decode_for_training(
-    batch: Batch, resolution: int, max_pixels: int, min_side: int, subject_only: bool = False
+    batch: Batch,
+    resolution: int,
+    max_pixels: int,
+    min_side: int,
+    subject_only: bool = False,
+    captions: dict[str, str] | None = None,
 ) -> Batch:
     """image_bytes -> `pixels` (shorter side resized to `resolution`, center crop), `label`; a row that is
     not usable keeps a black image and says why in `skip` (counted by the driver, then dropped): "no_label",
@@ -94,9 +101,11 @@ def decode_for_training(
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         pixels[i] = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+    ids = batch.get(schema.SOURCE_ID, np.full(n, "", dtype=object))
     return {
         PIXELS: pixels,
         schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
+        CAPTION: np.array([(captions or {}).get(str(i), "") for i in ids], dtype=object),
         SKIP: skip,
     }
 
@@ -121,6 +130,7 @@ class TrainingRows:
     class_names: list[str]
     images_per_class: dict[str, int]  # usable rows per class
     skipped: dict[str, int]  # rows not used, by reason (see decode_for_training)
+    uncaptioned: int | None = None  # usable rows the captions file had no caption for (None: no file)
 
 
 def read_run_shards(data, ray_data, num_cpus: float):
@@ -146,7 +156,7 @@ def read_run_shards(data, ray_data, num_cpus: float):
 
     # Only the columns decode reads, and only real rows of the splits (Ray pushes the filter into the read).
     real = (col(schema.RECIPE) == schema.RECIPE_REAL) & col(schema.SPLIT).is_in(list(data.splits))
-    columns = [schema.IMAGE, schema.MASK, schema.LABEL, schema.RECIPE, schema.SPLIT]
+    columns = [schema.IMAGE, schema.MASK, schema.LABEL, schema.RECIPE, schema.SPLIT, schema.SOURCE_ID]
     rows = ray_data.read_parquet(source.files, columns=columns, num_cpus=num_cpus).filter(expr=real)
     return rows.map_batches(_as_source_rows, batch_format="numpy", num_cpus=num_cpus), list(class_names)
 
@@ -161,6 +171,23 @@ def _as_source_rows(batch: Batch) -> Batch:
         schema.IMAGE_BYTES: batch[schema.IMAGE],
         schema.MASK_BYTES: masks,
         schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
+        schema.SOURCE_ID: batch[schema.SOURCE_ID],
+    }
+
+
+def read_captions(path: str) -> dict[str, str]:
+    """source_id -> caption from a CSV with those two columns (pyarrow's reader: quoting, large files)."""
+    import pyarrow.csv as pcsv
+
+    table = pcsv.read_csv(path)
+    missing = [c for c in (schema.SOURCE_ID, CAPTION) if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"full.captions_file {path} has no column(s) {missing} (columns: {table.column_names})"
+        )
+    captions = table[CAPTION].to_pylist()
+    return {
+        str(i): (c or "").strip() for i, c in zip(table[schema.SOURCE_ID].to_pylist(), captions, strict=True)
     }
 
 
@@ -174,6 +201,9 @@ def load_training_rows(config, ray_data) -> TrainingRows:
     else:
         info = inspect_source(config.data)
         source, class_names = read_source(config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info)
+    captions = None
+    if config.method == "full" and config.full.captions_file:
+        captions = read_captions(config.full.captions_file)
     decoded = source.map_batches(
         decode_for_training,
         fn_kwargs={
@@ -181,12 +211,15 @@ def load_training_rows(config, ray_data) -> TrainingRows:
             "max_pixels": config.data.max_pixels,
             "min_side": config.data.min_side,
             "subject_only": config.subject_only,
+            "captions": captions,
         },
         batch_format="numpy",
         num_cpus=config.ray.task_num_cpus,
     ).materialize()
-    labels = decoded.select_columns([schema.LABEL, SKIP]).to_pandas()
+    labels = decoded.select_columns([schema.LABEL, SKIP, CAPTION]).to_pandas()
     usable = labels[SKIP] == ""
+    # Rows without a caption of their own train on the class prompt: counted, as a captioner's misses are.
+    uncaptioned = int((labels[usable][CAPTION] == "").sum()) if captions is not None else None
     counts = labels[usable][schema.LABEL].value_counts().to_dict()
     per_class = {name: int(counts.get(label, 0)) for label, name in enumerate(class_names)}
     skipped = {str(reason): int(n) for reason, n in sorted(labels[~usable][SKIP].value_counts().items())}
@@ -202,9 +235,13 @@ def load_training_rows(config, ray_data) -> TrainingRows:
     rows = decoded.map_batches(
         _usable_rows, batch_format="numpy", num_cpus=config.ray.task_num_cpus
     ).materialize()
-    return TrainingRows(rows, class_names, per_class, skipped)
+    return TrainingRows(rows, class_names, per_class, skipped, uncaptioned)
 
 
 def _usable_rows(batch: Batch) -> Batch:
     keep = np.asarray(batch[SKIP]) == ""
-    return {PIXELS: batch[PIXELS][keep], schema.LABEL: batch[schema.LABEL][keep]}
+    return {
+        PIXELS: batch[PIXELS][keep],
+        schema.LABEL: batch[schema.LABEL][keep],
+        CAPTION: batch[CAPTION][keep],
+    }

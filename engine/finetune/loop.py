@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.finetune.config import FinetuneConfig
-from engine.finetune.data import IMAGENET_TEMPLATES_SMALL, PIXELS
+from engine.finetune.data import CAPTION, IMAGENET_TEMPLATES_SMALL, PIXELS
 
 STATE_FILE = "state.json"  # step, loss history, timing: the driver reads it from the last checkpoint
 TRAINABLE_FILE = "trainable.safetensors"
@@ -27,9 +27,11 @@ SCALER_FILE = "grad_scaler.pt"  # fp16 runs only: the loss scale and its growth 
 
 
 def learning_rate(config: FinetuneConfig) -> float:
-    base = config.textual_inversion.learning_rate
-    if config.method == "dreambooth_lora":
-        base = config.lora.learning_rate
+    base = {
+        "textual_inversion": config.textual_inversion.learning_rate,
+        "dreambooth_lora": config.lora.learning_rate,
+        "full": config.full.learning_rate,
+    }[config.method]
     if config.scale_lr:
         base *= config.batch_size * config.gradient_accumulation_steps * config.scaling.num_workers
     return base
@@ -63,6 +65,7 @@ def loop_config(config: FinetuneConfig, class_names: list[str]) -> dict:
         "timestep_range": list(config.timestep_range) if config.timestep_range else None,
         "textual_inversion": config.textual_inversion.model_dump(mode="json"),
         "lora": lora,
+        "full": config.full.model_dump(mode="json", exclude={"captions_file"}),
         "precision": config.scaling.precision,
         "torch_threads": max(1, math.floor(config.scaling.resources_per_worker.get("CPU", 1.0))),
         "checkpoint_every": config.checkpoint.every_steps,
@@ -108,15 +111,18 @@ def training_step(
     labels,
     loop: dict,
     *,
+    captions: list[str] | None = None,
     step: int,
     rank: int,
     device,
     autocast=None,
     all_mean_=None,
     scaler=None,
-) -> tuple[float, tuple[int, int]]:
+) -> tuple[float, tuple[int, int] | None]:
     """One optimizer step of the denoising loss over `loop["accumulation"]` micro-batches; returns (the
-    step's loss, (lowest, highest) timestep drawn). `pixels`: N x 3 x H x W uint8 tensor, `labels`: N ints.
+    step's loss, (lowest, highest) timestep drawn). `pixels`: N x 3 x H x W uint8 tensor, `labels`: N ints,
+    `captions`: N strings ("" where a row has none: the method's prompt for its class). A full fine-tune's
+    first `vae_steps` steps take the autoencoder loss instead (engine.finetune.full).
     `all_mean_` averages the gradients (and loss) across ranks in place; None for one process. `scaler`: a
     `torch.amp.GradScaler` (fp16); the gradients are averaged while still scaled, so every rank sees the
     same inf/NaN and skips (or takes) the same steps."""
@@ -138,6 +144,12 @@ def training_step(
         if loop["hflip"]:
             flip = torch.rand(len(index), generator=g) < 0.5
             images[flip] = images[flip].flip(-1)
+        if loop["method"] == "full" and method.trains_vae(step):
+            with autocast():
+                loss = method.autoencoder_loss(images.to(device)) / loop["accumulation"]
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            step_loss += loss.detach()
+            continue
         if loop["method"] == "textual_inversion":
             picks = torch.randint(len(IMAGENET_TEMPLATES_SMALL), (len(index),), generator=g).tolist()
             prompts = [
@@ -145,7 +157,10 @@ def training_step(
                 for p, i in zip(picks, index.tolist(), strict=True)
             ]
         else:
-            prompts = [method.instance_prompt(int(labels[i])) for i in index.tolist()]
+            prompts = [
+                (captions[i] if captions else "") or method.instance_prompt(int(labels[i]))
+                for i in index.tolist()
+            ]
         timesteps = torch.randint(t_min, t_max + 1, (len(index),), generator=g)
         with torch.no_grad(), autocast():
             latent_dist = pipe.vae.encode(images.to(device)).latent_dist
@@ -174,7 +189,8 @@ def training_step(
         scaler.step(optimizer)  # unscales; skips the step when a gradient is inf/NaN
         scaler.update()
     method.after_step()
-    return float(step_loss), (low, high)
+    # None: no denoising micro-batch this step (a full fine-tune's VAE phase), so no timestep drawn.
+    return float(step_loss), ((low, high) if low <= high else None)
 
 
 def mixed_precision(precision: str, device):
@@ -207,6 +223,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
     from diffusers import DDPMScheduler
 
     from engine.config import AdapterConfig, ModelRef
+    from engine.finetune.full import FullFinetune
     from engine.finetune.lora import DreamBoothLora
     from engine.finetune.textual_inversion import TextualInversion
     from engine.models.diffusion import load_pipeline, read_textual_inversion
@@ -241,6 +258,8 @@ def finetune_loop_per_worker(loop: dict) -> None:
     torch.manual_seed(loop["seed"])
     if loop["method"] == "textual_inversion":
         method = TextualInversion(pipe, class_names, loop["textual_inversion"])
+    elif loop["method"] == "full":
+        method = FullFinetune(pipe, class_names, loop["full"])
     else:
         tokens = None
         if ti_ref:
@@ -265,10 +284,11 @@ def finetune_loop_per_worker(loop: dict) -> None:
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     # 3. This rank's copy of the rows (fine-tuning sets are few-shot: they fit in memory).
-    pixels, labels = [], []
+    pixels, labels, captions = [], [], []
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy"):
         pixels.append(batch[PIXELS])
         labels.append(batch["label"])
+        captions += [str(c) for c in batch[CAPTION]]
     pixels = torch.from_numpy(np.concatenate(pixels)).permute(0, 3, 1, 2).contiguous()  # N, 3, H, W uint8
     labels = np.concatenate(labels)
 
@@ -299,7 +319,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
     # 5. Steps.
     started = time.perf_counter()
     for step in range(start_step, loop["max_steps"]):
-        step_loss, (low, high) = training_step(
+        step_loss, drawn = training_step(
             pipe,
             noise_scheduler,
             method,
@@ -307,6 +327,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
             pixels,
             labels,
             loop,
+            captions=captions,
             step=step,
             rank=rank,
             device=device,
@@ -314,10 +335,12 @@ def finetune_loop_per_worker(loop: dict) -> None:
             all_mean_=all_mean_,
             scaler=scaler,
         )
-        timesteps_seen = [
-            low if timesteps_seen[0] is None else min(timesteps_seen[0], low),
-            high if timesteps_seen[1] is None else max(timesteps_seen[1], high),
-        ]
+        if drawn is not None:
+            low, high = drawn
+            timesteps_seen = [
+                low if timesteps_seen[0] is None else min(timesteps_seen[0], low),
+                high if timesteps_seen[1] is None else max(timesteps_seen[1], high),
+            ]
         history.append(step_loss)
         done = step + 1
         if rank == 0 and (done % loop["log_every"] == 0 or done == loop["max_steps"]):
