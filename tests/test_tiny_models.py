@@ -89,3 +89,18 @@ def test_a_model_is_rebuilt_when_its_builder_changes(project, tmp_path):
 def test_real_builders_have_distinct_keys():
     keys = {name: tiny_models.builder_fingerprint(b) for name, b in tiny_models.TINY_MODELS.items()}
     assert len(set(keys.values())) == len(keys), keys
+
+
+def test_domain_layout_halves_the_image_where_sd15_divides_it_by_eight(tiny_models_dir):
+    import torch
+
+    from engine.config import ModelRef
+    from engine.models.diffusion import load_pipeline
+
+    sides = {}
+    for name in ("sd15", "sd15-domain"):
+        pipe = load_pipeline(ModelRef(id=str(tiny_models_dir / name)), role="test", device="cpu")
+        with torch.no_grad():
+            latent = pipe.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+        sides[name] = latent.shape[-1]
+    assert sides == {"sd15": 4, "sd15-domain": 16}

@@ -22,7 +22,7 @@ from pathlib import Path
 from engine.tiny.clip import build_clip
 from engine.tiny.ip2p import build_ip2p
 from engine.tiny.llm import build_llm
-from engine.tiny.sd15 import build_sd15
+from engine.tiny.sd15 import build_sd15, build_sd15_domain
 from engine.tiny.sdxl import build_sdxl
 from engine.tiny.segmentation import build_grounding_dino, build_sam, build_sam_checkpoint
 from engine.tiny.vlm import build_vlm
@@ -34,6 +34,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "sam-tiny.safetensors": build_sam_checkpoint,
     "sdxl": build_sdxl,
     "sd15": build_sd15,
+    "sd15-domain": build_sd15_domain,
     "ip2p": build_ip2p,
     "llm": build_llm,
     "vlm": build_vlm,

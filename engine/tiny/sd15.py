@@ -26,20 +26,44 @@ SD15_SCHEDULER = dict(
 )
 
 
+# The layout of `build_sd15`: SD1.5's 8x VAE, a two-level UNet over an 8 x 8 latent at 64 px.
+SD15_LAYOUT = dict(vae_channels=(8, 8, 8, 8), unet_channels=(16, 32), latent_side=8, vae_groups=4)
+# `build_sd15_domain`: the starting point of a generator trained from scratch on a small-image domain (the toy,
+# 32 px): a 2x VAE (16 x 16 latent at 32 px: a toy shape spans 5-10 latent cells, where the 8x VAE gives it 1-3
+# and draws blobs) with room to reconstruct textures, and a wider UNet. Measured in
+# benchmarks/results/domain_generator.md.
+DOMAIN_LAYOUT = dict(vae_channels=(32, 32), unet_channels=(32, 64), latent_side=16, vae_groups=8)
+
+
 def build_sd15(out: Path) -> Path:
     """Write a tiny `StableDiffusionPipeline` to `out` (safetensors) and return `out`."""
+    return _save(_tiny_pipeline, out)
+
+
+def build_sd15_domain(out: Path) -> Path:
+    """Write the random-weight SD1.5-layout pipeline of DOMAIN_LAYOUT to `out` (fine-tuning's `method: full`
+    trains every weight of it on a domain: configs/finetune_full_toy_cpu.yaml)."""
+    return _save(lambda: _tiny_pipeline(**DOMAIN_LAYOUT), out)
+
+
+def _save(make, out: Path) -> Path:
     import torch
 
     # Same weights on every build, without reseeding the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        pipe = _tiny_pipeline()
+        pipe = make()
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def _tiny_pipeline():
+def _tiny_pipeline(
+    vae_channels: tuple[int, ...] = SD15_LAYOUT["vae_channels"],
+    unet_channels: tuple[int, ...] = SD15_LAYOUT["unet_channels"],
+    latent_side: int = SD15_LAYOUT["latent_side"],
+    vae_groups: int = SD15_LAYOUT["vae_groups"],
+):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -59,10 +83,10 @@ def _tiny_pipeline():
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=8,  # latent side: 64 px images at the VAE's 8x scale
+        sample_size=latent_side,  # SD15_LAYOUT: 64 px images at the VAE's 8x scale
         in_channels=4,
         out_channels=4,
-        block_out_channels=(16, 32),
+        block_out_channels=unet_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -74,12 +98,12 @@ def _tiny_pipeline():
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),  # four levels: SD1.5's 8x latent scale
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=vae_channels,  # SD15_LAYOUT: four levels, SD1.5's 8x latent scale
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
         layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
+        norm_num_groups=vae_groups,
+        sample_size=latent_side * 2 ** (len(vae_channels) - 1),
         scaling_factor=0.18215,  # SD1.5's
     )
     return StableDiffusionPipeline(
