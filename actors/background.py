@@ -103,7 +103,8 @@ class BackgroundGenerator:
         generators = [self._torch.Generator("cpu").manual_seed(int(s)) for s in batch[schema.SEED]]
         images = self.pipe(
             prompt=prompts,
-            negative_prompt=self.negative_prompt,
+            # One per prompt: SD1.5's pipeline refuses a string beside a list of prompts (SDXL's accepts it).
+            negative_prompt=[self.negative_prompt] * num_rows if self.negative_prompt else None,
             height=self.config.height,
             width=self.config.width,
             num_inference_steps=self.config.num_inference_steps,

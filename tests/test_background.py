@@ -120,7 +120,7 @@ def test_nonfinite_rows_are_marked_not_raised(generator, monkeypatch):
     assert "NaN" in out[schema.ERROR_MESSAGE][1] and out[schema.ERROR_MESSAGE][0] == ""
     assert out[schema.BACKGROUND][1].dtype == np.uint8
     assert len(calls) == 1 and len(calls[0]["generator"]) == 3  # one pipeline call, one generator per row
-    assert calls[0]["negative_prompt"] == generator.config.negative_prompt
+    assert calls[0]["negative_prompt"] == [generator.config.negative_prompt] * 3
 
 
 def test_empty_negative_prompt_is_passed_as_none(sdxl_dir):
@@ -209,3 +209,12 @@ def test_fitted_prompts_are_read_whole_by_every_tokenizer(sdxl_dir):
         count(tokenizers[0], p) - count(tokenizers[0], f) == n
         for p, f, n in zip(prompts, fitted, trimmed, strict=True)
     )
+
+
+def test_an_sd15_pipeline_draws_backgrounds_with_a_negative_prompt(tiny_models_dir):
+    """AGA's background stage on an SD1.5-layout pipeline (what a domain generator trained by `synthray
+    finetune` method full is): its pipeline takes the negative prompt only as a list beside a list."""
+    config = make_config(tiny_models_dir / "sd15", negative_prompt="people, text")
+    out = BackgroundGenerator(config)(make_batch(["grass", "water"], [1, 2]))
+    assert list(out[schema.ERROR]) == ["", ""]
+    assert [b.shape for b in out[schema.BACKGROUND]] == [(HEIGHT, WIDTH, 3)] * 2
