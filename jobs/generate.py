@@ -54,6 +54,13 @@ def generate(config: GenerateConfig) -> None:
             f"{config.filter.max_filtered_fraction:.1%}: {filtered['by_rule']} (a broken generator?); see "
             f"{report.data['output']['filtered']}"
         )
+    if report.all_synthetic_failed:
+        errors = report.data["errors"]
+        raise JobFailed(
+            f"every one of the {report.data['rows']['synthetic_generated_this_run']} synthetic rows this run "
+            f"generated failed (by stage {errors['by_stage']}, by reason {errors['by_reason']}); see "
+            f"{report.data['output']['errors']}"
+        )
     if report.error_fraction > config.max_error_fraction:
         raise JobFailed(
             f"{report.data['errors']['total']} of {report.data['rows']['real_in']} rows failed "

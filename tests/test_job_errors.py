@@ -86,3 +86,36 @@ def test_run_over_max_error_fraction_exits_1_and_a_missing_split_is_a_note(toy, 
     assert "split 'holdout' has no folder" in result.stdout + result.stderr
     assert "above max_error_fraction" in error_lines(result)[-1]
     assert (tmp_path / "out" / "errors.parquet").exists()
+
+
+@pytest.mark.parametrize(("errors", "fails"), [(800, True), (799, False)])
+def test_a_run_whose_every_synthetic_row_failed_fails_under_any_error_bar(monkeypatch, errors, fails):
+    """AGA on 2320 sources, 400 of them train (K=2: 800 synthetic rows): 800 background errors are 34% of the
+    sources, under a 50% bar, yet the run wrote no synthetic row at all (found by the efficacy sweep)."""
+    import engine.pipeline
+    import engine.run.report
+    from types import SimpleNamespace
+
+    from engine.run.report import RunReport
+    from jobs.generate import generate as generate_job
+    from jobs.runner import JobFailed
+
+    report = RunReport(
+        {
+            "rows": {"real_in": 2320, "synthetic_generated_this_run": 800, "synthetic_errors_this_run": errors},
+            "stages": {},
+            "errors": {"total": errors, "by_stage": {"background": errors}, "by_reason": {"exception": errors}},
+            "output": {"errors": "out/errors.parquet"},
+        }
+    )
+    monkeypatch.setattr(engine.pipeline, "prepare_run", lambda config: None)
+    monkeypatch.setattr(engine.pipeline, "run_generate", lambda config, plan: report)
+    monkeypatch.setattr(engine.run.report, "print_summary", lambda report: None)
+    # What generate() reads past the (patched) run; the AGA CPU preset's bar.
+    config = SimpleNamespace(filter=None, max_error_fraction=0.5)
+    assert report.error_fraction < config.max_error_fraction
+    if fails:
+        with pytest.raises(JobFailed, match="every one of the 800 synthetic rows .*'background': 800"):
+            generate_job(config)
+    else:
+        generate_job(config)

@@ -28,6 +28,13 @@ class RunReport:
         real_in = self.data["rows"]["real_in"]
         return self.data["errors"]["total"] / real_in if real_in else 0.0
 
+    @property
+    def all_synthetic_failed(self) -> bool:
+        """This run generated synthetic rows and every one of them failed: a broken generating stage, however
+        small its share of all rows (the error fraction counts real sources, so it can stay under its bar)."""
+        rows = self.data["rows"]
+        return 0 < rows["synthetic_generated_this_run"] <= rows["synthetic_errors_this_run"]
+
 
 def write_errors(errors: list[dict], path: str | Path) -> None:
     table = pa.Table.from_pylist(errors, schema=schema.ERRORS_SCHEMA)
@@ -98,7 +105,8 @@ def build_report(
             "real_written": written.get(schema.RECIPE_REAL, 0),
             "synthetic_expected": synthetic_before + made,
             "synthetic_written": synthetic_written,
-            "synthetic_generated_this_run": stages.get("expand", {}).get("synthetic_out", 0),
+            "synthetic_generated_this_run": synthetic_emitted,
+            "synthetic_errors_this_run": later_errors,
             "duplicate_ids": duplicates,
             # Rows this run made, not rows already in the shards (a rerun of a finished run made none).
             "synthetic_per_s": round(made / wall_s, 3) if wall_s > 0 else None,
