@@ -666,6 +666,7 @@ def full_loop(**full) -> dict:
     spec = {
         "train_text_encoder": False,
         "vae_steps": 0,
+        "empty_prompt_prob": 0.0,
         "kl_weight": 1e-6,
         "prompt": "a photo of a {class_name}",
     }
@@ -783,7 +784,13 @@ def full_run(toy, tiny_models_dir, tmp_path_factory, ray_local):
         writer = csv.DictWriter(f, ["source_id", "caption"])
         writer.writeheader()
         writer.writerows(rows)
-    small = ("full.vae_steps=1", f"full.captions_file={captions}", "scaling.resources_per_worker={CPU: 1}")
+    # The model the config names (the 2x-VAE tiny layout), not job_config's sd15.
+    small = (
+        f"model.id={tiny_models_dir / 'sd15-domain'}",
+        "full.vae_steps=1",
+        f"full.captions_file={captions}",
+        "scaling.resources_per_worker={CPU: 1}",
+    )
     two_workers = ("scaling.num_workers=2", "scaling.resources_per_worker={CPU: 0.5}")
     first = run_finetune(
         job_config(
@@ -811,6 +818,26 @@ def test_full_job_pipeline_loads_in_the_generator_and_draws_otherwise(full_run, 
     _, _, run_dir = full_run
     trained = load_pipeline(ModelRef(id=str(run_dir / "pipeline")), role="generator", device="cpu")
     trained.set_progress_bar_config(disable=True)
-    base = tiny_pipe(tiny_models_dir)
+    base = tiny_pipe_of(tiny_models_dir / "sd15-domain")
     assert type(trained) is type(base)
     assert not np.array_equal(generate(trained, "a circle on grass"), generate(base, "a circle on grass"))
+
+
+def test_empty_prompt_prob_trains_that_share_of_rows_on_the_empty_prompt(tiny_models_dir, monkeypatch):
+    import engine.finetune.loop as loop_module
+    from engine.finetune.full import FullFinetune
+
+    seen = []
+    real_encode = loop_module.encode_prompts
+    monkeypatch.setattr(
+        loop_module,
+        "encode_prompts",
+        lambda pipe, prompts, *a: seen.extend(prompts) or real_encode(pipe, prompts, *a),
+    )
+    pipe = tiny_pipe(tiny_models_dir)
+    loop = {**full_loop(empty_prompt_prob=0.5), "batch_size": 8}
+    method = FullFinetune(pipe, ["circle", "square"], loop["full"])
+    run_steps(pipe, method, loop, 6)
+    empty = sum(p == "" for p in seen)
+    assert len(seen) == 48 and 12 <= empty <= 36, empty  # 24 expected, binomial sd 3.5
+    assert set(seen) - {""} <= {"a photo of a circle", "a photo of a square"}

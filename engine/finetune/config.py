@@ -87,6 +87,14 @@ class FullSpec(Strict):
         default="a photo of a {class_name}",
         description="A row's prompt when it has no caption ({class_name}: its class)",
     )
+    empty_prompt_prob: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of rows trained on the empty prompt, so that classifier-free guidance has an "
+        "unconditional model to push against (diffusers' --proportion_empty_prompts, default 0; Stable "
+        "Diffusion's own training dropped 10% of its captions)",
+    )
     captions_file: str | None = Field(
         default=None,
         description="CSV with columns source_id,caption (image folders: the path under data.path, e.g. "

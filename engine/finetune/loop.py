@@ -161,6 +161,9 @@ def training_step(
                 (captions[i] if captions else "") or method.instance_prompt(int(labels[i]))
                 for i in index.tolist()
             ]
+            if loop["method"] == "full" and loop["full"]["empty_prompt_prob"] > 0:
+                empty = (torch.rand(len(index), generator=g) < loop["full"]["empty_prompt_prob"]).tolist()
+                prompts = ["" if drop else prompt for prompt, drop in zip(prompts, empty, strict=True)]
         timesteps = torch.randint(t_min, t_max + 1, (len(index),), generator=g)
         with torch.no_grad(), autocast():
             latent_dist = pipe.vae.encode(images.to(device)).latent_dist
