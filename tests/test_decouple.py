@@ -20,9 +20,10 @@ def test_fill_changes_only_the_dilated_mask_and_removes_the_subject(method):
     # The filled subject looks like its surroundings: its colour is near the background's, far from the star's.
     ring = cv2.dilate(region.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~region
     inside = filled[mask > 0].astype(float).mean(0)
-    assert np.abs(inside - filled[ring].astype(float).mean(0)).max() < np.abs(
-        image[mask > 0].astype(float).mean(0) - filled[ring].astype(float).mean(0)
-    ).max()
+    assert (
+        np.abs(inside - filled[ring].astype(float).mean(0)).max()
+        < np.abs(image[mask > 0].astype(float).mean(0) - filled[ring].astype(float).mean(0)).max()
+    )
 
 
 def test_fill_without_a_subject_is_the_image_and_a_bad_method_is_named():

@@ -4,6 +4,7 @@ dataset card), model provenance tags, and the contact sheet's lettering."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -160,3 +161,14 @@ def test_every_output_format_decodes_to_the_image(image_format, pil_format, tole
     if image_format != "png":
         noisy = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
         assert len(encode_image(noisy, image_format, 20)) < len(encode_image(noisy, image_format, 95))
+
+
+def test_model_tags_name_the_prompt_llm_only_when_one_writes_the_prompts():
+    from engine.config import GenerateConfig, load_config
+    from engine.recipes import model_tags
+
+    aga = Path(__file__).resolve().parents[1] / "configs" / "aga_tiny_cpu.yaml"
+    llm = load_config(GenerateConfig, aga, [])
+    template = load_config(GenerateConfig, aga, ["prompt.backend=template"])
+    assert "prompt_llm" in model_tags(llm) and template.prompt.model is not None
+    assert "prompt_llm" not in model_tags(template) and "background" in model_tags(template)

@@ -65,7 +65,7 @@ def model_tags(config: GenerateConfig) -> dict[str, str]:
     if config.segment and not config.segment.use_dataset_masks:
         tags["detector"] = config.segment.detector.tag()
         tags["sam"] = config.segment.sam.tag()
-    if config.prompt and config.prompt.model is not None:
+    if config.prompt and config.prompt.backend != "template":
         tags["prompt_llm"] = config.prompt.model.tag()
     if config.background:
         tags["background"] = config.background.model.tag()
