@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,9 @@ def start_local_ray(config: SweepConfig) -> None:
             )
 
 
-def run_generations(config: SweepConfig, dataset_rebuilt: bool) -> dict[str, str]:
-    """Run each variant's generation (once per output folder) unless finished; variant name -> its data."""
+def run_generations(config: SweepConfig, dataset_rebuilt: bool) -> tuple[dict[str, str], bool]:
+    """Run each variant's generation (once per output folder) unless finished; (variant name -> its data,
+    whether any generation ran)."""
     from jobs import generate
 
     data_of: dict[str, str] = {}
@@ -143,6 +145,7 @@ def run_generations(config: SweepConfig, dataset_rebuilt: bool) -> dict[str, str
             raise ValueError(f"variant {variant.name!r} generates into {output}, as another variant does")
         data_of[variant.name] = str(Path(output) / "data")
     done: set[str] = set()
+    generated = False
     for variant in config.variants:
         if variant.generate is None or variant.name not in data_of:
             continue
@@ -162,7 +165,25 @@ def run_generations(config: SweepConfig, dataset_rebuilt: bool) -> dict[str, str
             raise ValueError(
                 f"variant {variant.name!r}: its generation run failed (exit {status}), see above"
             )
-    return data_of
+        generated = True
+    return data_of, generated
+
+
+def run_preparations(config: SweepConfig, generated: bool) -> None:
+    """Each variant's `prepare` command, when what it creates is missing or a generation ran (its input may
+    be new); a failing command stops the sweep naming the variant."""
+    for variant in config.variants:
+        spec = variant.prepare
+        if spec is None or (Path(spec.creates).exists() and not generated):
+            continue
+        command = [sys.executable if spec.command[0] == "python" else spec.command[0], *spec.command[1:]]
+        print(f"sweep: {variant.name}: preparing its data: {' '.join(spec.command)}", flush=True)
+        status = subprocess.run(command, check=False).returncode
+        if status or not Path(spec.creates).exists():
+            raise ValueError(
+                f"variant {variant.name!r}: its prepare command failed (exit {status}) or did not create "
+                f"{spec.creates}: {' '.join(spec.command)}"
+            )
 
 
 def run_config(
@@ -203,7 +224,8 @@ def run_sweep(config: SweepConfig, command: str = "") -> list[dict]:
                 raise ValueError(f"variant {variant.name!r}: generation config: {err}") from None
     rebuilt = prepare_toy_dataset(config.toy_dataset) if config.toy_dataset else False
     start_local_ray(config)
-    data_of = run_generations(config, rebuilt)
+    data_of, generated = run_generations(config, rebuilt)
+    run_preparations(config, generated)
     # Then every run's shards are checked, so that a bad shard fails before hours of training.
     plan = [
         (v, seed, run_config(config, v, seed, data_of.get(v.name)))

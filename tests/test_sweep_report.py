@@ -235,3 +235,38 @@ def test_run_row_reads_the_extra_tests_of_metrics_json():
     }  # fmt: skip
     row = run_row("real", metrics)
     assert (row["test_ood_top1"], row["test_ood_worst_group"]) == (0.4, 0.05)
+
+
+def test_a_variants_prepare_command_runs_when_its_output_is_missing_or_a_generation_ran(tmp_path):
+    from engine.train.config import PrepareSpec
+    from jobs.sweep import run_preparations
+
+    made = tmp_path / "oracle" / "count.txt"
+    script = f"import pathlib; p = pathlib.Path({str(made)!r}); p.parent.mkdir(exist_ok=True); p.write_text(p.read_text() + 'x' if p.exists() else 'x')"
+    config = SweepConfig(
+        train_config="x.yaml",
+        variants=[
+            SweepVariant(name="real"),
+            SweepVariant(
+                name="oracle", prepare=PrepareSpec(command=["python", "-c", script], creates=str(made))
+            ),
+        ],
+    )
+    run_preparations(config, generated=False)
+    assert made.read_text() == "x"
+    run_preparations(config, generated=False)
+    assert made.read_text() == "x", "what it creates is there and nothing was generated: not run again"
+    run_preparations(config, generated=True)
+    assert made.read_text() == "xx"
+    broken = config.model_copy(
+        update={
+            "variants": [
+                SweepVariant(
+                    name="bad",
+                    prepare=PrepareSpec(command=["python", "-c", "pass"], creates=str(tmp_path / "never")),
+                )
+            ]
+        }
+    )
+    with pytest.raises(ValueError, match="variant 'bad': its prepare command failed .* did not create"):
+        run_preparations(broken, generated=False)

@@ -234,6 +234,20 @@ class AttentionSpec(Strict):
     split: Literal["val", "test"] = "test"
 
 
+class PrepareSpec(Strict):
+    """A command that makes a variant's data from the sweep's generation runs (e.g. benchmarks.oracle)."""
+
+    command: list[str] = Field(
+        min_length=1,
+        description="argv, run from the current folder after the generations; a leading 'python' is the "
+        "sweep's own interpreter",
+    )
+    creates: str = Field(
+        description="What the command writes: it runs when this path is missing or a generation ran in this "
+        "sweep (its input may have changed)"
+    )
+
+
 class SweepVariant(Strict):
     name: str = Field(description="Row label in the table, e.g. concat-k5")
     set: list[str] = Field(
@@ -243,6 +257,11 @@ class SweepVariant(Strict):
         default=None,
         description="The generation run this variant trains on (run first unless finished with the same "
         "config); data.paths defaults to its <output.path>/data",
+    )
+    prepare: PrepareSpec | None = Field(
+        default=None,
+        description="A command that makes this variant's data after the generations (its `set` then names "
+        "the data, e.g. data.paths=[outputs/bench/oracle-k2/data])",
     )
 
 
