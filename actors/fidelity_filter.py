@@ -13,7 +13,13 @@ import numpy as np
 from engine import schema
 from engine.config import FilterConfig
 from engine.methods.fidelity import FIDELITY_PROB, FIDELITY_TOP, class_prompts, judge
-from engine.models.references import pretrained_kwargs, resolve_device, resolve_model, torch_dtype
+from engine.models.references import (
+    clip_features,
+    pretrained_kwargs,
+    resolve_device,
+    resolve_model,
+    torch_dtype,
+)
 
 STAGE = "filter"
 
@@ -46,7 +52,7 @@ class FidelityFilter:
         with torch.inference_mode():
             text = self.processor(text=self.prompts, padding=True, truncation=True, return_tensors="pt")
             features = self.model.get_text_features(**text.to(self.device))
-            self.text = torch.nn.functional.normalize(projected(features).float(), dim=-1)
+            self.text = torch.nn.functional.normalize(clip_features(features).float(), dim=-1)
             self.scale = float(self.model.logit_scale.exp())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -55,7 +61,7 @@ class FidelityFilter:
         with torch.inference_mode():
             pixels = self.processor(images=list(batch[schema.IMAGE]), return_tensors="pt").pixel_values
             features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
-            images = torch.nn.functional.normalize(projected(features).float(), dim=-1)
+            images = torch.nn.functional.normalize(clip_features(features).float(), dim=-1)
             logits = (self.scale * images @ self.text.T).cpu().numpy()
         verdict = judge(logits, batch[schema.LABEL], len(self.class_names), self.config)
         out = dict(batch)
@@ -66,8 +72,3 @@ class FidelityFilter:
 
     def prompt_name(self, index: int) -> str:
         return self.class_names[index] if index < len(self.class_names) else self.prompts[index]
-
-
-def projected(features):
-    # transformers 5 may return a model output rather than a tensor from get_*_features.
-    return getattr(features, "pooler_output", features)

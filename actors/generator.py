@@ -1,4 +1,4 @@
-"""The diffusion generator of the UniDiffDA recipe: one actor, five modes (`GenerationConfig.mode`).
+"""The diffusion generator of the UniDiffDA recipe: one actor, six modes (`GenerationConfig.mode`).
 
 Reads `image` (HxWx3 uint8; not for txt2img), `class_name`, `label`, `source_id`, `seed`. Writes `image`
 (the generated picture, height x width), `prompt`, `generation` (JSON: mode, strength, instruction,
@@ -33,7 +33,7 @@ PARAMS = "generation"
 NO_PARTNER = "no_partner"
 NONFINITE = "generation_nonfinite"
 # Draw streams of a row's seed: independent choices that do not shift when another mode draws more.
-_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT, _SUFFIX, _BLEND, _FRACTAL = range(8)
+_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT, _SUFFIX, _BLEND, _FRACTAL, _GIF_PROMPT = range(9)
 
 
 class DiffusionGenerator:
@@ -61,6 +61,15 @@ class DiffusionGenerator:
             safety_checker=bool(config.safety_checker),
         )
         self.pipe.set_progress_bar_config(disable=True)  # Ray Data reports progress
+        self.gif = None
+        if config.gif is not None:
+            from engine.models.gif_guide import GifGuide
+
+            if getattr(self.pipe, "vae", None) is None:
+                raise ValueError(
+                    f"generation.mode gif needs a pipeline with a VAE; {config.model.id} has none"
+                )
+            self.gif = GifGuide(config.gif, self.class_names, self.device)
         if config.mode == "ddim_interp" and getattr(self.pipe, "text_encoder_2", None) is not None:
             raise ValueError("generation.mode ddim_interp supports SD1.x/2.x pipelines (one text encoder)")
         multiple = self.pipe.vae_scale_factor
@@ -98,8 +107,12 @@ class DiffusionGenerator:
         """The row's choices (no pixels): prompt, strength, instruction, target, partner, weight."""
         config, mode = self.config, self.config.mode
         plan: dict = {"mode": mode, "prompt": self.class_prompt(class_name)}
-        if mode in ("sdedit", "diffmix"):
+        if mode in ("sdedit", "diffmix", "gif"):
             plan["strength"] = float(_draw(seed, _STRENGTH).choice(config.strengths()))
+        if mode == "gif":  # the reference's "<domain> <adjective> <class>"
+            rng = _draw(seed, _GIF_PROMPT)
+            words = (rng.choice(config.gif.domains), rng.choice(config.gif.adjectives), plan["prompt"])
+            plan["prompt"] = " ".join(" ".join(words).split())
         if mode == "instruct_pix2pix":
             plan["prompt"] = str(_draw(seed, _INSTRUCTION).choice(config.instruction_list()))
         if mode == "diffmix":
@@ -248,6 +261,11 @@ class DiffusionGenerator:
         elif mode in ("sdedit", "diffmix"):
             strength = plans[rows[0]]["strength"]
             output = self.pipe(image=[_pil(inputs[i]) for i in rows], strength=strength, **common)
+        elif mode == "gif":
+            images = [_pil(inputs[i]) for i in rows]
+            common["output_type"] = "latent"
+            latents = self.pipe(image=images, strength=plans[rows[0]]["strength"], **common).images
+            return self.gif.decode(self.pipe, latents, seeds, [inputs[i] for i in rows])
         elif mode == "instruct_pix2pix":
             images = [_pil(inputs[i]) for i in rows]
             output = self.pipe(image=images, image_guidance_scale=config.image_guidance_scale, **common)
@@ -374,6 +392,7 @@ def _pipeline_class(mode: str):
         "txt2img": diffusers.AutoPipelineForText2Image,
         "sdedit": diffusers.AutoPipelineForImage2Image,
         "diffmix": diffusers.AutoPipelineForImage2Image,
+        "gif": diffusers.AutoPipelineForImage2Image,
         "instruct_pix2pix": None,  # the checkpoint's model_index names its (SD or SDXL) InstructPix2Pix class
         "ddim_interp": diffusers.StableDiffusionPipeline,
     }[mode]

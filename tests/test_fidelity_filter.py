@@ -61,7 +61,8 @@ def test_clip_actor_drops_an_image_that_matches_another_class(tiny_models_dir):
     a clear photo of that class): the image labelled with its own class is kept, the other one dropped."""
     import torch
 
-    from actors.fidelity_filter import FidelityFilter, projected
+    from actors.fidelity_filter import FidelityFilter
+    from engine.models.references import clip_features
 
     actor = FidelityFilter(
         FilterConfig(model=ModelRef(id=str(tiny_models_dir / "clip")), device="cpu", dtype="float32"), CLASSES
@@ -71,7 +72,7 @@ def test_clip_actor_drops_an_image_that_matches_another_class(tiny_models_dir):
     with torch.inference_mode():
         pixels = actor.processor(images=images, return_tensors="pt").pixel_values
         embeds = torch.nn.functional.normalize(
-            projected(actor.model.get_image_features(pixel_values=pixels)).float(), dim=-1
+            clip_features(actor.model.get_image_features(pixel_values=pixels)).float(), dim=-1
         )
     actor.text = actor.text.clone()
     actor.text[:3] = embeds  # class k's prompt "is" image k

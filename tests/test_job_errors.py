@@ -92,19 +92,27 @@ def test_run_over_max_error_fraction_exits_1_and_a_missing_split_is_a_note(toy, 
 def test_a_run_whose_every_synthetic_row_failed_fails_under_any_error_bar(monkeypatch, errors, fails):
     """AGA on 2320 sources, 400 of them train (K=2: 800 synthetic rows): 800 background errors are 34% of the
     sources, under a 50% bar, yet the run wrote no synthetic row at all (found by the efficacy sweep)."""
-    import engine.pipeline
-    import engine.run.report
     from types import SimpleNamespace
 
+    import engine.pipeline
+    import engine.run.report
     from engine.run.report import RunReport
     from jobs.generate import generate as generate_job
     from jobs.runner import JobFailed
 
     report = RunReport(
         {
-            "rows": {"real_in": 2320, "synthetic_generated_this_run": 800, "synthetic_errors_this_run": errors},
+            "rows": {
+                "real_in": 2320,
+                "synthetic_generated_this_run": 800,
+                "synthetic_errors_this_run": errors,
+            },
             "stages": {},
-            "errors": {"total": errors, "by_stage": {"background": errors}, "by_reason": {"exception": errors}},
+            "errors": {
+                "total": errors,
+                "by_stage": {"background": errors},
+                "by_reason": {"exception": errors},
+            },
             "output": {"errors": "out/errors.parquet"},
         }
     )

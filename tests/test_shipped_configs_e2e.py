@@ -66,7 +66,7 @@ def with_tiny_generator(raw: dict, models: Path) -> dict:
     generation = raw["generation"]
     name = "ip2p" if generation["mode"] == "instruct_pix2pix" else "sd15"
     steps = 2
-    if generation["mode"] in ("sdedit", "diffmix"):
+    if generation["mode"] in ("sdedit", "diffmix", "gif"):
         strength = generation.get("strength", 0.5)
         steps = max(steps, math.ceil(1 / min(strength if isinstance(strength, list) else [strength])))
     raw["generation"] = {k: v for k, v in generation.items() if k != "adapters"} | {
@@ -79,6 +79,8 @@ def with_tiny_generator(raw: dict, models: Path) -> dict:
         "inversion_steps": None,
         "stage": CPU_STAGE,
     }
+    if generation.get("gif"):
+        raw["generation"]["gif"] = {**generation["gif"], "clip": {"id": str(models / "clip")}}
     raw["num_variants"] = 1
     return raw
 

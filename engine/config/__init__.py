@@ -20,7 +20,7 @@ from engine.config.base import (
 )
 from engine.config.filter import FilterConfig
 from engine.config.generate_job import GenerateConfig
-from engine.config.generator import GenerationConfig, SchedulerConfig
+from engine.config.generator import GenerationConfig, GifSpec, SchedulerConfig
 from engine.config.loading import (
     apply_overrides,
     config_hash,
@@ -53,6 +53,7 @@ __all__ = [
     "FilterConfig",
     "GenerateConfig",
     "GenerationConfig",
+    "GifSpec",
     "ModelRef",
     "OutputConfig",
     "PromptConfig",

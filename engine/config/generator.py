@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from engine.config.adapters import AdapterConfig
 from engine.config.base import ModelRef, StageSpec, Strict, scheduling_field
 
-MODES = ("txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix")
+MODES = ("txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix", "gif")
 # DiffuseMix's conditional prompts (Islam et al. 2024, "DiffuseMix"): its styles, in the wording its reference
 # re-implementation sends to InstructPix2Pix (DiffDA-Eval augmentation/diffuse_mix.py get_prompt_candidates:
 # "A transformed version of image into {style}"; the method's own main.py passes the bare style names).
@@ -30,6 +30,17 @@ DIFFUSEMIX_STYLES = tuple(
     )
 )
 INSTRUCTION_PRESETS = {"diffusemix": DIFFUSEMIX_STYLES}
+# GIF's prompt axes for natural-image datasets, "<domain> <adjective> <class>" (DiffDA-Eval augmentation/gif.py
+# get_prompt_template).
+GIF_DOMAINS = (
+    "an image of",
+    "a real-world photo of",
+    "a cartoon image of",
+    "an oil painting of",
+    "a sketch of",
+)
+GIF_ADJECTIVES = ("", "colorful", "stylized", "high-contrast", "low-contrast", "posterized", "solarized",
+                  "sheared", "bright", "dark")  # fmt: skip
 
 
 class SchedulerConfig(Strict):
@@ -65,18 +76,45 @@ class DiffuseMixBlend(Strict):
     )
 
 
+class GifSpec(Strict):
+    """GIF's guidance of SDEdit latents by a CLIP score (engine/methods/gif.py; defaults from the UniDiffDA
+    reference, DiffDA-Eval augmentation/gif.py and configs/generation/gif)."""
+
+    clip: ModelRef = Field(description="The CLIP model that scores the images (reference: ViT-B/32)")
+    constraint: float = Field(
+        default=4.0,
+        gt=0,
+        description="L-infinity bound of the perturbation in latent space (reference: 4.0 for general "
+        "datasets, 0.8 for fine-grained ones)",
+    )
+    step_size: float = Field(default=0.1, gt=0, description="The signed-gradient step (reference: 0.1)")
+    clip_prompt: str = Field(
+        default="This is a photo of a {class_name}",
+        description="CLIP's class prompts for the zero-shot probabilities (the reference's)",
+    )
+    domains: list[str] = Field(
+        default_factory=lambda: list(GIF_DOMAINS),
+        min_length=1,
+        description="The generation prompt is '<domain> <adjective> <class prompt>', one of each drawn per "
+        "row (the reference's lists for natural-image datasets; its medical sets use one fixed template); "
+        "the GIF presets set generation.prompt to '{token}' as the reference's '<domain> <adjective> <class>'",
+    )
+    adjectives: list[str] = Field(default_factory=lambda: list(GIF_ADJECTIVES), min_length=1)
+
+
 class GenerationConfig(Strict):
-    """One diffusion generator, five modes (UniDiffDA's generation strategies):
+    """One diffusion generator, six modes (UniDiffDA's generation strategies):
     - txt2img: the class prompt alone (no real image);
     - sdedit: img2img of the real image at `strength` (a list: one value drawn per row, as DA-Fusion);
     - instruct_pix2pix: the real image edited by an instruction drawn per row;
     - ddim_interp: DDIM inversion of the real image and of a same-class partner from the class pool,
       a point drawn per row on the great circle through the two latents (or on the arc between them),
       DDIM denoising (Diff-II, "inversion circle interpolation");
-    - diffmix: SDEdit toward another class's prompt; the row gets a soft label (Diff-Mix).
+    - diffmix: SDEdit toward another class's prompt; the row gets a soft label (Diff-Mix);
+    - gif: SDEdit latents perturbed by one CLIP-guided step within a bound, then decoded (GIF, `gif`).
     """
 
-    mode: Literal["txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix"]
+    mode: Literal["txt2img", "sdedit", "instruct_pix2pix", "ddim_interp", "diffmix", "gif"]
     model: ModelRef = Field(description="A diffusers pipeline (SD1.5, SDXL; InstructPix2Pix for that mode)")
     unet: ModelRef | None = Field(
         default=None,
@@ -164,6 +202,11 @@ class GenerationConfig(Strict):
         description="instruct_pix2pix: DiffuseMix's hybrid (half real, half edited) blended with a fractal",
         json_schema_extra={"content_omit_if_none": True},
     )
+    gif: GifSpec | None = Field(
+        default=None,
+        description="gif: the CLIP guidance (required for that mode)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     safety_checker: bool | None = Field(
         default=None,
         description="true: load the checkpoint's safety checker and drop the images it flags "
@@ -208,7 +251,12 @@ class GenerationConfig(Strict):
             )
         if self.split_ratio is not None and self.mode != "ddim_interp":
             raise ValueError(f"generation.split_ratio is a ddim_interp setting, mode is {self.mode}")
-        if self.mode in ("sdedit", "diffmix"):
+        if (self.gif is None) != (self.mode != "gif"):
+            raise ValueError(
+                "generation.gif (its CLIP model) is required for mode gif and only for it; mode is "
+                f"{self.mode}"
+            )
+        if self.mode in ("sdedit", "diffmix", "gif"):
             # diffusers' img2img denoises int(num_inference_steps x strength) steps: 0 is an exception per row.
             idle = [s for s in self.strengths() if int(self.num_inference_steps * s) < 1]
             if idle:

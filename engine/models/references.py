@@ -127,3 +127,9 @@ def check_local_models(config, role: str = "") -> None:
     if isinstance(config, BaseModel):
         for name in type(config).model_fields:
             check_local_models(getattr(config, name), f"{role}.{name}".lstrip("."))
+
+
+def clip_features(features):
+    """The tensor of CLIPModel.get_text_features / get_image_features: transformers 5 may return a model
+    output (its pooler_output) rather than a tensor."""
+    return getattr(features, "pooler_output", features)

@@ -1,6 +1,6 @@
 """UniDiffDA (Diffusion-Based Data Augmentation for Image Recognition: a Systematic Analysis): a method is
 fine-tuning x generation x utilization. Fine-tuning is `synthray finetune` (its adapters load by config);
-generation is this recipe, one diffusion generator in one of five modes (actors.generator); utilization is
+generation is this recipe, one diffusion generator in one of six modes (actors.generator); utilization is
 the training job's strategy (concat, replace, ...).
 
 opening (skip done, read, decode) -> expand x K -> generate (txt2img | sdedit | instruct_pix2pix | ddim_interp | diffmix).
