@@ -821,6 +821,26 @@ def test_full_job_pipeline_loads_in_the_generator_and_draws_otherwise(full_run, 
     base = tiny_pipe_of(tiny_models_dir / "sd15-domain")
     assert type(trained) is type(base)
     assert not np.array_equal(generate(trained, "a circle on grass"), generate(base, "a circle on grass"))
+    # AGA's background stage loads it the same way (its model id is the folder).
+    from actors.background import BackgroundGenerator
+    from engine.config import BackgroundConfig
+
+    background = BackgroundGenerator(
+        BackgroundConfig(
+            model=ModelRef(id=str(run_dir / "pipeline")),
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            device="cpu",
+            dtype="float32",
+        )  # fmt: skip
+    )
+    rows = {
+        "id": np.array(["a", "b"]),
+        "prompt": np.array(["grass", "sand"], dtype=object),
+        "seed": np.array([1, 2], dtype=np.int64),
+    }
+    assert [b.shape for b in background(rows)["background"]] == [(32, 32, 3)] * 2
 
 
 def test_empty_prompt_prob_trains_that_share_of_rows_on_the_empty_prompt(tiny_models_dir, monkeypatch):
