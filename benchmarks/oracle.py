@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -43,11 +44,23 @@ def encode(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def oracle_rows(table: pa.Table, backgrounds: list[str], config: CompositeConfig) -> pa.Table:
+def real_rows(table: pa.Table) -> dict[str, dict]:
+    """source id -> its real row (image and mask), from a table or a whole run's data."""
+    real = table.filter(pa.compute.equal(table[schema.RECIPE], schema.RECIPE_REAL))
+    return {
+        r[schema.SOURCE_ID]: r for r in real.select([schema.SOURCE_ID, schema.IMAGE, schema.MASK]).to_pylist()
+    }
+
+
+def oracle_rows(
+    table: pa.Table, backgrounds: list[str], config: CompositeConfig, real: dict[str, dict] | None = None
+) -> pa.Table:
+    """`table`'s synthetic rows re-composited; `real` holds their sources (default: `table`'s own real rows;
+    a run writes its real rows to shards of their own, so `main` passes the whole run's)."""
     from engine.tiny.toy_dataset import BACKGROUND_DRAWERS
 
     rows = table.to_pylist()
-    real = {r[schema.SOURCE_ID]: r for r in rows if r[schema.RECIPE] == schema.RECIPE_REAL}
+    real = real_rows(table) if real is None else real
     num_backgrounds = len(backgrounds)
     out = []
     for row in rows:
@@ -96,9 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("config.yaml", "manifest.json"):
         shutil.copy2(args.run / name, args.out / name)
     files = sorted((args.run / "data").glob("*.parquet"))
+    real = real_rows(
+        pq.read_table(args.run / "data", columns=[schema.SOURCE_ID, schema.RECIPE, schema.IMAGE, schema.MASK])
+    )
     synthetic = 0
     for file in files:
-        table = oracle_rows(pq.read_table(file), toy["backgrounds"], config)
+        table = oracle_rows(pq.read_table(file), toy["backgrounds"], config, real)
         synthetic += sum(r != schema.RECIPE_REAL for r in table[schema.RECIPE].to_pylist())
         pq.write_table(table, args.out / "data" / file.name)
     print(f"oracle: {synthetic} synthetic rows on toy-drawn backgrounds from {args.run} -> {args.out}")

@@ -112,7 +112,7 @@ def test_efficacy_proxy_pastes_the_subject_on_noise_and_reports_every_group(tmp_
 def test_oracle_recomposites_each_synthetic_row_on_a_toy_drawn_background():
     import pyarrow as pa
 
-    from benchmarks.oracle import RECIPE, decode, encode, oracle_rows
+    from benchmarks.oracle import RECIPE, decode, encode, oracle_rows, real_rows
     from engine import schema
     from engine.config import CompositeConfig
     from engine.tiny.toy_dataset import render_example
@@ -160,6 +160,11 @@ def test_oracle_recomposites_each_synthetic_row_on_a_toy_drawn_background():
     assert len(drawn) >= 3, "background types are drawn per row"
     # Deterministic: the same rows give the same oracle.
     assert oracle_rows(table, backgrounds, CompositeConfig()).to_pylist() == out
+    # A run writes its real rows to shards of their own: the sources come from the whole run.
+    shard = table.slice(1)
+    with pytest.raises(KeyError):
+        oracle_rows(shard, backgrounds, CompositeConfig())
+    assert oracle_rows(shard, backgrounds, CompositeConfig(), real_rows(table)).to_pylist() == out[1:]
 
 
 def test_domain_generator_data_pairs_each_image_with_its_filled_background(tmp_path):
