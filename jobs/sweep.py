@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def sweep(config: SweepConfig) -> None:
         # 1. Inputs and runs, 2. table (and the report).
+        config = config.selected()
         rows = run_sweep(config, command=command)
         title = f"{len(config.variants)} variants x seeds {config.seeds}"
         print_table(rows, title=title, baseline=config.baseline)
@@ -213,6 +214,7 @@ def run_sweep(config: SweepConfig, command: str = "") -> list[dict]:
     from engine.train.data import load_training_data
     from jobs.train import run_training
 
+    config = config.selected()
     started, load_at_start = time.perf_counter(), os.getloadavg()
     # Every config is built first, so that a typo fails before hours of generation and training.
     for variant in config.variants:

@@ -115,7 +115,7 @@ def test_toy_dataset_is_rebuilt_only_for_other_arguments(tmp_path):
 def test_a_generation_run_is_reused_only_with_the_same_config_hash(tmp_path):
     from engine.config import config_hash
 
-    config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml")
+    config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy_random_weights.yaml")
 
     def generation(name: str):
         (variant,) = [v for v in config.variants if v.name == name]
@@ -270,3 +270,29 @@ def test_a_variants_prepare_command_runs_when_its_output_is_missing_or_a_generat
     )
     with pytest.raises(ValueError, match="variant 'bad': its prepare command failed .* did not create"):
         run_preparations(broken, generated=False)
+
+
+def test_the_efficacy_sweep_generates_with_the_domain_generator_and_tests_out_of_distribution():
+    config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml")
+    domain = "./outputs/bench/domain-generator/runs/full-toy/pipeline"
+    generations = {v.name: generation_config(config, v.generate) for v in config.variants if v.generate}
+    assert set(generations) == {
+        "real", "aga-k2", "aga-k5", "unidiffda-txt2img", "unidiffda-sdedit", "unidiffda-diff-ii", "unidiffda-diffmix"
+    }  # fmt: skip
+    for name, generate in generations.items():
+        model = generate.background.model if generate.background else generate.generation.model
+        assert model.id == domain, name
+    assert generations["aga-k5"].prompt.backend == "template" and generations["aga-k5"].num_variants == 5
+    assert config.toy_dataset.ood_per_group > 0 and "data.extra_test_splits=[test_ood]" in config.overrides
+    (oracle,) = [v for v in config.variants if v.prepare]
+    assert oracle.prepare.command[2] == "benchmarks.oracle"
+
+
+def test_only_runs_the_named_variants_and_names_a_wrong_one():
+    config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml", ["only=[real, oracle-k2]"])
+    assert [v.name for v in config.selected().variants] == ["real", "oracle-k2"]
+    assert len(config.variants) > 2, "the config keeps every variant; selected() narrows"
+    with pytest.raises(ValueError, match=r"only names no variant \['aga-k9'\]"):
+        load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml", ["only=[real, aga-k9]"])
+    with pytest.raises(ValueError, match="baseline 'real' is not a variant"):
+        load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml", ["only=[aga-k2]"])

@@ -296,12 +296,29 @@ class SweepConfig(Strict):
         description="Training budget in train rows seen: each run's epochs = round(train_rows / its rows per "
         "epoch), overriding `epochs` (None: the configs' epochs)",
     )
+    only: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Run these variants alone (e.g. --set 'only=[real, aga-k2]' for a costlier budget); "
+        "None: every variant",
+    )
 
     @model_validator(mode="after")
     def _names_unique(self) -> SweepConfig:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
+        unknown = sorted(set(self.only or ()) - set(names))
+        if unknown:
+            raise ValueError(f"only names no variant {unknown} (available: {', '.join(names)})")
+        if self.only is not None:
+            names = [name for name in names if name in self.only]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline {self.baseline!r} is not a variant (available: {', '.join(names)})")
         return self
+
+    def selected(self) -> SweepConfig:
+        """This sweep with `only`'s variants alone (the config itself when `only` is None)."""
+        if self.only is None:
+            return self
+        return self.model_copy(update={"variants": [v for v in self.variants if v.name in self.only]})
