@@ -3,6 +3,7 @@
     python -m benchmarks.efficacy_proxy --spurious 0.9 --k 0 5             # real-only, then real + K=5
     python -m benchmarks.efficacy_proxy --spurious 0.9 --k 5 --synthetic-only
     python -m benchmarks.efficacy_proxy --spurious 0.5 --k 0 5
+    python -m benchmarks.efficacy_proxy --spurious 0.5 --k 0 2 --background toy --budget 64000
 
 One process, no Ray: the toy dataset (engine.tiny.toy_dataset) is built under --out, and a timm classifier is
 trained with the sweep's recipe (AdamW 3e-3, weight decay 0.05, batch 32, random crops of 60-100% area,
@@ -53,8 +54,21 @@ def noise_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return (0.6 * blocks + 0.4 * rng.random((size, size, 3))).astype(np.float32) * 255
 
 
-def paste_on_noise(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The subject, flipped / rotated / rescaled, at a random place on a noise background."""
+def toy_background(rng: np.random.Generator, size: int, kinds: list[str]) -> np.ndarray:
+    """A background of one of the training split's types, drawn by the toy's own drawers (the oracle)."""
+    from engine.tiny.toy_dataset import BACKGROUND_DRAWERS
+
+    canvas = BACKGROUND_DRAWERS[kinds[int(rng.integers(len(kinds)))]](rng, size) + rng.normal(
+        0, 5, (size, size, 3)
+    )
+    return np.clip(canvas, 0, 255).astype(np.float32)
+
+
+def paste_on_noise(
+    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, kinds: list[str] | None = None
+) -> np.ndarray:
+    """The subject, flipped / rotated / rescaled, at a random place on a noise background (or, with `kinds`,
+    on a toy background of one of those types)."""
     size = image.shape[0]
     ys, xs = np.nonzero(mask > 0)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
@@ -68,14 +82,23 @@ def paste_on_noise(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray
     width = int(np.clip(alpha.shape[1] * scale, 2, size))
     subject = cv2.resize(np.ascontiguousarray(subject), (width, height))
     alpha = cv2.resize(np.ascontiguousarray(alpha), (width, height))[..., None]
-    canvas = noise_background(rng, size)
+    canvas = noise_background(rng, size) if kinds is None else toy_background(rng, size, kinds)
     y, x = int(rng.integers(0, size - height + 1)), int(rng.integers(0, size - width + 1))
     region = canvas[y : y + height, x : x + width]
     canvas[y : y + height, x : x + width] = region * (1 - alpha) + subject * alpha
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def train_and_test(root: Path, k: int, *, synthetic_only: bool, budget: int, model: str, seed: int) -> dict:
+def train_and_test(
+    root: Path,
+    k: int,
+    *,
+    synthetic_only: bool,
+    budget: int,
+    model: str,
+    seed: int,
+    kinds: list[str] | None = None,
+) -> dict:
     import timm
     import torch
 
@@ -86,7 +109,7 @@ def train_and_test(root: Path, k: int, *, synthetic_only: bool, budget: int, mod
     if k:
         pasted = np.stack(
             [
-                paste_on_noise(rng, x, m)
+                paste_on_noise(rng, x, m, kinds)
                 for x, m in zip(train_images, train_masks, strict=True)
                 for _ in range(k)
             ]
@@ -163,12 +186,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="test_resnet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--background",
+        choices=["noise", "toy"],
+        default="noise",
+        help="what the pasted rows' subjects sit on: noise (random-weight generators) or the training "
+        "split's background types drawn by the toy (the sweep's oracle row)",
+    )
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    make_toy_dataset(
+    toy = make_toy_dataset(
         args.out,
         num_classes=args.num_classes,
         train_per_class=args.train_per_class,
@@ -186,8 +216,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             budget=args.budget,
             model=args.model,
             seed=args.seed,
+            kinds=toy["backgrounds"][: args.num_classes] if args.background == "toy" else None,
         )
-        results.append({"spurious": args.spurious, "size": args.size, "model": args.model, **result})
+        results.append(
+            {"spurious": args.spurious, "size": args.size, "model": args.model, "background": args.background,
+             "budget": args.budget, **result}
+        )  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
     return results
 

@@ -98,6 +98,10 @@ def test_efficacy_proxy_pastes_the_subject_on_noise_and_reports_every_group(tmp_
     assert pasted.shape == image.shape
     assert (np.all(pasted == (10, 20, 30), axis=-1)).sum() >= 4, "the subject's pixels are in the output"
     assert (np.all(pasted == 200, axis=-1)).sum() == 0, "none of the original background is"
+    # The oracle's background: one of the named toy types, as the toy draws it (water is mostly blue).
+    on_water = efficacy_proxy.paste_on_noise(np.random.default_rng(1), image, mask, ["water"])
+    outside = ~np.all(on_water == (10, 20, 30), axis=-1)
+    assert on_water[outside][:, 2].mean() > on_water[outside][:, 0].mean() + 40
 
     results = efficacy_proxy.main(
         ["--out", str(tmp_path / "toy"), "--size", "16", "--num-classes", "2", "--train-per-class", "4"]
