@@ -12,7 +12,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_DEPS := $(VLLM_VENV)/.dependencies
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-fast venv venv-vllm lint bench bench-scale bench-train gpu-wheels clean
+.PHONY: bench-train-random demo test test-fast venv venv-vllm lint bench bench-scale bench-train gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,12 +56,18 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# Efficacy benchmark: real vs AGA (K=2, K=5, K=5 + fidelity filter) vs each UniDiffDA generation mode on the
-# spurious toy dataset, 3 seeds, one training budget; one config-driven sweep that builds its toy dataset and
-# generation runs (reused when done) and writes benchmarks/results/efficacy.{md,json,png}.
+# Efficacy benchmark: the domain generator (the tiny SD1.5 fully fine-tuned on the toy's training split, its
+# fidelity judged: benchmarks/results/domain_generator.{md,json,png}), then real vs AGA (K=2, K=5) vs UniDiffDA
+# (txt2img, SDEdit) on it vs the oracle, 3 seeds, one training budget, in- and out-of-distribution test sets;
+# one config-driven sweep that builds its toy dataset and generation runs (reused when done) and writes
+# benchmarks/results/efficacy.{md,json,png}. bench-train-random: the same with the random-weight models.
 bench-train: $(STAMP)
-	$(VENV)/bin/synthray tiny-models
+	$(PY) -m benchmarks.domain_generator
 	$(VENV)/bin/synthray sweep --config configs/bench_efficacy.yaml
+
+bench-train-random: $(STAMP)
+	$(VENV)/bin/synthray tiny-models
+	$(VENV)/bin/synthray sweep --config configs/bench_efficacy_random_weights.yaml
 
 # Scale benchmark: N = 10^4, 10^5, 10^6 synthetic sources through the engine without models (K = 10), each
 # with a resume of a run killed halfway; results in benchmarks/results/scale.{md,json}. The full grid takes
