@@ -167,7 +167,7 @@ def predict(net, images: np.ndarray) -> np.ndarray:
 def judge_images(num_classes: int, size: int, per_class: int, seed: int, work: Path):
     """Real toy images with class and background independent (spurious = 1 / num_classes), and pure
     backgrounds, for training and checking the judges: (images, classes, backgrounds) per split."""
-    from engine.tiny.toy_dataset import BACKGROUND_DRAWERS, BACKGROUNDS, make_toy_dataset
+    from engine.tiny.toy_dataset import BACKGROUNDS, make_toy_dataset, render_background
 
     toy = make_toy_dataset(work / "judge-toy", num_classes=num_classes, train_per_class=per_class,
                            eval_per_group=10, size=size, spurious=1 / num_classes, seed=seed + 100)  # fmt: skip
@@ -187,8 +187,7 @@ def judge_images(num_classes: int, size: int, per_class: int, seed: int, work: P
         rng = np.random.default_rng([seed, 3, split == "test"])
         for kind, name in enumerate(BACKGROUNDS[:num_classes]):
             for _ in range(len(picked) // num_classes):
-                canvas = BACKGROUND_DRAWERS[name](rng, size) + rng.normal(0, 5, (size, size, 3))
-                images.append(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
+                images.append(render_background(rng, name, size))
                 classes.append(-1)
                 kinds.append(kind)
         out[split] = (np.stack(images), np.array(classes), np.array(kinds))
@@ -242,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     from engine.tiny.registry import build_tiny_models
+    from engine.tiny.toy_dataset import caption
 
     build_tiny_models(ROOT / ".cache" / "tiny-models")
     toy, spec = bench_toy()
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Fidelity of the generated images.
     subject_prompts = [
-        (c, b, f"a {classes[c]} on {backgrounds[b]}") for c in range(num_classes) for b in range(num_classes)
+        (c, b, caption(classes[c], backgrounds[b])) for c in range(num_classes) for b in range(num_classes)
     ]
     background_prompts = [(-1, b, backgrounds[b]) for b in range(num_classes)]
     prompts = subject_prompts + background_prompts

@@ -57,7 +57,7 @@ def oracle_rows(
 ) -> pa.Table:
     """`table`'s synthetic rows re-composited; `real` holds their sources (default: `table`'s own real rows;
     a run writes its real rows to shards of their own, so `main` passes the whole run's)."""
-    from engine.tiny.toy_dataset import BACKGROUND_DRAWERS
+    from engine.tiny.toy_dataset import render_background
 
     rows = table.to_pylist()
     real = real_rows(table) if real is None else real
@@ -72,8 +72,7 @@ def oracle_rows(
         rng = np.random.default_rng([int(row[schema.SEED]), 17])
         kind = int(rng.integers(num_backgrounds))
         size = image.shape[0]
-        canvas = BACKGROUND_DRAWERS[backgrounds[kind]](rng, size) + rng.normal(0, 5, (size, size, 3))
-        background = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+        background = render_background(rng, backgrounds[kind], size)
         composite, new_mask, bbox, params = composite_one(
             image, mask, background, int(row[schema.SEED]), config
         )
