@@ -33,7 +33,8 @@ PARAMS = "generation"
 NO_PARTNER = "no_partner"
 NONFINITE = "generation_nonfinite"
 # Draw streams of a row's seed: independent choices that do not shift when another mode draws more.
-_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT, _SUFFIX, _BLEND, _FRACTAL, _GIF_PROMPT = range(9)
+(_STRENGTH, _INSTRUCTION, _TARGET, _PARTNER, _WEIGHT, _SUFFIX, _BLEND, _FRACTAL, _GIF_PROMPT,
+ _GIF_NOISE) = range(10)  # fmt: skip
 
 
 class DiffusionGenerator:
@@ -265,7 +266,8 @@ class DiffusionGenerator:
             images = [_pil(inputs[i]) for i in rows]
             common["output_type"] = "latent"
             latents = self.pipe(image=images, strength=plans[rows[0]]["strength"], **common).images
-            return self.gif.decode(self.pipe, latents, seeds, [inputs[i] for i in rows])
+            rngs = [_draw(seed, _GIF_NOISE) for seed in seeds]
+            return self.gif.decode(self.pipe, latents, rngs, [inputs[i] for i in rows])
         elif mode == "instruct_pix2pix":
             images = [_pil(inputs[i]) for i in rows]
             output = self.pipe(image=images, image_guidance_scale=config.image_guidance_scale, **common)

@@ -46,7 +46,7 @@ def test_guided_latents_move_by_the_signed_step_within_the_bound():
     noise, bias = torch.rand(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
     for constraint in (0.05, 100.0):
         out = gif.guide_latents(latents, noise, bias, decode, embed, source.softmax(-1), text, 10.0,
-                                constraint=constraint)  # fmt: skip
+                                step_size=0.1, constraint=constraint)  # fmt: skip
         assert (out - latents).abs().max() <= constraint + 1e-6
         assert not torch.equal(out, latents)
     # Unbounded, the result is latents x (1 + noise + a) + bias + b, a and b one signed step (+-0.1, 0 where

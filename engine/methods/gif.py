@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# DiffDA-Eval augmentation/gif.py: channel_noise ~ U(0, 1), bias ~ N(0, 1), one step of 0.1 x sign(grad).
-# The bound's defaults by dataset kind and the prompt lists are config (engine/config/generator.py GifSpec).
-STEP_SIZE = 0.1
+# The step, the bound and the prompt lists are config, with their sources (engine/config/generator.py GifSpec).
 
 
 def entropy(probs):
@@ -54,8 +52,8 @@ def guide_latents(
     text,
     scale: float,
     *,
-    step_size: float = STEP_SIZE,
-    constraint: float = 4.0,
+    step_size: float,
+    constraint: float,
 ):
     """GIF's perturbed latents (N x C x h x w) from SDEdit `latents`: `noise` and `bias` (N x C x 1 x 1, drawn
     per row) take one signed-gradient step of `step_size` up `gif_score`, then latents x (1 + noise) + bias

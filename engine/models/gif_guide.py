@@ -56,10 +56,10 @@ class GifGuide:
         with torch.no_grad():
             return (self.scale * self.embed(pixels) @ self.text.T).softmax(-1)
 
-    def decode(self, pipe, latents, seeds: list[int], sources: list[np.ndarray]):
+    def decode(self, pipe, latents, rngs: list[np.random.Generator], sources: list[np.ndarray]):
         """The guided images (N x H x W x 3 float in [0, 1]) of SDEdit `latents` (the pipeline's scaled ones)
-        and the safety checker's flags when the pipeline loaded one. Each row's noise and bias come from its
-        seed (`rngs`), so a row is the same in any batch."""
+        and the safety checker's flags when the pipeline loaded one. Each row's noise and bias are drawn from
+        its own generator (`rngs`, seeded by the row), so a row is the same in any batch."""
         torch, vae = self._torch, pipe.vae
 
         def to_pixels(z):
@@ -67,7 +67,7 @@ class GifGuide:
             return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
         channels = latents.shape[1]
-        rngs = [np.random.default_rng([seed, GIF_STREAM]) for seed in seeds]
+        # DiffDA-Eval augmentation/gif.py: channel noise ~ U(0, 1), channel bias ~ N(0, 1).
         noise = torch.tensor(np.stack([r.uniform(0, 1, (channels, 1, 1)) for r in rngs]), dtype=torch.float32)
         bias = torch.tensor(np.stack([r.normal(0, 1, (channels, 1, 1)) for r in rngs]), dtype=torch.float32)
         guided = gif.guide_latents(
@@ -84,12 +84,8 @@ class GifGuide:
         )
         with torch.no_grad():
             pixels = to_pixels(guided)
-            flagged = [False] * len(seeds)
+            flagged = [False] * len(rngs)
             if getattr(pipe, "safety_checker", None) is not None:
                 _, nsfw = pipe.run_safety_checker(pixels * 2 - 1, self.device, vae.dtype)
                 flagged = [bool(f) for f in nsfw]
         return pixels.permute(0, 2, 3, 1).cpu().numpy(), flagged
-
-
-# The draw stream of a row's seed for its noise and bias (apart from the generator's other draws).
-GIF_STREAM = 9
