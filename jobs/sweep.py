@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def sweep(config: SweepConfig) -> None:
         # 1. Inputs and runs, 2. table (and the report).
-        config = config.selected()
         rows = run_sweep(config, command=command)
-        title = f"{len(config.variants)} variants x seeds {config.seeds}"
+        title = f"{len(dict.fromkeys(row['variant'] for row in rows))} variants x seeds {config.seeds}"
         print_table(rows, title=title, baseline=config.baseline)
         written = [Path(config.output) / "sweep.json", Path(config.output) / "sweep.md"]
         if config.results:

@@ -3,7 +3,7 @@ fine-tuning x generation x utilization. Fine-tuning is `synthray finetune` (its 
 generation is this recipe, one diffusion generator in one of six modes (actors.generator); utilization is
 the training job's strategy (concat, replace, ...).
 
-opening (skip done, read, decode) -> expand x K -> generate (txt2img | sdedit | instruct_pix2pix | ddim_interp | diffmix).
+opening (skip done, read, decode) -> expand x K -> generate (txt2img | sdedit | instruct_pix2pix | ddim_interp | diffmix | gif).
 ddim_interp draws a same-class partner from a class pool (engine.stages.class_pools) sampled before the stages run.
 """
 
