@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-# 2: the `soft_label` column. Version 1 shards (without it) stay valid input: a missing column reads as all
-# null (see `with_soft_label`).
-SCHEMA_VERSION = 2
+# 2: the `soft_label` column; 3: the `part` column. Older shards stay valid input: a missing column reads as
+# all null (see `with_soft_label`, `with_part`).
+SCHEMA_VERSION = 3
 
 # Output columns.
 ID = "id"
@@ -39,6 +39,11 @@ GROUP = "group"  # optional group label (e.g. background group) for worst-group 
 # Class-probability target: a list of {label, weight} (weights sum to 1), or null for one-hot on `label`.
 # `label` of a soft row stays its source (dominant) class. Working: None or a list of {"label", "weight"} dicts.
 SOFT_LABEL = "soft_label"
+# Which part of its source image a row holds (De-DA's decoupling): null or "whole" = the whole image; "cdp" =
+# the class-dependent part (the subject cropped to its box, its mask beside it); "cip" = the class-independent
+# part (the background with the subject's region filled); "cdp_edited" = a generated edit of the cdp.
+PART = "part"
+PART_WHOLE, PART_CDP, PART_CIP, PART_CDP_EDITED = "whole", "cdp", "cip", "cdp_edited"
 SCHEMA_VERSION_COLUMN = "schema_version"
 
 # Working columns.
@@ -79,6 +84,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(PARAMS, pa.string()),
         pa.field(GROUP, pa.int64()),
         pa.field(SOFT_LABEL, SOFT_LABEL_TYPE),
+        pa.field(PART, pa.string()),
         pa.field(SCHEMA_VERSION_COLUMN, pa.int32(), nullable=False),
     ],
     metadata={"synthray.schema_version": str(SCHEMA_VERSION)},
@@ -168,6 +174,13 @@ def with_soft_label(table: pa.Table) -> pa.Table:
     if SOFT_LABEL in table.schema.names:
         return table
     return table.append_column(pa.field(SOFT_LABEL, SOFT_LABEL_TYPE), pa.nulls(len(table), SOFT_LABEL_TYPE))
+
+
+def with_part(table: pa.Table) -> pa.Table:
+    """`table` with a `part` column: a table from before version 3 (none) gets an all-null one (whole images)."""
+    if PART in table.schema.names:
+        return table
+    return table.append_column(pa.field(PART, pa.string()), pa.nulls(len(table), pa.string()))
 
 
 def require_columns(batch: dict[str, np.ndarray], columns: tuple[str, ...] | list[str], stage: str) -> None:

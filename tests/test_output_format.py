@@ -79,7 +79,18 @@ def test_shards_load_in_datasets_with_image_and_classlabel(tmp_path):
     soft = datasets.List({"label": datasets.Value("int64"), "weight": datasets.Value("float32")})
     assert loaded.features[schema.SOFT_LABEL] == soft
     assert loaded[0][schema.SOFT_LABEL] is None and loaded[3][schema.SOFT_LABEL] == SOFT_ROW
-    assert loaded[0][schema.SCHEMA_VERSION_COLUMN] == schema.SCHEMA_VERSION == 2
+    assert loaded[0][schema.SCHEMA_VERSION_COLUMN] == schema.SCHEMA_VERSION == 3
+    assert loaded[0][schema.PART] is None  # a row no decoupling made: the whole image
+
+
+def test_the_part_column_is_written_as_given_and_older_tables_read_as_whole_images():
+    batch = rows_batch()
+    batch[schema.PART] = object_array([schema.PART_WHOLE, schema.PART_CDP, schema.PART_CIP, None])
+    table = encode_rows(batch, "png", 95, "{}", CLASSES)
+    assert table.column(schema.PART).to_pylist() == ["whole", "cdp", "cip", None]
+    assert schema.PART not in strict_json(table.column(schema.PARAMS)[1].as_py())
+    old = table.drop_columns([schema.PART])
+    assert schema.with_part(old).column(schema.PART).null_count == len(old)
 
 
 def test_soft_labels_are_written_as_given_and_null_means_one_hot():

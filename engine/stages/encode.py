@@ -69,6 +69,7 @@ def encode_rows(
         schema.SOFT_LABEL: [soft_label(v) for v in batch[schema.SOFT_LABEL]]
         if schema.SOFT_LABEL in batch
         else [None] * n,
+        schema.PART: _optional_str(batch, schema.PART, n),
         schema.SCHEMA_VERSION_COLUMN: [schema.SCHEMA_VERSION] * n,
     }
     return pa.table(columns, schema=_output_schema(tuple(class_names) if class_names else None))
