@@ -1,9 +1,10 @@
 """The diffusion generator of the UniDiffDA recipe: one actor, six modes (`GenerationConfig.mode`).
 
 Reads `image` (HxWx3 uint8; not for txt2img), `class_name`, `label`, `source_id`, `seed`. Writes `image`
-(the generated picture, height x width), `prompt`, `generation` (JSON: mode, strength, instruction,
-partner, interpolation weight, prompt switch, DiffuseMix blend, target class, adapters), `soft_label` (Diff-Mix
-rows; None otherwise), and clears `mask`/`bbox` (they described the real image). Error reasons: `no_partner`
+(the generated picture: height x width, or the input's own size under input_size pad), `prompt`, `generation`
+(JSON: mode, strength, instruction, partner, interpolation weight, prompt switch, DiffuseMix blend, target
+class, adapters), `soft_label` (Diff-Mix rows; None otherwise), and clears `mask`/`bbox` (they described the
+real image) unless keep_mask, where the output has the input's size and keeps them. Error reasons: `no_partner`
 (ddim_interp, a class pool without a second image of the class), `input_size` (input_size: refuse),
 `generation_nonfinite`. Rows dropped to filtered.parquet (engine.stages.output_checks): `blank_output`, and
 `nsfw_flagged` when the config loads the safety checker.
@@ -168,16 +169,20 @@ class DiffusionGenerator:
             fractal = self.fractals[blend["fractal"]]
         return diffusemix.blend(diffusemix.hybrid(real, edited, blend["half"]), fractal, blend["weight"])
 
-    def fit_input(self, image: np.ndarray) -> np.ndarray:
-        """The real image at the generated size (or a RowError under input_size: refuse)."""
+    def fit_input(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+        """The real image at the generated size, and under input_size pad the box (top, left, height, width)
+        that `crop_back` cuts out of the output; None: the output stays at the generated size. A RowError
+        under input_size: refuse."""
         height, width = self.config.height, self.config.width
         if image.shape[:2] == (height, width):
-            return image
+            return image, None
         if self.config.input_size == "refuse":
             raise RowError(
                 "input_size", f"image is {image.shape[1]}x{image.shape[0]}, generation needs {width}x{height}"
             )
-        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        if self.config.input_size == "pad":
+            return pad_to_fit(image, height, width)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA), None
 
     # ------------------------------------------------------------------ batch
 
@@ -189,7 +194,7 @@ class DiffusionGenerator:
         n = len(batch[schema.SEED])
         errors = _column(batch, schema.ERROR, n)
         messages = _column(batch, schema.ERROR_MESSAGE, n)
-        plans, inputs, partners = [], [None] * n, [None] * n
+        plans, inputs, partners, boxes = [], [None] * n, [None] * n, [None] * n
         for i in range(n):
             plan = self.plan_row(
                 str(batch[schema.CLASS_NAME][i]),
@@ -200,12 +205,13 @@ class DiffusionGenerator:
             plans.append(plan)
             try:
                 if self.config.mode != "txt2img":
-                    inputs[i] = self.fit_input(batch[schema.IMAGE][i])
+                    inputs[i], boxes[i] = self.fit_input(batch[schema.IMAGE][i])
                 if self.config.mode == "ddim_interp":
                     if plan["partner"] is None:
                         raise RowError(NO_PARTNER, f"class pool holds no other image of {plan['prompt']!r}")
                     partner = self.pool.row(plan["partner"])[schema.IMAGE_BYTES]
-                    partners[i] = self.fit_input(decode_image(partner, max_pixels=1 << 30, min_side=1))
+                    # The same fit as the row's image; its box is not needed: the output follows the row's.
+                    partners[i], _ = self.fit_input(decode_image(partner, max_pixels=1 << 30, min_side=1))
             except RowError as err:
                 errors[i], messages[i] = err.reason, str(err)
 
@@ -226,6 +232,8 @@ class DiffusionGenerator:
                     images[i] = self.blend_diffusemix(
                         inputs[i], images[i], plans[i], int(batch[schema.SEED][i])
                     )
+                if boxes[i] is not None:  # input_size pad: back to the input's own region and size
+                    images[i] = crop_back(images[i], boxes[i], batch[schema.IMAGE][i].shape[:2])
         rules = drop_rules([images[i] if errors[i] == "" else None for i in range(n)], flagged)
         for i in range(n):  # rows that failed before generating keep their input (they leave the stream)
             if images[i] is None:
@@ -235,8 +243,11 @@ class DiffusionGenerator:
         out[schema.IMAGE] = images
         out[schema.HEIGHT] = np.array([im.shape[0] for im in images], dtype=np.int32)
         out[schema.WIDTH] = np.array([im.shape[1] for im in images], dtype=np.int32)
-        out[schema.MASK] = np.full(n, None, dtype=object)
-        out[schema.BBOX] = np.full(n, None, dtype=object)
+        # keep_mask: the output has the input's size (the config refuses it with input_size resize), so the
+        # input's mask and bbox still describe it. Otherwise they described the real image only.
+        for column in (schema.MASK, schema.BBOX):
+            kept = self.config.keep_mask and column in batch
+            out[column] = batch[column] if kept else np.full(n, None, dtype=object)
         out[schema.PROMPT] = np.array([p["prompt"] for p in plans], dtype=object)
         out[schema.SOFT_LABEL] = object_array([p.pop("soft_label", None) for p in plans])
         out[PARAMS] = np.array([json.dumps(p, sort_keys=True) for p in plans], dtype=object)
@@ -348,6 +359,43 @@ class DiffusionGenerator:
             noise = self.pipe.unet(latents, t, encoder_hidden_states=embeds).sample
             latents = inverse.step(noise, t, latents).prev_sample
         return latents
+
+
+def pad_to_fit(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """`image` scaled to fit inside height x width with its aspect ratio, centred, the rest filled by
+    replicating its edge pixels; and the box (top, left, box_height, box_width) it occupies there.
+    Replicated edges, not a flat colour: SDEdit keeps the input's colours, and a flat pad would pull the
+    subject's towards the pad's."""
+    scale = min(height / image.shape[0], width / image.shape[1])
+    box_height = min(height, max(1, round(image.shape[0] * scale)))
+    box_width = min(width, max(1, round(image.shape[1] * scale)))
+    if (box_height, box_width) != image.shape[:2]:
+        shrink = box_height < image.shape[0] or box_width < image.shape[1]
+        image = cv2.resize(
+            image, (box_width, box_height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        )
+    top, left = (height - box_height) // 2, (width - box_width) // 2
+    padded = cv2.copyMakeBorder(
+        image,
+        top,
+        height - box_height - top,
+        left,
+        width - box_width - left,
+        cv2.BORDER_REPLICATE,
+    )
+    return padded, (top, left, box_height, box_width)
+
+
+def crop_back(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """The inverse of `pad_to_fit`: the box's region of `image`, resized to `size` (height, width)."""
+    top, left, box_height, box_width = box
+    region = image[top : top + box_height, left : left + box_width]
+    if region.shape[:2] == tuple(size):
+        return np.ascontiguousarray(region)
+    shrink = region.shape[0] > size[0] or region.shape[1] > size[1]
+    return cv2.resize(
+        region, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    )
 
 
 def slerp(a, b, weight: float, eps: float = 1e-7):

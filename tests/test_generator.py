@@ -461,3 +461,188 @@ def test_bad_generation_settings_are_config_errors(models, bad, message):
 def test_sizes_the_vae_cannot_take_are_refused_at_start(models):
     with pytest.raises(ValueError, match="multiples of 8"):
         generator(models, "txt2img", fresh=True, height=36)
+
+
+# ---------------------------------------------------------------- input_size pad and keep_mask (De-DA crops)
+
+
+def crop_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth picture of any shape (a subject crop), detailed enough that a box one pixel off shows."""
+    rng = np.random.default_rng(seed)
+    return cv2.resize(
+        rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), (width, height), interpolation=cv2.INTER_CUBIC
+    )
+
+
+def rows_of(images: list[np.ndarray]) -> dict:
+    """`batch()` with these images (any sizes) in place of its own."""
+    rows = batch(len(images))
+    rows[schema.IMAGE] = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        rows[schema.IMAGE][i] = image
+    return rows
+
+
+def test_pad_to_fit_centres_the_scaled_image_and_replicates_its_edges():
+    from actors.generator import pad_to_fit
+
+    # Shrunk: 20x36 (h x w) into 32x32 scales by 32/36 to 18x32 (INTER_AREA), 7 rows above and below.
+    wide = crop_image(20, 36)
+    padded, box = pad_to_fit(wide, 32, 32)
+    assert padded.shape == (32, 32, 3) and padded.dtype == np.uint8
+    assert box == (7, 0, 18, 32)
+    assert np.array_equal(padded[7:25], cv2.resize(wide, (32, 18), interpolation=cv2.INTER_AREA))
+    assert all(np.array_equal(padded[row], padded[7]) for row in range(7)), "top rows replicate the first"
+    assert all(np.array_equal(padded[row], padded[24]) for row in range(25, 32)), "bottom rows the last"
+    # Enlarged: 16x10 into 32x32 scales by 2 to 32x20 (INTER_LINEAR), 6 columns left and right.
+    tall = crop_image(16, 10, seed=1)
+    padded, box = pad_to_fit(tall, 32, 32)
+    assert box == (0, 6, 32, 20)
+    assert np.array_equal(padded[:, 6:26], cv2.resize(tall, (20, 32), interpolation=cv2.INTER_LINEAR))
+    assert (padded[:, :6] == padded[:, 6:7]).all() and (padded[:, 26:] == padded[:, 25:26]).all()
+    # An odd leftover: 30x8 into 32x40 scales by 32/30 to 32x9 (8.53 rounded); 15 columns left, 16 right.
+    padded, box = pad_to_fit(crop_image(30, 8), 32, 40)
+    assert box == (0, 15, 32, 9) and padded.shape == (32, 40, 3)
+    padded, box = pad_to_fit(crop_image(8, 30), 40, 32)
+    assert box == (15, 0, 9, 32) and padded.shape == (40, 32, 3)
+
+
+def test_crop_back_undoes_pad_to_fit():
+    from actors.generator import crop_back, pad_to_fit
+
+    # Not rescaled (the height already fits): the crop is the image itself, exactly.
+    narrow = crop_image(32, 20)
+    padded, box = pad_to_fit(narrow, 32, 32)
+    assert box == (0, 6, 32, 20)
+    assert np.array_equal(crop_back(padded, box, narrow.shape[:2]), narrow)
+    # Rescaled (20x36 -> 18x32 -> 20x36): the two resizes' loss only, so close to the original; a box one
+    # row off is clearly worse.
+    wide = crop_image(20, 36)
+    padded, box = pad_to_fit(wide, 32, 32)
+    back = crop_back(padded, box, wide.shape[:2])
+    assert back.shape == wide.shape and back.dtype == np.uint8
+    shrunk = cv2.resize(wide, (32, 18), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(back, cv2.resize(shrunk, (36, 20), interpolation=cv2.INTER_LINEAR))
+
+    def difference(image):
+        return float(np.abs(image.astype(np.float32) - wide.astype(np.float32)).mean())
+
+    shifted = (box[0] + 1, box[1], box[2], box[3])
+    assert difference(back) < 3.0
+    assert difference(crop_back(padded, shifted, wide.shape[:2])) > 3 * difference(back)
+
+
+def test_input_size_pad_gives_each_row_its_inputs_size(models):
+    """SDEdit of crops of any shape: each output row has its input's size (and the height/width columns say
+    so); an input already at height x width passes untouched. input_size resize squashes them all to 32x32."""
+    shapes = [(20, 36), (36, 20), (23, 41), (32, 32)]
+    rows = rows_of([crop_image(h, w, seed=i) for i, (h, w) in enumerate(shapes)])
+    out = generator(models, "sdedit", input_size="pad")(rows)
+    assert list(out[schema.ERROR]) == [""] * 4
+    assert [image.shape[:2] for image in out[schema.IMAGE]] == shapes
+    assert list(zip(out[schema.HEIGHT], out[schema.WIDTH], strict=True)) == shapes
+    assert all(image.dtype == np.uint8 for image in out[schema.IMAGE])
+    squashed = generator(models, "sdedit")(rows)
+    assert [image.shape[:2] for image in squashed[schema.IMAGE]] == [(32, 32)] * 4
+
+
+def test_input_size_pad_crops_the_generated_image_back_to_the_input(models):
+    """With a pipeline that returns its input unchanged, the actor's pad -> generate -> crop back is the
+    helpers' round trip: exact for a crop that is only padded, the resizes' loss for one that is scaled."""
+    from actors.generator import crop_back, pad_to_fit
+
+    gen = generator(models, "sdedit", input_size="pad")
+    seen = []
+
+    def identity(rows, plans, inputs, partners, seeds):
+        seen.extend(inputs[i] for i in rows)
+        return np.stack([inputs[i] / 255.0 for i in rows]), [False] * len(rows)
+
+    gen.generate = identity
+    narrow, wide = crop_image(32, 20), crop_image(20, 36, seed=1)
+    out = gen(rows_of([narrow, wide]))
+    assert all(image.shape == (32, 32, 3) for image in seen), "the pipeline sees height x width"
+    assert np.array_equal(seen[1], pad_to_fit(wide, 32, 32)[0])
+    assert np.array_equal(out[schema.IMAGE][0], narrow)
+    padded, box = pad_to_fit(wide, 32, 32)
+    assert np.array_equal(out[schema.IMAGE][1], crop_back(padded, box, (20, 36)))
+    assert np.abs(out[schema.IMAGE][1].astype(np.float32) - wide).mean() < 3.0
+
+
+def test_ddim_interp_pads_its_partner_the_same_way(models):
+    """The partner (a crop of another shape) is fitted like the row's image, so the two stack for the VAE;
+    the output has the row's own size."""
+    pool = ListPool(
+        {
+            "circle": [
+                ("train/circle/0.png", crop_image(20, 36)),
+                ("train/circle/3.png", crop_image(40, 24, 3)),
+            ]
+        }
+    )
+    gen = generator(models, "ddim_interp", pool=pool, num_inference_steps=2, input_size="pad")
+    rows = {k: v[:1] for k, v in rows_of([crop_image(20, 36)]).items()}
+    out = gen(rows)
+    assert list(out[schema.ERROR]) == [""]
+    assert json.loads(out["generation"][0])["partner"] == "train/circle/3.png"
+    assert out[schema.IMAGE][0].shape == (20, 36, 3)
+
+
+def masked_rows(shapes: list[tuple[int, int]]) -> dict:
+    """Rows with a mask (0/255, the image's size) and a bbox around it."""
+    rows = rows_of([crop_image(h, w, seed=i) for i, (h, w) in enumerate(shapes)])
+    masks, boxes = np.empty(len(shapes), dtype=object), np.empty(len(shapes), dtype=object)
+    for i, (h, w) in enumerate(shapes):
+        mask = np.zeros((h, w), np.uint8)
+        mask[2 : h - 3, 4 : w - 1] = 255
+        mask[5, 7] = 0  # not a rectangle: a mask that was regenerated from the bbox would differ
+        masks[i], boxes[i] = mask, [4.0, 2.0, float(w - 1), float(h - 3)]
+    rows[schema.MASK], rows[schema.BBOX] = masks, boxes
+    return rows
+
+
+def test_keep_mask_keeps_the_inputs_mask_and_bbox_and_the_default_clears_them(models):
+    shapes = [(20, 36), (32, 32)]
+    rows = masked_rows(shapes)
+    out = generator(models, "sdedit", input_size="pad", keep_mask=True)(rows)
+    assert list(out[schema.ERROR]) == ["", ""]
+    for i, (h, w) in enumerate(shapes):
+        mask = out[schema.MASK][i]
+        assert mask.dtype == np.uint8 and mask.shape == (h, w) == out[schema.IMAGE][i].shape[:2]
+        assert mask.tobytes() == rows[schema.MASK][i].tobytes()
+        assert out[schema.BBOX][i] == rows[schema.BBOX][i]
+    # input_size refuse: a crop of the generated size keeps its mask; another is an error row with its input.
+    refused = generator(models, "sdedit", input_size="refuse", keep_mask=True)(rows)
+    assert list(refused[schema.ERROR]) == ["input_size", ""]
+    assert np.array_equal(refused[schema.MASK][1], rows[schema.MASK][1])
+    assert np.array_equal(refused[schema.IMAGE][0], rows[schema.IMAGE][0])
+    for cleared in (
+        generator(models, "sdedit", input_size="pad")(rows),
+        generator(models, "sdedit", input_size="pad", keep_mask=False)(rows),
+    ):
+        assert list(cleared[schema.MASK]) == [None, None] and list(cleared[schema.BBOX]) == [None, None]
+
+
+@pytest.mark.parametrize(
+    "mode, bad, message",
+    [
+        ("txt2img", {"keep_mask": True, "input_size": "pad"}, "keep_mask needs a real input image"),
+        ("sdedit", {"keep_mask": True}, "keep_mask with input_size resize"),
+        ("sdedit", {"keep_mask": True, "input_size": "resize"}, "set generation.input_size to pad"),
+        ("sdedit", {"input_size": "crop"}, "input_size"),
+    ],
+)
+def test_keep_mask_and_input_size_settings_are_checked(models, mode, bad, message):
+    with pytest.raises(ValueError, match=message):
+        config(models, mode, **bad)
+
+
+def test_keep_mask_is_accepted_where_the_output_keeps_the_inputs_size_and_leaves_old_hashes_alone(models):
+    from engine.config import content_of
+
+    for mode in ("sdedit", "diffmix", "gif", "instruct_pix2pix", "ddim_interp"):
+        extra = {"gif": {"clip": {"id": str(models / "clip")}}} if mode == "gif" else {}
+        for input_size in ("pad", "refuse"):
+            assert config(models, mode, keep_mask=True, input_size=input_size, **extra).keep_mask
+    # Unset, the key is not part of the content hash: outputs written before it existed still resume.
+    assert "keep_mask" not in content_of(config(models, "sdedit"))

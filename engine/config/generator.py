@@ -147,12 +147,26 @@ class GenerationConfig(Strict):
         default_factory=dict, description="class name -> its superclass for {superclass} (over `superclass`)"
     )
     negative_prompt: str = ""
-    height: int = Field(default=512, ge=8, description="Generated size; real images are resized to it")
+    height: int = Field(
+        default=512, ge=8, description="Generated size; real images are fitted to it (see input_size)"
+    )
     width: int = Field(default=512, ge=8)
-    input_size: Literal["resize", "refuse"] = Field(
+    input_size: Literal["resize", "refuse", "pad"] = Field(
         default="resize",
-        description="resize: real images are resized to height x width; refuse: a real image whose size "
-        "is not height x width is an error row (reason input_size)",
+        description="How a real image of another size meets height x width. resize: squashed to it (the "
+        "aspect ratio is lost; the output is height x width); refuse: an error row (reason input_size); pad: "
+        "scaled to fit inside it with its aspect ratio, centred, the rest filled by replicating its edges (a "
+        "flat colour would pull SDEdit's colours towards it), and the output cropped back to the image and "
+        "resized to the input's own size. pad is for subject crops of any shape (De-DA): a crop's shape is "
+        "part of its class evidence, and the output keeps the input's size so its mask still fits",
+    )
+    keep_mask: bool | None = Field(
+        default=None,
+        description="true: output rows keep their input's mask and bbox (modes with a real image; needs "
+        "input_size pad or refuse, so that the output has the input's size). None/false: cleared, since they "
+        "described the real image. (None, not false, is the default so that configs without the key keep "
+        "their hash)",
+        json_schema_extra={"content_omit_if_none": True},
     )
     num_inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0)
@@ -269,6 +283,15 @@ class GenerationConfig(Strict):
             raise ValueError(f"generation.inversion_steps is a ddim_interp setting, mode is {self.mode}")
         if self.diffusemix is not None and self.mode != "instruct_pix2pix":
             raise ValueError(f"generation.diffusemix is an instruct_pix2pix setting, mode is {self.mode}")
+        if self.keep_mask and self.mode == "txt2img":
+            raise ValueError(
+                "generation.keep_mask needs a real input image; mode txt2img generates from the prompt alone"
+            )
+        if self.keep_mask and self.input_size == "resize":
+            raise ValueError(
+                "generation.keep_mask with input_size resize: a resized output no longer matches its input's "
+                "mask and bbox; set generation.input_size to pad (the output keeps the input's size) or refuse"
+            )
         return self
 
     def instruction_list(self) -> list[str]:
