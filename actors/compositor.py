@@ -29,7 +29,7 @@ import math
 import cv2
 import numpy as np
 
-from engine.config import CompositeConfig
+from engine.config import CompositeConfig, PasteConfig
 from engine.schema import BACKGROUND, BBOX, ERROR, ERROR_MESSAGE, IMAGE, MASK, SEED, require_columns
 
 COMPOSITE_PARAMS = "composite_params"
@@ -77,7 +77,7 @@ def _check_row(image: np.ndarray, mask: np.ndarray, background: np.ndarray) -> N
 
 
 def composite_one(
-    image: np.ndarray, mask: np.ndarray, background: np.ndarray, seed: int, config: CompositeConfig
+    image: np.ndarray, mask: np.ndarray, background: np.ndarray, seed: int, config: PasteConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """One row: (composite HxWx3, mask HxW 0/255, bbox float32[4], params). Raises CompositeRowError."""
     _check_row(image, mask, background)

@@ -2,10 +2,13 @@
 
 Reads `image` (HxWx3 uint8) and `class_name`. Writes:
 - `mask`: HxW uint8 (0/255) at the image's size, or None when the row failed;
-- `bbox`: float32 [x0, y0, x1, y1] in image pixels (the most confident box), or None;
+- `bbox`: float32 [x0, y0, x1, y1] in image pixels (the most confident box; with `boxes: all` the box around
+  every kept box), or None;
 - `detect_score`: float32 score of that box; on a `no_detection` row, the best score seen (below threshold);
 - `error` / `error_message`: "no_detection" when no box scores above `box_threshold`, "empty_mask" when SAM's
   best mask for the box has no foreground pixel.
+
+With `boxes: all` every box above `box_threshold` gets its SAM mask and the row's mask is their union.
 
 As in GroundingDINO's own `predict`, `box_threshold` decides which boxes count and `text_threshold` only picks
 the phrase tokens of a box's label, so it never drops a row.
@@ -183,19 +186,20 @@ class Segmenter:
                     f"(best score {scores[i]:.3f})"
                 )
             else:
-                boxes[i] = box
+                # One row's boxes (k x 4); its bbox is their hull.
+                boxes[i] = np.concatenate([box[:, :2].min(axis=0), box[:, 2:].max(axis=0)]).astype(np.float32)
 
         live = [i for i in range(num_rows) if boxes[i] is not None]
         segment = (
             self._segment_transformers if self.config.backend == "transformers" else self._segment_package
         )
-        live_masks = segment([images[i] for i in live], [boxes[i] for i in live]) if live else []
+        live_masks = segment([images[i] for i in live], [detected[i] for i in live]) if live else []
         for i, mask in zip(live, live_masks, strict=True):
             if mask.any():
                 masks[i] = mask.astype(np.uint8) * 255
             else:
                 errors[i] = "empty_mask"
-                messages[i] = f"SAM's best mask for box {boxes[i].tolist()} has no foreground pixel"
+                messages[i] = f"SAM's best masks for boxes {detected[i].tolist()} have no foreground pixel"
 
         return {
             **batch,
@@ -207,7 +211,8 @@ class Segmenter:
         }
 
     def _detect(self, images: list[np.ndarray], prompts: list[str]) -> tuple[np.ndarray, list]:
-        """Best box per image (float32 xyxy clipped to the image, or None) and its score."""
+        """Per image its boxes (k x 4 float32 xyxy clipped to the image: the best one, or with `boxes: all`
+        every box above the threshold, best first; None when none) and the best score."""
         import torch
 
         max_text_len = self.detector.config.max_text_len
@@ -239,18 +244,24 @@ class Segmenter:
                 scores[i] = best_scores[i]
                 boxes.append(None)
                 continue
-            best = int(result["scores"].argmax())
-            scores[i] = float(result["scores"][best])
-            box = result["boxes"][best].float().cpu().numpy()
-            box = np.clip(box, 0, [width, height, width, height]).astype(np.float32)
-            boxes.append(box)
+            order = result["scores"].argsort(descending=True)
+            if self.config.boxes == "top":
+                order = order[:1]
+            scores[i] = float(result["scores"][order[0]])
+            found = result["boxes"][order].float().cpu().numpy().reshape(-1, 4)
+            boxes.append(np.clip(found, 0, [width, height, width, height]).astype(np.float32))
         return scores, boxes
 
     def _segment_transformers(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
-        """One SamModel forward for all images, one box each; the best of the 3 masks by predicted IoU."""
+        """One SamModel forward for all images and their boxes; per box the best of the 3 masks by predicted
+        IoU, per image the union over its boxes."""
+        # The processor needs as many boxes per image: shorter lists repeat their first box, whose mask the
+        # union already holds.
+        most = max(len(b) for b in boxes)
+        padded = [[*b.tolist(), *[b[0].tolist()] * (most - len(b))] for b in boxes]
         inputs = self.sam_processor(
             images=images,
-            input_boxes=[[box.tolist()] for box in boxes],
+            input_boxes=padded,
             input_data_format="channels_last",
             return_tensors="pt",
         ).to(self.device)
@@ -264,20 +275,27 @@ class Segmenter:
             inputs["original_sizes"].cpu(),
             inputs["reshaped_input_sizes"].cpu(),
         )
-        best = outputs.iou_scores.float().argmax(dim=-1).cpu()  # (images, boxes=1)
-        return [full_size[i][0, int(best[i, 0])].numpy() for i in range(len(images))]
+        best = outputs.iou_scores.float().argmax(dim=-1).cpu()  # (images, boxes)
+        return [
+            np.logical_or.reduce([full_size[i][j, int(best[i, j])].numpy() for j in range(most)])
+            for i in range(len(images))
+        ]
 
     def _segment_package(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
-        """segment-anything's SamPredictor, one image at a time; the best of 3 masks by predicted IoU."""
+        """segment-anything's SamPredictor, one image at a time; per box the best of 3 masks by predicted IoU,
+        per image the union over its boxes."""
         import torch
 
         half = self.device.startswith("cuda") and self.dtype != torch.float32
         masks = []
-        for image, box in zip(images, boxes, strict=True):
+        for image, image_boxes in zip(images, boxes, strict=True):
+            union = np.zeros(image.shape[:2], bool)
             with torch.autocast("cuda", dtype=self.dtype, enabled=half):
                 self.predictor.set_image(np.ascontiguousarray(image), image_format="RGB")
-                candidates, iou_scores, _ = self.predictor.predict(box=box, multimask_output=True)
-            masks.append(candidates[int(np.argmax(iou_scores))])
+                for box in image_boxes:
+                    candidates, iou_scores, _ = self.predictor.predict(box=box, multimask_output=True)
+                    union |= candidates[int(np.argmax(iou_scores))].astype(bool)
+            masks.append(union)
         self.predictor.reset_image()
         return masks
 

@@ -41,9 +41,9 @@ def run_training(config: TrainConfig) -> dict:
     start = time.perf_counter()
     # 1. Rows and the sampling plan: driver side, no images, no Ray.
     data = load_training_data(config.data, seed=config.seed)
+    plan = plan_epochs(data, config)
     for note in data.notes:
         print(f"note: {note}", file=sys.stderr)
-    plan = plan_epochs(data, config)
     plan_summary = summarize_plan(data, plan, config)
     # 2. Run folder: resume or start over, never mix two configs in one folder.
     run_dir = prepare_run_dir(config)

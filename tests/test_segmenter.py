@@ -213,3 +213,28 @@ def test_pickled_checkpoints_are_refused_unless_allowed(tiny_models_dir, tmp_pat
     with pytest.raises(ValueError, match=r"pickled weights only .*allow_pickle: true"):
         Segmenter(SegmentConfig(sam=ModelRef(id=str(bin_dir)), **transformers_base))
     Segmenter(SegmentConfig(sam=ModelRef(id=str(bin_dir), allow_pickle=True), **transformers_base))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_boxes_give_the_union_of_their_masks_and_the_hull_of_their_boxes(tiny_models_dir, backend):
+    """`boxes: all` (De-DA's CDP): every box above the threshold is segmented and the row's mask is the union
+    of those masks, each computed alone here; `top` keeps the best box only."""
+    import torch
+
+    # The stage's __call__ runs in inference mode; its helpers are called directly here.
+    with torch.inference_mode():
+        segmenter = Segmenter(segment_config(tiny_models_dir, backend, boxes="all"))
+        batch = make_batch()
+        images = list(batch[IMAGE])
+        _, detected = segmenter._detect(images, [segmenter.prompt_for(c) for c in batch[CLASS_NAME]])
+        assert max(len(boxes) for boxes in detected) > 1, [len(b) for b in detected]
+        out = segmenter(dict(batch))
+        top = Segmenter(segment_config(tiny_models_dir, backend))(dict(batch))
+        segment = segmenter._segment_transformers if backend == "transformers" else segmenter._segment_package
+        for i, boxes in enumerate(detected):
+            union = np.logical_or.reduce([segment([images[i]], [box[None]])[0] for box in boxes])
+            assert ((out[MASK][i] > 0) == union).mean() > 0.99
+            np.testing.assert_allclose(out[BBOX][i], [*boxes[:, :2].min(0), *boxes[:, 2:].max(0)], atol=1e-4)
+            np.testing.assert_allclose(top[BBOX][i], boxes[0], atol=1e-4)
+            if len(boxes) > 1:
+                assert (out[MASK][i] > 0).sum() >= (top[MASK][i] > 0).sum()

@@ -39,6 +39,18 @@ def with_tiny_models(raw: dict, toy: Path, models: Path, out: Path) -> dict:
     raw["ray"] = {"progress_bars": False, "task_num_cpus": 0.5}
     if raw["recipe"] == "unidiffda":
         return with_tiny_generator(raw, models)
+    if raw["recipe"] == "deda":
+        raw["segment"] |= {
+            "detector": {"id": str(models / "grounding-dino")},
+            "sam": {"id": str(models / "sam")},
+            "backend": "transformers",
+            "device": "cpu",
+            "stage": CPU_STAGE,
+        }
+        raw["decouple"] = {**raw["decouple"], "stage": CPU_STAGE}
+        # Random SAM masks cover the whole image: only the bounds are widened, the rest is the config's.
+        raw["decouple"] |= {"min_area": 0.0, "max_area": 1.0}
+        return with_tiny_generator(raw, models) if raw.get("generation") else raw
     tiny = {
         "segment": ("detector", "grounding-dino"),
         "prompt": ("model", "llm"),
@@ -112,14 +124,18 @@ def test_shipped_config_runs_end_to_end(ray_local, toy, tiny_models_dir, tmp_pat
     assert run["rows"]["real_written"] == run["rows"]["real_in"] == 12
     assert len(expanded) == run["rows"]["synthetic_written"] == run["rows"]["synthetic_expected"] > 0
     train_sources = {r[schema.SOURCE_ID] for r in expanded}
-    assert len(expanded) == len(train_sources) * config.num_variants, real_train
+    per_source = config.num_variants + (2 if config.recipe == "deda" else 0)  # De-DA's CDP and CIP
+    assert len(expanded) == len(train_sources) * per_source, real_train
     fmt = FORMATS[config.output.image_format]
+    if config.recipe == "deda":  # the generator made only the edited CDPs
+        assert {r[schema.PART] for r in expanded} == {"cdp", "cip", "cdp_edited"}
+        expanded = [r for r in expanded if r[schema.PART] == "cdp_edited"]
     for row in expanded[:4]:
         image = Image.open(io.BytesIO(row[schema.IMAGE]))
         assert image.format == fmt and image.size == (row[schema.WIDTH], row[schema.HEIGHT])
         assert row[schema.PROMPT]
         params = json.loads(row[schema.PARAMS])
-        if config.recipe == "aga":  # the subject is pasted back with its mask
+        if config.recipe in ("aga", "deda"):  # the subject is pasted back / edited with its mask
             assert row[schema.MASK] is not None
-        else:  # the generator says how it made the row
+        if config.recipe != "aga":  # the generator says how it made the row
             assert params["generation"]["mode"] == config.generation.mode

@@ -18,6 +18,7 @@ from engine.config.base import (
     check_class_keys,
     scheduling_field,
 )
+from engine.config.deda import DecoupleConfig
 from engine.config.filter import FilterConfig
 from engine.config.generate_job import GenerateConfig
 from engine.config.generator import GenerationConfig, GifSpec, SchedulerConfig
@@ -37,6 +38,7 @@ from engine.config.stage_sections import (
     BackgroundConfig,
     CaptionConfig,
     CompositeConfig,
+    PasteConfig,
     PromptConfig,
     SegmentConfig,
     VLLMConfig,
@@ -60,6 +62,8 @@ __all__ = [
     "RayConfig",
     "SchedulerConfig",
     "SegmentConfig",
+    "PasteConfig",
+    "DecoupleConfig",
     "StageSpec",
     "Strict",
     "VLLMConfig",

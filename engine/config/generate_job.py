@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from engine.config.base import Strict, scheduling_field
+from engine.config.deda import DecoupleConfig
 from engine.config.filter import FilterConfig
 from engine.config.generator import GenerationConfig
 from engine.config.run import DataConfig, OutputConfig, RayConfig
@@ -30,9 +31,14 @@ class GenerateConfig(Strict):
     caption: CaptionConfig | None = None
     background: BackgroundConfig | None = None
     composite: CompositeConfig | None = None
+    decouple: DecoupleConfig | None = Field(
+        default=None,
+        description="De-DA: the CDP / CIP split (recipe deda)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     generation: GenerationConfig | None = Field(
         default=None,
-        description="The diffusion generator of the UniDiffDA recipe (txt2img, sdedit, ...)",
+        description="The diffusion generator of the UniDiffDA recipe (txt2img, sdedit, ...) and De-DA's CDP edit",
         json_schema_extra={"content_omit_if_none": True},
     )
     filter: FilterConfig | None = Field(

@@ -28,6 +28,11 @@ class SegmentConfig(Strict):
     use_dataset_masks: bool = Field(
         default=False, description="Use the dataset's masks instead of the models"
     )
+    boxes: Literal["top", "all"] = Field(
+        default="top",
+        description="top: the subject is the most confident box's mask (AGA pastes one subject); all: the "
+        "union of the masks of every box above box_threshold (De-DA's CDP, as Lang-SAM returns several boxes)",
+    )
     device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     stage: StageSpec = scheduling_field(default_factory=StageSpec)
@@ -188,9 +193,15 @@ class BackgroundConfig(Strict):
     stage: StageSpec = scheduling_field(default_factory=StageSpec)
 
 
-class CompositeConfig(Strict):
+class PasteConfig(Strict):
+    """How a subject is pasted onto a background (actors.compositor.composite_one): AGA's composite stage and
+    De-DA's recombination in training (mix.deda_paste) share it."""
+
     flip_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip")
     rotation_deg: tuple[float, float] = Field(default=(-15.0, 15.0), description="Rotation range, degrees")
     scale: tuple[float, float] = Field(default=(0.8, 1.2), description="Subject scale range")
     feather_px: float = Field(default=1.5, ge=0, description="Gaussian edge feathering of the mask, px")
+
+
+class CompositeConfig(PasteConfig):
     stage: StageSpec = scheduling_field(default_factory=lambda: StageSpec(batch_size=8))

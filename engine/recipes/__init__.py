@@ -4,7 +4,8 @@ needs sampled first (if any).
 A recipe adds a file here and one line to `RECIPES`; it starts with the shared opening (`opening`: skip
 done sources, read bytes, decode) and strings its actors (`actors/`) after it. The engine (read, class pools,
 stage loop, encode, write, report) is shared. `filter` is the fidelity-filter stage any recipe gets from
-config; `aga_vllm_prompts` is AGA's prompt stage on vLLM.
+config; `aga_vllm_prompts` is AGA's prompt stage on vLLM. `deda` is De-DA's decoupling (its recombination is a
+training strategy, engine.train.mixing).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from engine.config import GenerateConfig
 from engine.recipes.aga import aga_stages
+from engine.recipes.deda import deda_stages
 from engine.recipes.unidiffda import unidiffda_pool, unidiffda_stages
 from engine.stages.class_pools import ClassPool, PoolSpec
 from engine.stages.loop import Stage
@@ -36,6 +38,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "aga": Recipe(aga_stages),
     "unidiffda": Recipe(unidiffda_stages, unidiffda_pool),
+    "deda": Recipe(deda_stages),
 }
 
 

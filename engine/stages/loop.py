@@ -39,6 +39,7 @@ class Stage:
     writes: tuple[str, ...] = ()  # columns it adds: present (None-filled) even when no row applies
     only_synthetic: bool = False  # real rows (recipe "real") pass through untouched
     only_splits: tuple[str, ...] | None = None  # rows of other splits pass through untouched
+    only_parts: tuple[str, ...] | None = None  # rows of other parts (schema.PART) pass through untouched
     # Columns the stage writes whose non-zero rows run.json counts (stages.<name>.counts), e.g. prompts
     # trimmed to the text encoder's length, template fallbacks: what a user should know happened.
     counts: tuple[str, ...] = ()
@@ -88,6 +89,9 @@ def run_batch(fn: Callable[[Batch], Batch], stage: Stage, ledger, batch: Batch) 
         applies &= batch[schema.RECIPE] != schema.RECIPE_REAL
     if stage.only_splits is not None:
         applies &= np.isin(batch[schema.SPLIT].astype(str), stage.only_splits)
+    if stage.only_parts is not None:
+        parts = batch.get(schema.PART, np.full(n, None, dtype=object))
+        applies &= np.isin(np.asarray(parts, dtype=object).astype(str), stage.only_parts)
     live = take(batch, np.flatnonzero(applies))
     if not num_rows(live):
         # Every block leaving a stage has the same columns, or Ray fails to concatenate tensor columns.

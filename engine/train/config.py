@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.config import ModelRef, RayConfig, Strict
+from engine.config import ModelRef, PasteConfig, RayConfig, Strict
 
-STRATEGIES = ("real", "concat", "replace", "rsp", "two_phase")
+STRATEGIES = ("real", "concat", "replace", "rsp", "two_phase", "deda")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,7 +75,7 @@ class AugmentConfig(Strict):
 
 
 class MixConfig(Strict):
-    strategy: Literal["real", "concat", "replace", "rsp", "two_phase"] = Field(
+    strategy: Literal["real", "concat", "replace", "rsp", "two_phase", "deda"] = Field(
         default="real", description="How synthetic train rows are used (engine.train.mixing documents each)"
     )
     synthetic_ratio: float | None = Field(
@@ -95,6 +95,26 @@ class MixConfig(Strict):
     )
     rsp_prob: float = Field(
         default=0.5, ge=0, le=1, description="rsp: probability each synthetic row joins an epoch"
+    )
+    # De-DA gives no value for p, the edited share or the paste: these defaults are our choice.
+    deda_prob: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="deda: per-sample probability that a real sample is replaced by a composite of a CDP of "
+        "its class on a CIP of another class, redrawn every epoch",
+    )
+    deda_edited_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="deda: share of composites whose CDP is an edited one (where the class has edited CDPs; "
+        "else its real CDPs)",
+    )
+    deda_paste: PasteConfig = Field(
+        default_factory=lambda: PasteConfig(rotation_deg=(0.0, 0.0)),
+        description="deda: the paste's random flip / rotation / scale (position is uniform over the places "
+        "that keep the subject whole); no rotation by default: De-DA names flip, scale and position",
     )
     phase2_epochs: int = Field(default=2, ge=1, description="two_phase: last epochs, real rows only")
     phase2_lr_scale: float = Field(default=0.1, gt=0, description="two_phase: phase-2 peak LR = lr * this")

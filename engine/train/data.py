@@ -29,15 +29,26 @@ import io
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import schema
+from engine.config import PasteConfig
 from engine.stages.batch import is_missing
 from engine.train.config import AugmentConfig, ShardsConfig, TrainConfig
-from engine.train.mixing import RowIndex, count_rows, deal_to_ranks, phase1_epochs, select_epoch
+from engine.train.mixing import (
+    RowIndex,
+    check_deda_index,
+    count_rows,
+    deal_to_ranks,
+    parts_notes,
+    phase1_epochs,
+    select_epoch,
+)
+from engine.train.recombine import COMPOSITE_PARTS, CipBank, compose
 from engine.train.sources import Source, check_one_dataset, different_datasets, find_sources, merge_sources
 
 INDEX_COLUMNS = (
@@ -49,6 +60,7 @@ INDEX_COLUMNS = (
     schema.RECIPE,
     schema.GROUP,
     schema.SOFT_LABEL,
+    schema.PART,
 )
 # What decode_and_transform needs; the pool also carries `soft_label` (optional there: null = one-hot).
 POOL_COLUMNS = (schema.ID, schema.IMAGE, schema.LABEL, schema.GROUP, schema.RECIPE)
@@ -89,7 +101,9 @@ def _read_index_file(path: str, source: int) -> pa.Table:
     """The index columns of one (validated) shard, `group` -1 where absent, `soft_label` null where absent
     (schema version 1), plus `_source`: its path's number."""
     names = pq.read_schema(path).names
-    table = with_soft_label(pq.read_table(path, columns=[c for c in INDEX_COLUMNS if c in names]))
+    table = schema.with_part(
+        with_soft_label(pq.read_table(path, columns=[c for c in INDEX_COLUMNS if c in names]))
+    )
     if schema.GROUP not in names:
         table = table.append_column(schema.GROUP, pa.array(np.full(len(table), -1, np.int64)))
     table = table.set_column(
@@ -333,8 +347,12 @@ def class_names_of(table: pa.Table) -> list[str]:
 
 
 def plan_epochs(data: TrainingData, config: TrainConfig) -> list[list[np.ndarray]]:
-    """Positions into `data.index` per epoch and rank: the strategy's selection, shuffled and dealt."""
+    """Positions into `data.index` per epoch and rank: the strategy's selection, shuffled and dealt. Notes on
+    De-DA's parts go to `data.notes`."""
     index = data.index
+    if config.mix.strategy == "deda":
+        check_deda_index(index)
+    data.notes += parts_notes(index, config.mix.strategy, data.class_names)
     world_size = config.scaling.num_workers
     plan = []
     for epoch in range(config.epochs):
@@ -416,6 +434,7 @@ def decode_and_transform(
     seed: int,
     epoch: int,
     num_classes: int | None = None,
+    recombine: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Encoded rows -> model inputs: decode, then RandomResizedCrop + flip (+ RandAugment) for training or
     resize + center crop for evaluation, then normalize.
@@ -426,6 +445,10 @@ def decode_and_transform(
     absent), which the training loss uses. Each row's augmentation draws from
     torch's generator seeded by `row_seed(seed, epoch, id, draw)`, so a rerun draws the same crops whatever
     the batching.
+
+    With `recombine` ({"bank": a CipBank or its ref, "paste": PasteConfig fields}: mix.strategy deda), a row
+    whose `part` is a CDP is first pasted onto a CIP of another class (engine.train.recombine), drawn from a
+    generator seeded by the same row seed.
     """
     import torch
     from PIL import Image
@@ -451,12 +474,20 @@ def decode_and_transform(
         [*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(options.mean), list(options.std))]
     )
     draws = batch[DRAW] if DRAW in batch else np.zeros(len(batch[schema.ID]), np.int64)
+    bank = _resolve(recombine["bank"]) if recombine else None
+    paste = PasteConfig(**recombine["paste"]) if recombine else None
+    parts = batch.get(schema.PART) if recombine else None
     images = []
-    for data, row_id, draw in zip(batch[schema.IMAGE], batch[schema.ID], draws, strict=True):
+    for i, (data, row_id, draw) in enumerate(zip(batch[schema.IMAGE], batch[schema.ID], draws, strict=True)):
         with Image.open(io.BytesIO(data)) as image:
             array = np.array(image.convert("RGB"))
+        this_seed = row_seed(seed, epoch, str(row_id), int(draw))
+        if bank is not None and parts is not None and parts[i] in COMPOSITE_PARTS:
+            mask = cv2.imdecode(np.frombuffer(batch[schema.MASK][i], np.uint8), cv2.IMREAD_GRAYSCALE)
+            label = int(batch[schema.LABEL][i])
+            array, _ = compose(array, mask, label, bank, np.random.default_rng(this_seed), paste)
         if train:
-            torch.manual_seed(row_seed(seed, epoch, str(row_id), int(draw)))
+            torch.manual_seed(this_seed)
         images.append(transform(torch.from_numpy(array).permute(2, 0, 1)))
     out = {
         "image": torch.stack(images).numpy()
@@ -483,6 +514,8 @@ def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
     pool.context.execution_options.preserve_order = config.ray.preserve_order  # this dataset's own context
     # Only runs with soft rows read the column; files without it (schema version 1) then read as null.
     columns = [*POOL_COLUMNS, *([schema.SOFT_LABEL] if data.num_soft_rows else [])]
+    if config.mix.strategy == "deda":  # the CDPs' masks and parts, for the composites
+        columns += [schema.MASK, schema.PART]
     pool = pool.select_columns(columns).map_batches(
         number_rows,
         fn_kwargs={"ids": ray.put(pool_ids)},
@@ -494,7 +527,14 @@ def read_pool(pool_ids: np.ndarray, data: TrainingData, config: TrainConfig):
 
 
 def rows_dataset(
-    pool, rows: np.ndarray, *, config: TrainConfig, train: bool, epoch: int, num_classes: int | None = None
+    pool,
+    rows: np.ndarray,
+    *,
+    config: TrainConfig,
+    train: bool,
+    epoch: int,
+    num_classes: int | None = None,
+    recombine: dict | None = None,
 ):
     """`pool` restricted to the row numbers `rows` (repeats kept), decoded and transformed for training or
     evaluation; with `num_classes` each row also gets its class-probability `target`."""
@@ -514,6 +554,7 @@ def rows_dataset(
             "seed": config.seed,
             "epoch": epoch,
             "num_classes": num_classes,
+            "recombine": recombine,
         },
         batch_format="numpy",
         batch_size=config.data.decode_batch_size,
@@ -531,6 +572,13 @@ def build_datasets(data: TrainingData, plan: list[list[np.ndarray]], config: Tra
     pool_ids = np.unique(np.concatenate([train_ids, *eval_ids.values()]))
     pool = read_pool(pool_ids, data, config)
     train_rows = np.searchsorted(pool_ids, train_ids)
+    recombine = None
+    if config.mix.strategy == "deda":
+        import ray
+
+        cips = data.index.ids[data.index.part_positions(schema.PART_CIP)]
+        bank = ray.put(CipBank.read(data.files, cips))  # once per run: every decode task reads this copy
+        recombine = {"bank": bank, "paste": config.mix.deda_paste.model_dump()}
     datasets = {}
     for epoch, ranks in enumerate(plan):
         for rank, positions in enumerate(ranks):
@@ -541,6 +589,7 @@ def build_datasets(data: TrainingData, plan: list[list[np.ndarray]], config: Tra
                 train=True,
                 epoch=epoch,
                 num_classes=len(data.class_names),
+                recombine=recombine,
             )
     world_size = config.scaling.num_workers
     for split, ids in eval_ids.items():

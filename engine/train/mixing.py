@@ -28,10 +28,11 @@ class RowIndex:
     labels: np.ndarray  # int64
     source_ids: np.ndarray  # str: a synthetic row's real image; a real row's own source
     synthetic: np.ndarray  # bool
+    parts: np.ndarray | None = None  # str (schema.PART; "whole" where null); None: all whole images
 
     @classmethod
     def from_table(cls, table: pa.Table) -> RowIndex:
-        """From a table with the schema's id, label, source_id and recipe columns."""
+        """From a table with the schema's id, label, source_id and recipe columns (and part, if any)."""
         missing = [
             c
             for c in (schema.ID, schema.LABEL, schema.SOURCE_ID, schema.RECIPE)
@@ -44,6 +45,9 @@ class RowIndex:
             labels=table[schema.LABEL].to_numpy().astype(np.int64),
             source_ids=np.asarray(table[schema.SOURCE_ID].to_pylist(), dtype=object),
             synthetic=np.asarray(table[schema.RECIPE].to_pylist(), dtype=object) != schema.RECIPE_REAL,
+            parts=np.asarray([p or schema.PART_WHOLE for p in table[schema.PART].to_pylist()], dtype=object)
+            if schema.PART in table.schema.names
+            else None,
         )
 
     def __len__(self) -> int:
@@ -54,8 +58,17 @@ class RowIndex:
         return np.flatnonzero(~self.synthetic)
 
     @property
+    def whole(self) -> np.ndarray:
+        """bool: rows that are whole images (not De-DA's CDPs and CIPs)."""
+        return np.ones(len(self), bool) if self.parts is None else self.parts == schema.PART_WHOLE
+
+    @property
     def synthetic_positions(self) -> np.ndarray:
-        return np.flatnonzero(self.synthetic)
+        """Synthetic whole images: De-DA's parts are no samples on their own, only `deda` composes them."""
+        return np.flatnonzero(self.synthetic & self.whole)
+
+    def part_positions(self, part: str) -> np.ndarray:
+        return np.flatnonzero(self.parts == part) if self.parts is not None else np.zeros(0, np.int64)
 
 
 def count_rows(index: RowIndex, positions: np.ndarray) -> dict[str, int]:
@@ -159,6 +172,87 @@ def select_two_phase(
     return select_real(index)
 
 
+def select_deda(
+    index: RowIndex, rng: np.random.Generator, p: float, edited_share: float
+) -> tuple[np.ndarray, dict[str, int]]:
+    """`deda`: De-DA's online recombination; redrawn every epoch.
+
+    Each real sample is replaced, with probability p, by a CDP of its class (an edited one with probability
+    `edited_share` where the class has edited CDPs, else a real CDP), which the data pipeline pastes onto a
+    CIP of another class (engine.train.recombine: composites are made per epoch and never stored). A class
+    with no CDP, or with no CIP of any other class, keeps its samples real; the second value counts those
+    slots (`stayed_real`). Output slot i holds real row `real_positions[i]` or its CDP, so the epoch size is
+    the real count, as in `replace`.
+    """
+    real = index.real_positions
+    labels = index.labels
+    cdps = index.part_positions(schema.PART_CDP)
+    edited = index.part_positions(schema.PART_CDP_EDITED)
+    cip_labels = set(labels[index.part_positions(schema.PART_CIP)].tolist())
+    # Every draw is made for every slot, so one slot's outcome never shifts another's.
+    swap = rng.random(len(real)) < p
+    use_edited = rng.random(len(real)) < edited_share
+    pick = rng.random(len(real))
+    by_class = {
+        label: (cdps[labels[cdps] == label], edited[labels[edited] == label])
+        for label in np.unique(labels[real]).tolist()
+    }
+    out = real.copy()
+    stayed_real = 0
+    for slot in np.flatnonzero(swap).tolist():
+        label = int(labels[real[slot]])
+        plain, edits = by_class[label]
+        pool = edits if (use_edited[slot] and len(edits)) or not len(plain) else plain
+        if not len(pool) or not (cip_labels - {label}):
+            stayed_real += 1
+            continue
+        out[slot] = pool[int(pick[slot] * len(pool))]
+    return out, {"stayed_real": stayed_real}
+
+
+def check_deda_index(index: RowIndex) -> None:
+    """mix.strategy deda needs CDPs and CIPs of at least two classes (a De-DA generation run's shards)."""
+    missing = [p for p in (schema.PART_CDP, schema.PART_CIP) if not len(index.part_positions(p))]
+    if missing:
+        raise ValueError(
+            f"mix.strategy deda needs the shards of a De-DA run (recipe deda): no train rows with part {missing}"
+        )
+    classes = np.unique(index.labels[index.real_positions])
+    if len(classes) < 2:
+        raise ValueError(
+            f"mix.strategy deda pastes a subject onto another class's background: the train split has "
+            f"{len(classes)} class"
+        )
+
+
+def parts_notes(index: RowIndex, strategy: str, class_names: list[str]) -> list[str]:
+    """What the run report should say about De-DA's parts: unused by other strategies; under `deda`, the
+    classes whose samples stay real (no CDP, or no CIP of another class)."""
+    num_parts = int((~index.whole).sum())
+    if strategy != "deda":
+        return (
+            [f"{num_parts} train rows are De-DA parts (CDPs, CIPs): only mix.strategy deda uses them"]
+            if num_parts
+            else []
+        )
+    cip_labels = set(index.labels[index.part_positions(schema.PART_CIP)].tolist())
+    has_cdp = set(index.labels[index.part_positions(schema.PART_CDP)].tolist()) | set(
+        index.labels[index.part_positions(schema.PART_CDP_EDITED)].tolist()
+    )
+    notes = []
+    for label in np.unique(index.labels[index.real_positions]).tolist():
+        reason = (
+            "it has no CDP"
+            if label not in has_cdp
+            else "no other class has a CIP"
+            if not (cip_labels - {label})
+            else None
+        )
+        if reason:
+            notes.append(f"mix.strategy deda: class {class_names[label]!r} keeps its samples real: {reason}")
+    return notes
+
+
 # ---------------------------------------------------------------- per epoch
 
 
@@ -178,6 +272,7 @@ def select_epoch(index: RowIndex, mix: MixConfig, *, seed: int, epoch: int, num_
         "concat": lambda: select_concat(index, static_rng, mix.synthetic_ratio),
         "replace": lambda: select_replace(index, epoch_rng, mix.replace_prob, mix.replace_scope),
         "rsp": lambda: select_rsp(index, epoch_rng, mix.rsp_prob),
+        "deda": lambda: select_deda(index, epoch_rng, mix.deda_prob, mix.deda_edited_share)[0],
         "two_phase": lambda: select_two_phase(
             index,
             static_rng,
