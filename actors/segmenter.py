@@ -245,7 +245,7 @@ class Segmenter:
                 boxes.append(None)
                 continue
             order = result["scores"].argsort(descending=True)
-            if self.config.boxes == "top":
+            if self.config.boxes != "all":
                 order = order[:1]
             scores[i] = float(result["scores"][order[0]])
             found = result["boxes"][order].float().cpu().numpy().reshape(-1, 4)

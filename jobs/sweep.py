@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import load_config
+from engine.config import load_config, with_defaults
 from engine.train.config import GenerationSpec, SweepConfig, SweepVariant, ToyDatasetSpec, TrainConfig
 from engine.train.sweep_report import format_markdown, print_table, run_row, summarize, write_report
 from jobs.runner import run_job
@@ -341,7 +341,8 @@ def finished_run(config: TrainConfig) -> dict | None:
             "output": {k: v for k, v in dumped.get("output", {}).items() if k != "overwrite"},
         }
 
-    same = settings(metrics.get("config", {})) == settings(config.model_dump(mode="json"))
+    saved = with_defaults(type(config), metrics.get("config", {}))
+    same = saved is not None and settings(saved) == settings(config.model_dump(mode="json"))
     finished = len(metrics.get("history", [])) == config.epochs and "test" in metrics
     return metrics if same and finished else None
 

@@ -124,3 +124,18 @@ def test_secrets_never_go_into_configs():
         load_config(
             GenerateConfig, ROOT / "configs" / "aga_tiny_cpu.yaml", ["ray.env_vars={HF_TOKEN: hf_abc}"]
         )
+
+
+def test_a_config_saved_before_a_key_existed_reads_with_that_keys_default():
+    """Finished runs are reused and checkpoints resumed only for the same config: a key added since (whose
+    default keeps the old behaviour) must not make an old run look different, a key since removed must."""
+    from engine.config import with_defaults
+    from engine.train.config import TrainConfig
+
+    config = load_config(TrainConfig, ROOT / "configs" / "train_toy_cpu.yaml", [])
+    saved = config.model_dump(mode="json")
+    del saved["mix"]["deda_prob"], saved["mix"]["deda_paste"]
+    assert saved != config.model_dump(mode="json")
+    assert with_defaults(TrainConfig, saved) == config.model_dump(mode="json")
+    saved["mix"]["a_removed_key"] = 1
+    assert with_defaults(TrainConfig, saved) is None

@@ -32,6 +32,7 @@ from engine.config.loading import (
     load_config,
     parse_override,
     save_resolved,
+    with_defaults,
 )
 from engine.config.run import SECRET_MARKERS, DataConfig, OutputConfig, RayConfig
 from engine.config.stage_sections import (
@@ -76,6 +77,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "save_resolved",
+    "with_defaults",
     "scheduling_field",
     "check_class_keys",
 ]

@@ -102,3 +102,13 @@ def save_resolved(config: BaseModel, path: str | Path) -> None:
     from engine.storage import write_text
 
     write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def with_defaults(config_cls, saved: dict) -> dict | None:
+    """A saved config dump as this code reads it: keys added since then take their defaults (which keep the
+    old behaviour), so a run saved before a new key existed still counts as the same config. None if it no
+    longer validates."""
+    try:
+        return config_cls.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return None

@@ -28,10 +28,13 @@ class SegmentConfig(Strict):
     use_dataset_masks: bool = Field(
         default=False, description="Use the dataset's masks instead of the models"
     )
-    boxes: Literal["top", "all"] = Field(
-        default="top",
-        description="top: the subject is the most confident box's mask (AGA pastes one subject); all: the "
-        "union of the masks of every box above box_threshold (De-DA's CDP, as Lang-SAM returns several boxes)",
+    # None, not "top", is the default so that configs without the key keep their content hash (resume).
+    boxes: Literal["top", "all"] | None = Field(
+        default=None,
+        description="top (or unset): the subject is the most confident box's mask (AGA pastes one subject); "
+        "all: the union of the masks of every box above box_threshold (De-DA's CDP, as Lang-SAM returns "
+        "several boxes)",
+        json_schema_extra={"content_omit_if_none": True},
     )
     device: str = scheduling_field("auto", description="auto, cpu or cuda[:n]")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

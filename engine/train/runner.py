@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import RayConfig, save_resolved
+from engine.config import RayConfig, save_resolved, with_defaults
 from engine.train.loop import SUMMARY_FILE
 
 # Changing these between a run and its resumption keeps the run meaningful; anything else is another run.
@@ -34,7 +34,7 @@ def prepare_run_dir(config, resumable_keys: tuple[str, ...] = RESUMABLE_KEYS) ->
     if config.output.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     elif saved.exists() and any(run_dir.glob("checkpoint_*")):
-        previous = yaml.safe_load(saved.read_text())
+        previous = with_defaults(type(config), yaml.safe_load(saved.read_text())) or {}
         current = config.model_dump(mode="json")
         differs = sorted(k for k in current if k not in resumable_keys and previous.get(k) != current[k])
         if differs:
