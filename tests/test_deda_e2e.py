@@ -169,3 +169,17 @@ def test_composites_are_the_same_whatever_the_batching(runs):
     assert np.array_equal(whole, again)
     plain = decode_and_transform(batch, **{**kwargs, "recombine": None})["image"]
     assert not np.array_equal(whole, plain), "the composites differ from the bare CDPs"
+
+
+def test_the_gallery_shows_the_parts_and_composites(runs, tmp_path):
+    from PIL import Image
+
+    from engine.run.gallery import NUM_COMPOSITES, THUMB, write_gallery
+
+    _, out = runs["edit"]
+    page = Path(write_gallery(out / "data", tmp_path, max_classes=3)).read_text()
+    for kind in ("cdp_edited", "cip", "composite"):
+        assert f"<b>{kind}</b>" in page, kind
+    assert page.count("<b>composite</b>") == 3 * NUM_COMPOSITES
+    # real, mask, CDP, CIP, 2 edited CDPs, 2 composites per class row
+    assert Image.open(tmp_path / "contact_sheet.png").size == (8 * THUMB, 3 * (THUMB + 14))

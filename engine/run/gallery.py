@@ -1,5 +1,9 @@
 """The gallery: per class, a real image, its mask and its synthetic variants with their prompts.
 
+A De-DA run's variants are its parts, labelled by part (cdp, cip, cdp_edited), followed by two composites
+of the class's CDP on other classes' CIPs, made as training makes them (engine.train.recombine; training
+never stores them, so this is where a user sees them).
+
 Writes `<gallery>/contact_sheet.png` (one row per class) and `<gallery>/index.html` (the same with
 prompts), reading the shards back with pyarrow, as a user would. Both directories may be URIs.
 """
@@ -18,6 +22,56 @@ from engine import schema, storage
 from engine.output.shards import shard_files
 
 THUMB = 128
+NUM_COMPOSITES = 2  # per class, on a De-DA run
+
+
+def _kind(row: dict) -> str:
+    """A tile's label: the part of a De-DA row, else its recipe."""
+    part = row.get(schema.PART)
+    return part if part and part != schema.PART_WHOLE else row[schema.RECIPE]
+
+
+def _composites(group: list[dict], rows: list[dict]) -> list[bytes]:
+    """PNGs of the group's CDP pasted onto CIPs of other classes, seeded 0, 1, ... (none without CIPs)."""
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+
+    from engine.config import PasteConfig
+    from engine.train.recombine import CipBank, compose
+
+    cdp = next((row for row in group if row.get(schema.PART) == schema.PART_CDP), None)
+    cips = sorted(
+        (row for row in rows if row.get(schema.PART) == schema.PART_CIP), key=lambda r: r[schema.ID]
+    )
+    if cdp is None or cdp[schema.MASK] is None or not cips:
+        return []
+    bank = CipBank(
+        pa.table(
+            {
+                schema.ID: [row[schema.ID] for row in cips],
+                schema.LABEL: pa.array([row[schema.LABEL] for row in cips], pa.int64()),
+                schema.IMAGE: [row[schema.IMAGE] for row in cips],
+            }
+        )
+    )
+    image = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(cdp[schema.IMAGE], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+    mask = cv2.imdecode(np.frombuffer(cdp[schema.MASK], np.uint8), cv2.IMREAD_GRAYSCALE)
+    out = []
+    for seed in range(NUM_COMPOSITES):
+        composite, position = compose(
+            image,
+            mask,
+            cdp[schema.LABEL],
+            bank,
+            np.random.default_rng(seed),
+            PasteConfig(rotation_deg=(0, 0)),
+        )
+        if position >= 0:
+            out.append(_png(Image.fromarray(composite)))
+    return out
 
 
 def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: int) -> str | None:
@@ -35,12 +89,15 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
         schema.ID,
     ]
     fs, _ = storage.filesystem(data_dir)
-    rows = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns).to_pylist()
+    dataset = pads.dataset(files, format="parquet", filesystem=fs)
+    columns += [name for name in (schema.PART, schema.LABEL) if name in dataset.schema.names]
+    rows = dataset.to_table(columns=columns).to_pylist()
     groups = _pick_sources(rows, max_classes)
     if not groups:
         return None
 
-    width = max(len(g) for g in groups) + 1  # +1: the mask column
+    has_cips = any(row.get(schema.PART) == schema.PART_CIP for row in rows)
+    width = max(len(g) for g in groups) + 1 + (NUM_COMPOSITES if has_cips else 0)  # +1: the mask column
     sheet = Image.new("RGB", (width * THUMB, len(groups) * (THUMB + 14)), "white")
     draw = ImageDraw.Draw(sheet)
     font = label_font()
@@ -50,7 +107,8 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
         synthetic = [row for row in group if row is not real]
         tiles = [("real", real[schema.IMAGE], "")]
         tiles.append(("mask", real[schema.MASK], ""))
-        tiles += [(f"{row[schema.RECIPE]}", row[schema.IMAGE], row[schema.PROMPT] or "") for row in synthetic]
+        tiles += [(_kind(row), row[schema.IMAGE], row[schema.PROMPT] or "") for row in synthetic]
+        tiles += [("composite", image, "") for image in _composites(synthetic, rows)]
         y = r * (THUMB + 14)
         draw.text((2, y), real[schema.CLASS_NAME], fill="black", font=font)
         cells = []
@@ -75,7 +133,8 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
         "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}"
         "figure{margin:0;width:" + str(THUMB) + "px;font-size:11px}img{image-rendering:pixelated}</style>"
         "<h1>synthray gallery</h1><p>Per class: the real image, its subject mask, and its synthetic variants "
-        "with the background prompt that drew them.</p>" + "".join(sections)
+        "with the prompt that drew them (a De-DA run: its parts and composites as training makes them).</p>"
+        + "".join(sections)
     )
     storage.write_text(storage.join(gallery_dir, "index.html"), page)
     return storage.join(gallery_dir, "index.html")
@@ -116,7 +175,11 @@ def _pick_sources(rows: list[dict], max_classes: int) -> list[list[dict]]:
 
 
 def _thumbnail(data: bytes) -> Image.Image:
+    """THUMB x THUMB, the image's aspect ratio kept (a De-DA CDP is its subject's box) on white."""
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    return img.resize(
-        (THUMB, THUMB), Image.Resampling.NEAREST if img.width < THUMB else Image.Resampling.LANCZOS
-    )
+    scale = THUMB / max(img.width, img.height)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    thumb = Image.new("RGB", (THUMB, THUMB), "white")
+    thumb.paste(img, ((THUMB - size[0]) // 2, (THUMB - size[1]) // 2))
+    return thumb
