@@ -23,7 +23,7 @@ from engine.stages.batch import Batch
 from engine.stages.llm import image_part, sampling_params, text_part, vllm_stage
 from engine.stages.loop import Stage
 
-CAPTION = "caption"
+CAPTION = schema.CAPTION
 READS = (schema.IMAGE, schema.CLASS_NAME)
 WRITES = (CAPTION,)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-# 2: the `soft_label` column; 3: the `part` column. Older shards stay valid input: a missing column reads as
+# 2: the `soft_label` column; 3: the `part` and `caption` columns. Older shards stay valid input: a missing column reads as
 # all null (see `with_soft_label`, `with_part`).
 SCHEMA_VERSION = 3
 
@@ -44,6 +44,8 @@ SOFT_LABEL = "soft_label"
 # part (the background with the subject's region filled); "cdp_edited" = a generated edit of the cdp.
 PART = "part"
 PART_WHOLE, PART_CDP, PART_CIP, PART_CDP_EDITED = "whole", "cdp", "cip", "cdp_edited"
+# A caption of the row's image (MVC: "This is an image of <class>. <a VLM's description>"), or null.
+CAPTION = "caption"
 SCHEMA_VERSION_COLUMN = "schema_version"
 
 # Working columns.
@@ -85,6 +87,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(GROUP, pa.int64()),
         pa.field(SOFT_LABEL, SOFT_LABEL_TYPE),
         pa.field(PART, pa.string()),
+        pa.field(CAPTION, pa.string()),
         pa.field(SCHEMA_VERSION_COLUMN, pa.int32(), nullable=False),
     ],
     metadata={"synthray.schema_version": str(SCHEMA_VERSION)},

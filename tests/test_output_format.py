@@ -81,6 +81,7 @@ def test_shards_load_in_datasets_with_image_and_classlabel(tmp_path):
     assert loaded[0][schema.SOFT_LABEL] is None and loaded[3][schema.SOFT_LABEL] == SOFT_ROW
     assert loaded[0][schema.SCHEMA_VERSION_COLUMN] == schema.SCHEMA_VERSION == 3
     assert loaded[0][schema.PART] is None  # a row no decoupling made: the whole image
+    assert loaded[0][schema.CAPTION] is None  # no caption stage ran
 
 
 def test_the_part_column_is_written_as_given_and_older_tables_read_as_whole_images():

@@ -70,6 +70,7 @@ def encode_rows(
         if schema.SOFT_LABEL in batch
         else [None] * n,
         schema.PART: _optional_str(batch, schema.PART, n),
+        schema.CAPTION: _optional_str(batch, schema.CAPTION, n),
         schema.SCHEMA_VERSION_COLUMN: [schema.SCHEMA_VERSION] * n,
     }
     return pa.table(columns, schema=_output_schema(tuple(class_names) if class_names else None))

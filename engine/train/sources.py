@@ -55,6 +55,7 @@ OPTIONAL_COLUMNS = {
     schema.GROUP: ("integer", pa.types.is_integer),
     schema.SOFT_LABEL: ("list<struct<label: integer, weight: floating>>", _is_soft_label),
     schema.PART: ("string", pa.types.is_string),
+    schema.CAPTION: ("string", pa.types.is_string),
 }
 # The generation config's `data` fields that say which images a source_id names (absent ones read as None).
 DATASET_FIELDS = (
