@@ -8,6 +8,9 @@ Two backends, switched by one config key (`caption.backend`), writing the same c
 - vllm: `CaptionRequests`, the task of an `engine.stages.llm` vLLM stage: ray.data.llm applies the chat
   template and runs vLLM, the image going in as the engine's `multimodal_data`.
 Both send the same chat turn (the image, then `instruction`) through the model's own chat template.
+
+`caption.model_type: blip2` (transformers backend only) runs BLIP-2 instead, as MVC captions: no chat
+template and no text prompt, the image alone (`Blip2Processor` + `Blip2ForConditionalGeneration`).
 """
 
 from __future__ import annotations
@@ -62,17 +65,27 @@ class Captioner:
                 f"Captioner runs the 'transformers' backend; backend {config.backend!r} is served by the "
                 "vLLM caption stage (actors.captioner.caption_stage)"
             )
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.model_type == "blip2":
+            self._load_blip2()
+        else:
+            self._load_chat_vlm()
+
+    def _load_chat_vlm(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-        self.config = config
+        config = self.config
         path, revision = resolve_model(config.model, "caption VLM")
-        self.device = resolve_device(config.device)
         self.processor = AutoProcessor.from_pretrained(
             path, **pretrained_kwargs(config.model, revision, False)
         )
         tokenizer = self.processor.tokenizer
         if not (self.processor.chat_template or tokenizer.chat_template):
-            raise ValueError(f"caption VLM {config.model.id!r} has no chat_template: use an instruction VLM")
+            raise ValueError(
+                f"caption VLM {config.model.id!r} has no chat_template: use an instruction VLM, or set "
+                "caption.model_type: blip2 for a BLIP-2 checkpoint"
+            )
         # Decoder-only batches pad on the left so every row's last position is its real last token.
         tokenizer.padding_side = "left"
         self.model = AutoModelForImageTextToText.from_pretrained(
@@ -92,6 +105,36 @@ class Captioner:
         ]
         self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
+    def _load_blip2(self) -> None:
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
+
+        config = self.config
+        path, revision = resolve_model(config.model, "caption BLIP-2")
+        self.processor = Blip2Processor.from_pretrained(
+            path, **pretrained_kwargs(config.model, revision, False)
+        )
+        self.model = Blip2ForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype(config.dtype, self.device), **pretrained_kwargs(config.model, revision)
+        )
+        if self.model.config.image_token_index is None or self.processor.num_query_tokens is None:
+            # Checkpoints saved before transformers 4.47 lack them, and this transformers needs both.
+            raise ValueError(
+                f"caption BLIP-2 {config.model.id!r} has no image_token_index / num_query_tokens in its config "
+                "(saved by an old transformers): pin a newer revision of the checkpoint"
+            )
+        self.model.to(self.device).eval()
+        tokenizer = self.processor.tokenizer
+        lm_config = self.model.config.text_config
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else lm_config.eos_token_id
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            do_sample=False,  # sampling, when asked for, is RowSeededSampler's (per-row generators)
+            num_beams=1,
+            eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         from PIL import Image
@@ -102,17 +145,29 @@ class Captioner:
         schema.require_columns(batch, READS, "caption")
         n = len(batch[schema.IMAGE])
         seeds = row_seeds(batch, self.config.temperature)
-        images = [[Image.fromarray(np.asarray(image, dtype=np.uint8))] for image in batch[schema.IMAGE]]
-        inputs = self.processor(text=[self.text] * n, images=images, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
         processors = LogitsProcessorList()
         if self.config.temperature > 0:
             processors.append(RowSeededSampler(seeds, self.config.temperature, self.config.top_p))
-        with torch.inference_mode():
-            output = self.model.generate(
-                **inputs, generation_config=self.generation_config, logits_processor=processors
-            )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        pil_images = [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in batch[schema.IMAGE]]
+        if self.config.model_type == "blip2":
+            # BLIP-2 captions the image alone, as MVC does. `generate` starts each row from the query (image)
+            # tokens and BOS, all special tokens, so decoding the whole output with skip_special_tokens
+            # leaves exactly the answer (for OPT and encoder-decoder Flan-T5 language models alike).
+            inputs = self.processor(images=pil_images, return_tensors="pt").to(self.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            with torch.inference_mode():
+                new_tokens = self.model.generate(
+                    **inputs, generation_config=self.generation_config, logits_processor=processors
+                )
+        else:
+            images = [[image] for image in pil_images]
+            inputs = self.processor(text=[self.text] * n, images=images, return_tensors="pt", padding=True)
+            inputs = inputs.to(self.device)
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **inputs, generation_config=self.generation_config, logits_processor=processors
+                )
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         out = dict(batch)
         out[CAPTION] = np.array(

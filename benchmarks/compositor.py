@@ -1,4 +1,4 @@
-"""Compositor benchmark: `actors.compositor.composite_one` against a straightforward per-image PIL version.
+"""Compositor benchmark: `engine.methods.paste.composite_one` against a straightforward per-image PIL version.
 
     python -m benchmarks.compositor [--sizes 512 1024] [--num-images 16] [--repeats 5] [--out-dir DIR]
 
@@ -26,10 +26,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from actors.compositor import Compositor, composite_one
+from actors.compositor import Compositor
 from benchmarks.record import RESULTS_DIR, machine, markdown_table, versions, write_result
 from engine import schema
 from engine.config import CompositeConfig
+from engine.methods.paste import composite_one
 
 BACKGROUND_SIZE = 1024  # SDXL's output
 SUBJECT_AREA = 0.3

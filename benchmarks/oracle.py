@@ -27,9 +27,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from PIL import Image
 
-from actors.compositor import composite_one
 from engine import schema
 from engine.config import CompositeConfig
+from engine.methods.paste import composite_one
 
 RECIPE = "oracle"
 

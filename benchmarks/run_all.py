@@ -38,7 +38,7 @@ def performance_page(engine: dict, comp: dict) -> str:
         "of the rows (no start-up, fill or drain); wall = from the start, start-up included.\n\n"
         f"{engine_overhead.to_markdown(engine)}\n"
         "### Compositor\n\n"
-        "Images/s of `actors.compositor.composite_one` against a per-image PIL implementation of the same "
+        "Images/s of `engine.methods.paste.composite_one` against a per-image PIL implementation of the same "
         "transform (`benchmarks/compositor.py`), single core unless noted.\n\n"
         f"{compositor.to_markdown(comp)}\n"
         "GPU numbers: not measured here (no GPU on this machine).\n"

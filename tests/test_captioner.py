@@ -1,4 +1,5 @@
-"""Captions: the transformers Captioner on the tiny VLM, the vLLM task's requests, and backend switching.
+"""Captions: the transformers Captioner on the tiny VLM and on the tiny BLIP-2 (`caption.model_type: blip2`),
+the vLLM task's requests, and backend switching.
 
 The vLLM backend itself (ray.data.llm + vLLM on the tiny VLM) runs in tests/test_vllm.py.
 """
@@ -42,6 +43,11 @@ def test_caption_text_keeps_the_prefix_and_one_line():
         == "This is an image of star. a red star"
     )
     assert caption_text(prefix, "star", "") == "This is an image of star."
+    assert (
+        caption_text(prefix, "star", None)
+        == caption_text(prefix, "star", " \n\t\n")
+        == "This is an image of star."
+    )
     assert caption_text("", "star", "a red star") == "a red star"
 
 
@@ -100,3 +106,114 @@ def test_sampled_captions_follow_the_row_seed(vlm_dir):
     no_seed = {k: v for k, v in batch(1).items() if k != schema.SEED}
     with pytest.raises(ValueError, match="seed"):
         captioner(no_seed)
+
+
+# BLIP-2 (MVC's captioner): no chat template, no text prompt.
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tiny_models_dir):
+    return tiny_models_dir / "blip2"
+
+
+def blip2_config(blip2_dir, **kwargs) -> CaptionConfig:
+    return CaptionConfig(
+        model=ModelRef(id=str(blip2_dir)), model_type="blip2", device="cpu", max_new_tokens=8, **kwargs
+    )
+
+
+def test_blip2_runs_on_transformers_only():
+    with pytest.raises(ValueError, match=r"caption\.model_type 'blip2'.*caption\.backend 'transformers'"):
+        CaptionConfig(model=ModelRef(id="/tmp"), model_type="blip2", backend="vllm")
+    stage = caption_stage(CaptionConfig(model=ModelRef(id="/tmp"), model_type="blip2"))
+    assert stage.is_actor and (stage.reads, stage.writes) == ((schema.IMAGE, schema.CLASS_NAME), (CAPTION,))
+
+
+def test_blip2_refuses_an_instruction_it_would_ignore():
+    with pytest.raises(ValueError, match=r"caption\.instruction.*blip2"):
+        CaptionConfig(model=ModelRef(id="/tmp"), model_type="blip2", instruction="What is shown?")
+    # The resolved config (every key written out, the default instruction included) loads again.
+    config = CaptionConfig(model=ModelRef(id="/tmp"), model_type="blip2")
+    assert CaptionConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+def test_model_type_chat_keeps_existing_content_hashes():
+    from engine.config.loading import config_hash, content_of
+
+    default = CaptionConfig(model=ModelRef(id="/tmp"))
+    named = CaptionConfig(model=ModelRef(id="/tmp"), model_type="chat")
+    blip2 = CaptionConfig(model=ModelRef(id="/tmp"), model_type="blip2")
+    assert "model_type" not in content_of(default) and "model_type" not in content_of(named)
+    assert config_hash(named) == config_hash(default) != config_hash(blip2)
+    assert content_of(blip2)["model_type"] == "blip2"
+
+
+def test_blip2_captioner_on_the_tiny_blip2(blip2_dir):
+    from transformers import Blip2ForConditionalGeneration
+
+    from actors.captioner import Captioner
+
+    captioner = Captioner(blip2_config(blip2_dir))
+    assert isinstance(captioner.model, Blip2ForConditionalGeneration)
+    out = captioner(batch(3))
+    assert len(out[CAPTION]) == 3
+    for caption, name in zip(out[CAPTION], ["circle", "star", "ring"], strict=True):
+        assert caption.startswith(f"This is an image of {name}. ")
+        # Only the answer is decoded: no image placeholders or other special tokens leak into it.
+        assert "<" not in caption
+    assert any(len(c) > len("This is an image of circle.") for c in out[CAPTION]), "the model wrote something"
+    # Greedy decoding: a row's caption does not depend on its batch.
+    alone = captioner({k: v[1:2] for k, v in batch(3).items()})
+    assert alone[CAPTION][0] == out[CAPTION][1]
+
+
+def test_blip2_sampled_captions_follow_the_row_seed(blip2_dir):
+    from actors.captioner import Captioner
+
+    captioner = Captioner(blip2_config(blip2_dir, temperature=1.0))
+    full = captioner(batch(3))[CAPTION]
+    tail = captioner({k: v[1:] for k, v in batch(3).items()})[CAPTION]
+    assert list(tail) == list(full[1:]), "same seed, same caption, whatever the batch"
+    reseeded = {**batch(3), schema.SEED: np.arange(100, 103, dtype=np.int64)}
+    assert list(captioner(reseeded)[CAPTION]) != list(full), "another seed samples other captions"
+    no_seed = {k: v for k, v in batch(1).items() if k != schema.SEED}
+    with pytest.raises(ValueError, match="seed"):
+        captioner(no_seed)
+
+
+def test_blip2_empty_answer_leaves_the_prefix_alone(blip2_dir, monkeypatch):
+    import torch
+
+    from actors.captioner import Captioner
+
+    captioner = Captioner(blip2_config(blip2_dir))
+    config, tokenizer = captioner.model.config, captioner.processor.tokenizer
+    # What generate returns when the first new token is EOS: the query (image) tokens, BOS, EOS.
+    prompt = [config.image_token_index] * config.num_query_tokens + [config.text_config.bos_token_id]
+
+    def generate(pixel_values, **kwargs):
+        return torch.tensor([[*prompt, tokenizer.eos_token_id]] * pixel_values.shape[0])
+
+    monkeypatch.setattr(captioner.model, "generate", generate)
+    out = captioner(batch(2))
+    assert list(out[CAPTION]) == ["This is an image of circle.", "This is an image of star."]
+
+
+def test_blip2_loads_under_the_weight_policy(blip2_dir, tmp_path):
+    """The BLIP-2 path resolves through the same loading policy as the chat path: pickled weights are refused
+    unless the model says allow_pickle."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from actors.captioner import Captioner
+
+    pickled = shutil.copytree(blip2_dir, tmp_path / "blip2")
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="caption BLIP-2 model .* set allow_pickle: true"):
+        Captioner(blip2_config(pickled))
+    config = blip2_config(pickled)
+    config.model = ModelRef(id=str(pickled), allow_pickle=True)
+    assert len(Captioner(config)(batch(1))[CAPTION]) == 1

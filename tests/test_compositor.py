@@ -4,8 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from actors.compositor import COMPOSITE_PARAMS, Compositor, composite_one, cover_resize
+from actors.compositor import COMPOSITE_PARAMS, Compositor
 from engine.config import CompositeConfig
+from engine.methods.paste import composite_one, cover_resize
 from engine.schema import BACKGROUND, BBOX, ERROR, ERROR_MESSAGE, IMAGE, MASK, SEED
 
 SUBJECT = (255, 0, 0)  # red subject on a blue source, pasted onto a green background

@@ -1,5 +1,5 @@
 """De-DA without Ray: the decouple stages (CDP crop, CIP fill, mask bounds), the recombination plan
-(engine.train.mixing.select_deda) and the composites (engine.train.recombine)."""
+(engine.train.mixing.select_deda) and the composites (engine.methods.recombine)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from actors.decoupler import Decoupler, check_mask_area, crop_to_mask, deda_part
 from engine import schema
 from engine.config import DecoupleConfig, PasteConfig
+from engine.methods.recombine import CipBank, compose
 from engine.stages.batch import object_array
 from engine.tiny.toy_dataset import render_example
 from engine.train.mixing import RowIndex, check_deda_index, parts_notes, select_deda
-from engine.train.recombine import CipBank, compose
 
 SHAPES = ["circle", "cross", "diamond", "hexagon"]
 

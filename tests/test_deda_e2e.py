@@ -148,8 +148,8 @@ def test_composites_are_the_same_whatever_the_batching(runs):
     another worker count does) gives the same pixels."""
     import pyarrow as pa
 
+    from engine.methods.recombine import CipBank
     from engine.train.data import decode_and_transform
-    from engine.train.recombine import CipBank
 
     _, out = runs["edit"]
     files = sorted(str(p) for p in (out / "data").glob("*.parquet"))

@@ -104,3 +104,18 @@ def test_domain_layout_halves_the_image_where_sd15_divides_it_by_eight(tiny_mode
             latent = pipe.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
         sides[name] = latent.shape[-1]
     assert sides == {"sd15": 4, "sd15-domain": 16}
+
+
+def test_tiny_blip2_builds_small_and_fast(tmp_path):
+    import time
+
+    from engine.tiny.blip2 import build_blip2, build_processor
+
+    assert tiny_models.TINY_MODELS["blip2"] is build_blip2  # `synthray tiny-models` builds it
+    build_processor()  # imports transformers' BLIP-2 modules, so the timing below is the build alone
+    start = time.perf_counter()
+    out = build_blip2(tmp_path / "blip2")
+    assert time.perf_counter() - start < 2.0
+    files = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(files)
+    assert sum(files.values()) < 1_000_000, files

@@ -34,6 +34,7 @@ from engine.config.loading import (
     save_resolved,
     with_defaults,
 )
+from engine.config.mvc import MvcConfig
 from engine.config.run import SECRET_MARKERS, DataConfig, OutputConfig, RayConfig
 from engine.config.stage_sections import (
     BackgroundConfig,
@@ -65,6 +66,7 @@ __all__ = [
     "SegmentConfig",
     "PasteConfig",
     "DecoupleConfig",
+    "MvcConfig",
     "StageSpec",
     "Strict",
     "VLLMConfig",

@@ -8,6 +8,7 @@ from engine.config.base import Strict, scheduling_field
 from engine.config.deda import DecoupleConfig
 from engine.config.filter import FilterConfig
 from engine.config.generator import GenerationConfig
+from engine.config.mvc import MvcConfig
 from engine.config.run import DataConfig, OutputConfig, RayConfig
 from engine.config.stage_sections import (
     BackgroundConfig,
@@ -34,6 +35,11 @@ class GenerateConfig(Strict):
     decouple: DecoupleConfig | None = Field(
         default=None,
         description="De-DA: the CDP / CIP split (recipe deda)",
+        json_schema_extra={"content_omit_if_none": True},
+    )
+    mvc: MvcConfig | None = Field(
+        default=None,
+        description="MVC: caption pools, Algorithm 1 and its two generators (recipe mvc)",
         json_schema_extra={"content_omit_if_none": True},
     )
     generation: GenerationConfig | None = Field(

@@ -127,9 +127,21 @@ class CaptionConfig(Strict):
         default="transformers",
         description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
     )
-    model: ModelRef = Field(description="Vision-language chat model (image + text in, text out)")
+    model: ModelRef = Field(
+        description="Vision-language model: a chat VLM (image + text in, text out), or a BLIP-2 checkpoint "
+        "with model_type blip2"
+    )
+    model_type: Literal["chat", "blip2"] | None = Field(
+        default=None,
+        description="Model family for the transformers backend. None or chat: a chat VLM prompted with "
+        "`instruction` through its chat template (AutoModelForImageTextToText). blip2: BLIP-2 "
+        "(Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b, as MVC captions), which has no chat "
+        "template and captions the image with no text prompt; backend transformers only",
+        json_schema_extra={"content_omit_if_none": True},
+    )
     instruction: str = Field(
-        default="Describe this image in one sentence.", description="The user message sent with the image"
+        default="Describe this image in one sentence.",
+        description="The user message sent with the image (chat VLMs; model_type blip2 sends no text)",
     )
     prefix: str = Field(
         default="This is an image of {class_name}. ",
@@ -149,6 +161,32 @@ class CaptionConfig(Strict):
             self.prefix.format(class_name="x")
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"caption.prefix may only use {{class_name}}: {err!r}") from None
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_is_the_default(cls, data: Any) -> Any:
+        # The default under its own name is stored as None, so the config keeps the content hash (and row
+        # ids) of configs that do not name it.
+        if isinstance(data, dict) and data.get("model_type") == "chat":
+            return {**data, "model_type": None}
+        return data
+
+    @model_validator(mode="after")
+    def _blip2_runs_unprompted_on_transformers(self) -> CaptionConfig:
+        if self.model_type != "blip2":
+            return self
+        if self.backend != "transformers":
+            raise ValueError(
+                f"caption.model_type 'blip2' runs on caption.backend 'transformers' only, not {self.backend!r}"
+            )
+        # BLIP-2 captions unconditionally (as MVC does): an instruction would be silently dropped, so a
+        # changed one is refused. The default is accepted, so a saved resolved config loads again.
+        if self.instruction != type(self).model_fields["instruction"].default:
+            raise ValueError(
+                "caption.instruction is not used with caption.model_type 'blip2' (BLIP-2 captions the image "
+                "with no text prompt): remove caption.instruction, or use a chat VLM"
+            )
         return self
 
 
@@ -197,7 +235,7 @@ class BackgroundConfig(Strict):
 
 
 class PasteConfig(Strict):
-    """How a subject is pasted onto a background (actors.compositor.composite_one): AGA's composite stage and
+    """How a subject is pasted onto a background (engine.methods.paste.composite_one): AGA's composite stage and
     De-DA's recombination in training (mix.deda_paste) share it."""
 
     flip_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip")

@@ -5,7 +5,7 @@ A recipe adds a file here and one line to `RECIPES`; it starts with the shared o
 done sources, read bytes, decode) and strings its actors (`actors/`) after it. The engine (read, class pools,
 stage loop, encode, write, report) is shared. `filter` is the fidelity-filter stage any recipe gets from
 config; `aga_vllm_prompts` is AGA's prompt stage on vLLM. `deda` is De-DA's decoupling (its recombination is a
-training strategy, engine.train.mixing).
+training strategy, engine.train.mixing). `caption` writes captions only (MVC's first run); `mvc` generates from them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from engine.config import GenerateConfig
 from engine.recipes.aga import aga_stages
+from engine.recipes.caption import caption_stages
 from engine.recipes.deda import deda_stages
+from engine.recipes.mvc import mvc_pool, mvc_stages
 from engine.recipes.unidiffda import unidiffda_pool, unidiffda_stages
 from engine.stages.class_pools import ClassPool, PoolSpec
 from engine.stages.loop import Stage
@@ -39,6 +41,8 @@ RECIPES: dict[str, Recipe] = {
     "aga": Recipe(aga_stages),
     "unidiffda": Recipe(unidiffda_stages, unidiffda_pool),
     "deda": Recipe(deda_stages),
+    "caption": Recipe(caption_stages),
+    "mvc": Recipe(mvc_stages, mvc_pool),
 }
 
 
@@ -78,6 +82,12 @@ def model_tags(config: GenerateConfig) -> dict[str, str]:
         tags["generator"] = config.generation.model.tag()
         if config.generation.unet:
             tags["generator_unet"] = config.generation.unet.tag()
+    if config.caption:
+        tags["captioner"] = config.caption.model.tag()
+    if config.mvc:
+        for role, ref in (("mvc_finetuned", config.mvc.model), ("mvc_pretrained", config.mvc.pretrained)):
+            if ref is not None:
+                tags[role] = ref.tag()
     if config.filter:
         tags["filter"] = config.filter.model.tag()
     return tags

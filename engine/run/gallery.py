@@ -38,7 +38,7 @@ def _composites(group: list[dict], rows: list[dict]) -> list[bytes]:
     import pyarrow as pa
 
     from engine.config import PasteConfig
-    from engine.train.recombine import CipBank, compose
+    from engine.methods.recombine import CipBank, compose
 
     cdp = next((row for row in group if row.get(schema.PART) == schema.PART_CDP), None)
     cips = sorted(

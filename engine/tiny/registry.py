@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from engine.tiny.blip2 import build_blip2
 from engine.tiny.clip import build_clip
 from engine.tiny.ip2p import build_ip2p
 from engine.tiny.llm import build_llm
@@ -38,6 +39,7 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
     "ip2p": build_ip2p,
     "llm": build_llm,
     "vlm": build_vlm,
+    "blip2": build_blip2,
     "clip": build_clip,
 }
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from engine import schema
 from engine.config import PasteConfig
+from engine.methods.recombine import COMPOSITE_PARTS, CipBank, compose
 from engine.stages.batch import is_missing
 from engine.train.config import AugmentConfig, ShardsConfig, TrainConfig
 from engine.train.mixing import (
@@ -48,7 +49,6 @@ from engine.train.mixing import (
     phase1_epochs,
     select_epoch,
 )
-from engine.train.recombine import COMPOSITE_PARTS, CipBank, compose
 from engine.train.sources import Source, check_one_dataset, different_datasets, find_sources, merge_sources
 
 INDEX_COLUMNS = (
@@ -447,7 +447,7 @@ def decode_and_transform(
     the batching.
 
     With `recombine` ({"bank": a CipBank or its ref, "paste": PasteConfig fields}: mix.strategy deda), a row
-    whose `part` is a CDP is first pasted onto a CIP of another class (engine.train.recombine), drawn from a
+    whose `part` is a CDP is first pasted onto a CIP of another class (engine.methods.recombine), drawn from a
     generator seeded by the same row seed.
     """
     import torch

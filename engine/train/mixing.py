@@ -179,7 +179,7 @@ def select_deda(
 
     Each real sample is replaced, with probability p, by a CDP of its class (an edited one with probability
     `edited_share` where the class has edited CDPs, else a real CDP), which the data pipeline pastes onto a
-    CIP of another class (engine.train.recombine: composites are made per epoch and never stored). A class
+    CIP of another class (engine.methods.recombine: composites are made per epoch and never stored). A class
     with no CDP, or with no CIP of any other class, keeps its samples real; the second value counts those
     slots (`stayed_real`). Output slot i holds real row `real_positions[i]` or its CDP, so the epoch size is
     the real count, as in `replace`.

@@ -1,7 +1,8 @@
 """De-DA's online recombination: a CDP pasted onto a CIP of another class, made in the data pipeline each epoch
 and never stored.
 
-Which samples become composites, and with which CDP, is the driver's plan (engine.train.mixing.select_deda).
+Which samples become composites, and with which CDP, is the driver's plan (engine.train.mixing.select_deda);
+the training data pipeline (engine.train.data) and the gallery (engine.run.gallery) call `compose`.
 Which CIP a composite gets, and the paste's flip / scale / position, the decode task draws from the row's own
 seed (engine.train.data.row_seed of seed, epoch, row id and draw), so an epoch's composites are the same on
 any number of workers.
@@ -23,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from actors.compositor import CompositeRowError, composite_one
 from engine import schema
 from engine.config import PasteConfig
+from engine.methods.paste import CompositeRowError, composite_one
 
 COMPOSITE_PARTS = (schema.PART_CDP, schema.PART_CDP_EDITED)  # rows the pipeline turns into composites
 
