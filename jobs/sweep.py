@@ -298,16 +298,24 @@ def budget_epochs(config: TrainConfig, train_rows: int) -> int:
     return max(1, round(train_rows / max(rows_per_epoch, 1)))
 
 
-def inputs_fingerprint(config: TrainConfig) -> str:
+def inputs_fingerprint(config: TrainConfig, legacy: bool = False) -> str:
     """What a run trains on, as its data folders' shard names: shards are named by their content, so a
     regenerated run (e.g. from a rebuilt toy dataset under the same path) has other names, which the run's
     config cannot show. (A data path that is a dataset rather than a generation run's shards adds its
     .parquet names, or nothing for an image folder.)"""
     import hashlib
+    import posixpath
 
     from engine import storage
 
-    names = [f"{path}\t{storage.list_files(path, '.parquet')}" for path in config.data.paths]
+    # Names, not the locations list_files returns: those are absolute, so the same shards read from another
+    # checkout (or working directory) would look like other data. `legacy` is the older location-based form,
+    # still accepted for records written before (fresh_if_inputs_changed).
+    files = {path: storage.list_files(path, ".parquet") for path in config.data.paths}
+    if legacy:
+        names = [f"{path}\t{listed}" for path, listed in files.items()]
+    else:
+        names = [f"{path}\t{[posixpath.basename(f) for f in listed]}" for path, listed in files.items()]
     return hashlib.sha1("\n".join(names).encode()).hexdigest()
 
 
@@ -319,6 +327,9 @@ def fresh_if_inputs_changed(config: TrainConfig, sweep_out: Path, title: str) ->
     fingerprint = inputs_fingerprint(config)
     previous = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
     if previous == fingerprint:
+        return config
+    if previous is not None and previous == inputs_fingerprint(config, legacy=True):
+        record.write_text(json.dumps({"fingerprint": fingerprint, "paths": config.data.paths}) + "\n")
         return config
     if previous is not None and config.run_dir().exists():
         print(f"{title}: its data changed since it ran (other shards): training it again", flush=True)
