@@ -39,6 +39,28 @@ def with_tiny_models(raw: dict, toy: Path, models: Path, out: Path) -> dict:
     raw["ray"] = {"progress_bars": False, "task_num_cpus": 0.5}
     if raw["recipe"] == "unidiffda":
         return with_tiny_generator(raw, models)
+    if raw["recipe"] == "caption":
+        name = "blip2" if raw["caption"].get("model_type") == "blip2" else "vlm"
+        raw["caption"] |= {"model": {"id": str(models / name)}, "device": "cpu", "dtype": "float32"}
+        raw["caption"] |= {"stage": CPU_STAGE, "max_new_tokens": 4}
+        return raw
+    if raw["recipe"] == "mvc":  # the tiny InstructPix2Pix stands in for the fine-tuned 8-channel pipeline
+        raw["mvc"] |= {
+            "captions": str(caption_shards(toy, out.parent)),
+            "model": {"id": str(models / "ip2p")},
+        }
+        if raw["mvc"].get("pretrained"):
+            raw["mvc"]["pretrained"] = {"id": str(models / "sd15")}
+        raw["mvc"] |= {
+            "height": 32,
+            "width": 32,
+            "num_inference_steps": 2,
+            "device": "cpu",
+            "dtype": "float32",
+        }
+        raw["mvc"]["stage"] = CPU_STAGE
+        raw["num_variants"] = 1
+        return raw
     if raw["recipe"] == "deda":
         raw["segment"] |= {
             "detector": {"id": str(models / "grounding-dino")},
@@ -97,6 +119,30 @@ def with_tiny_generator(raw: dict, models: Path) -> dict:
     return raw
 
 
+def caption_shards(toy: Path, where: Path) -> Path:
+    """What a caption run (recipe caption) leaves for MVC's caption pools: per train image its class and caption."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.output.shards import SHARD_GLOB_PREFIX
+
+    images = sorted((toy / "train").glob("*/*.png"))
+    table = pa.table(
+        {
+            schema.ID: [f"caption-{i}" for i in range(len(images))],
+            schema.CLASS_NAME: [p.parent.name for p in images],
+            schema.SPLIT: ["train"] * len(images),
+            schema.CAPTION: [
+                f"This is an image of {p.parent.name}. a shape, {i}" for i, p in enumerate(images)
+            ],
+        }
+    )
+    out = where / "captions" / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / f"{SHARD_GLOB_PREFIX}0.parquet")
+    return out
+
+
 def tiny_unet_file(models: Path, where: Path) -> Path:
     """The tiny SDXL UNet's weights as one .safetensors state dict, as SDXL-Lightning ships its UNet."""
     from diffusers import UNet2DConditionModel
@@ -122,6 +168,12 @@ def test_shipped_config_runs_end_to_end(ray_local, toy, tiny_models_dir, tmp_pat
     real_train = run["stages"]["expand"]["rows_in"] - (run["rows"]["real_in"] - run["rows"]["real_written"])
     expanded = [r for r in pq.read_table(tmp_path / "out" / "data").to_pylist() if r[schema.RECIPE] != "real"]
     assert run["rows"]["real_written"] == run["rows"]["real_in"] == 12
+    if config.recipe == "caption":  # captions on the train split's real rows, no synthetic row
+        rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+        assert not expanded and all(
+            r[schema.CAPTION].startswith("This is an image of") for r in rows if r[schema.SPLIT] == "train"
+        )
+        return
     assert len(expanded) == run["rows"]["synthetic_written"] == run["rows"]["synthetic_expected"] > 0
     train_sources = {r[schema.SOURCE_ID] for r in expanded}
     per_source = config.num_variants + (2 if config.recipe == "deda" else 0)  # De-DA's CDP and CIP
@@ -137,5 +189,7 @@ def test_shipped_config_runs_end_to_end(ray_local, toy, tiny_models_dir, tmp_pat
         params = json.loads(row[schema.PARAMS])
         if config.recipe in ("aga", "deda"):  # the subject is pasted back / edited with its mask
             assert row[schema.MASK] is not None
-        if config.recipe != "aga":  # the generator says how it made the row
+        if config.recipe == "mvc":
+            assert params["mvc"]["source"] in ("finetuned", "pretrained")
+        elif config.recipe != "aga":  # the generator says how it made the row
             assert params["generation"]["mode"] == config.generation.mode
