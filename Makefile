@@ -63,6 +63,7 @@ bench: $(STAMP)
 # benchmarks/results/efficacy.{md,json,png}. bench-train-random: the same with the random-weight models.
 bench-train: $(STAMP)
 	$(PY) -m benchmarks.domain_generator
+	$(PY) -m benchmarks.mvc_generator
 	$(VENV)/bin/synthray sweep --config configs/bench_efficacy.yaml
 
 bench-train-random: $(STAMP)

@@ -209,10 +209,44 @@ class CaptionRequests:
         return {CAPTION: np.array(captions, dtype=object)}
 
 
+class FileCaptioner:
+    """Callable class for `map_batches`: the captions a dataset already has (`caption.captions_file`), behind
+    the same prefix; no model. Reads `source_id` and `class_name`."""
+
+    def __init__(self, config: CaptionConfig) -> None:
+        from engine.readers.captions import read_captions_file
+
+        self.config = config
+        self.captions = read_captions_file(config.captions_file, "caption.captions_file")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        schema.require_columns(batch, (schema.SOURCE_ID, schema.CLASS_NAME), "caption")
+        out = dict(batch)
+        out[CAPTION] = np.array(
+            [
+                caption_text(self.config.prefix, str(c), self.captions.get(str(s)))
+                for s, c in zip(batch[schema.SOURCE_ID], batch[schema.CLASS_NAME], strict=True)
+            ],
+            dtype=object,
+        )
+        return out
+
+
 def caption_stage(
     config: CaptionConfig, *, only_synthetic: bool = False, only_splits: tuple[str, ...] | None = None
 ) -> Stage:
-    """The caption stage for a recipe, on the configured backend."""
+    """The caption stage for a recipe, on the configured backend (or from the dataset's captions file)."""
+    if config.captions_file is not None:
+        return Stage(
+            "caption",
+            FileCaptioner,
+            config.stage,
+            {"config": config},
+            reads=(schema.SOURCE_ID, schema.CLASS_NAME),
+            writes=WRITES,
+            only_synthetic=only_synthetic,
+            only_splits=only_splits,
+        )
     if config.backend == "vllm":
         return vllm_stage(
             "caption",

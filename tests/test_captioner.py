@@ -217,3 +217,34 @@ def test_blip2_loads_under_the_weight_policy(blip2_dir, tmp_path):
     config = blip2_config(pickled)
     config.model = ModelRef(id=str(pickled), allow_pickle=True)
     assert len(Captioner(config)(batch(1))[CAPTION]) == 1
+
+
+def test_captions_a_dataset_already_has_come_from_its_file(tmp_path):
+    """caption.captions_file: no model; the file's caption behind the prefix, the prefix alone where the file
+    has none, and a file without the columns is an error naming them."""
+    from actors.captioner import FileCaptioner, caption_stage
+    from engine.config import CaptionConfig
+
+    path = tmp_path / "captions.csv"
+    path.write_text('source_id,caption\ntrain/circle/a.png,"a circle, on sand"\ntrain/circle/b.png,\n')
+    config = CaptionConfig(captions_file=str(path))
+    assert caption_stage(config).fn is FileCaptioner
+    batch = {
+        "source_id": np.array(
+            ["train/circle/a.png", "train/circle/b.png", "train/circle/c.png"], dtype=object
+        ),
+        "class_name": np.array(["circle"] * 3, dtype=object),
+    }
+    out = FileCaptioner(config)(batch)
+    assert list(out["caption"]) == [
+        "This is an image of circle. a circle, on sand",
+        "This is an image of circle.",
+        "This is an image of circle.",
+    ]
+    (tmp_path / "bad.csv").write_text("id,text\nx,y\n")
+    with pytest.raises(
+        ValueError, match=r"caption.captions_file .*bad.csv has no column\(s\) \['source_id', 'caption'\]"
+    ):
+        FileCaptioner(CaptionConfig(captions_file=str(tmp_path / "bad.csv")))
+    with pytest.raises(ValueError, match="exactly one of caption.model and caption.captions_file"):
+        CaptionConfig()

@@ -127,9 +127,17 @@ class CaptionConfig(Strict):
         default="transformers",
         description="transformers: an actor pool running `generate`; vllm: vLLM through ray.data.llm",
     )
-    model: ModelRef = Field(
+    model: ModelRef | None = Field(
+        default=None,
         description="Vision-language model: a chat VLM (image + text in, text out), or a BLIP-2 checkpoint "
-        "with model_type blip2"
+        "with model_type blip2; None with captions_file",
+    )
+    captions_file: str | None = Field(
+        default=None,
+        description="Captions a dataset already has instead of a model: a CSV with source_id and caption "
+        "columns (the toy dataset's captions.csv, COCO-style annotations); an image without one gets the "
+        "prefix alone",
+        json_schema_extra={"content_omit_if_none": True},
     )
     model_type: Literal["chat", "blip2"] | None = Field(
         default=None,
@@ -171,6 +179,12 @@ class CaptionConfig(Strict):
         if isinstance(data, dict) and data.get("model_type") == "chat":
             return {**data, "model_type": None}
         return data
+
+    @model_validator(mode="after")
+    def _a_model_or_a_file(self) -> CaptionConfig:
+        if (self.model is None) == (self.captions_file is None):
+            raise ValueError("caption needs exactly one of caption.model and caption.captions_file")
+        return self
 
     @model_validator(mode="after")
     def _blip2_runs_unprompted_on_transformers(self) -> CaptionConfig:

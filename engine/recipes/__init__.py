@@ -82,7 +82,7 @@ def model_tags(config: GenerateConfig) -> dict[str, str]:
         tags["generator"] = config.generation.model.tag()
         if config.generation.unet:
             tags["generator_unet"] = config.generation.unet.tag()
-    if config.caption:
+    if config.caption and config.caption.model is not None:
         tags["captioner"] = config.caption.model.tag()
     if config.mvc:
         for role, ref in (("mvc_finetuned", config.mvc.model), ("mvc_pretrained", config.mvc.pretrained)):
