@@ -125,6 +125,12 @@ def test_decode_and_transform_makes_normalized_tensors(shards):
     evaluation = decode_and_transform(batch, train=False, **kwargs)
     assert -3 < evaluation["image"].mean() < 3
     assert train["synthetic"].tolist() == [int(r != schema.RECIPE_REAL) for r in batch[schema.RECIPE]]
+    # AutoAugment (MVC's baseline): seeded like the rest, and it changes the images.
+    auto = {**kwargs, "augment": AugmentConfig(auto_augment="cifar10").model_dump()}
+    augmented = decode_and_transform(batch, train=True, **auto)["image"]
+    assert np.array_equal(augmented, decode_and_transform(batch, train=True, **auto)["image"])
+    plain = {**kwargs, "augment": AugmentConfig().model_dump()}
+    assert not np.array_equal(augmented, decode_and_transform(batch, train=True, **plain)["image"])
 
 
 def bad_shards(shards: Path, folder: Path) -> dict[str, str]:

@@ -70,6 +70,12 @@ class AugmentConfig(Strict):
     rand_augment: bool = Field(default=False, description="Add RandAugment (Cubuk et al. 2020)")
     rand_augment_num_ops: int = Field(default=2, ge=1)
     rand_augment_magnitude: int = Field(default=9, ge=0, le=30)
+    auto_augment: Literal["imagenet", "cifar10", "svhn"] | None = Field(
+        default=None,
+        description="Add AutoAugment (Cubuk et al. 2019) with the policy learned on that dataset (torchvision's "
+        "v2.AutoAugment; timm's 'original' is the same published ImageNet policy): MVC's baseline, and what it "
+        "combines with synthetic data",
+    )
     mean: tuple[float, float, float] = Field(default=IMAGENET_MEAN, description="Normalization mean (timm's)")
     std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="Normalization std (timm's)")
 

@@ -464,6 +464,8 @@ def decode_and_transform(
         ]
         if options.hflip:
             steps.append(v2.RandomHorizontalFlip())
+        if options.auto_augment:
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(options.auto_augment)))
         if options.rand_augment:
             steps.append(
                 v2.RandAugment(num_ops=options.rand_augment_num_ops, magnitude=options.rand_augment_magnitude)
