@@ -2,7 +2,8 @@
 
 Adapts a diffusion pipeline to a dataset with Ray Train (`TorchTrainer`, gradients averaged over
 `scaling.num_workers` workers): `method: textual_inversion` learns one token per class, `dreambooth_lora` a UNet
-LoRA (on top of a textual-inversion run's tokens when `lora.textual_inversion` names one). Writes into
+LoRA (on top of a textual-inversion run's tokens when `lora.textual_inversion` names one), `full` whole modules,
+`mvc` MVC's image-conditioned UNet on a caption run's shards (an InstructPix2Pix pipeline). Writes into
 <output.path>/<run name>/: the Ray Train checkpoints, train_config.yaml, the adapter files
 (textual_inversion.safetensors or lora/pytorch_lora_weights.safetensors, which generators load with
 `adapters:`), finetune.json (steps, loss history, wall time, steps/s, rows not used and why) and loss.png. Running again with the same
@@ -49,19 +50,23 @@ def print_summary(report: dict) -> None:
     )
     if report["skipped_rows"]:
         print(f"  rows not used, by reason: {report['skipped_rows']}")
+    if report.get("single_image_classes"):
+        print(f"  classes with one image, paired with itself (mvc): {report['single_image_classes']}")
 
 
 def run_finetune(config: FinetuneConfig) -> dict:
     """One run: rows -> TorchTrainer.fit -> adapter files + finetune.json + loss.png; returns the report."""
     import ray
 
-    from engine.finetune.data import load_training_rows
+    from engine.finetune.data import load_training_rows, require_caption_column
     from engine.finetune.textual_inversion import check_tokenizers, placeholder_tokens
     from engine.models.references import check_local_models, resolve_model
 
     start = time.perf_counter()
-    # 1. Models exist and placeholders are new, before anything starts.
+    # 1. Models exist, placeholders are new and (mvc) the shards have captions, before anything starts.
     check_local_models(config, "finetune")
+    if config.method == "mvc":
+        require_caption_column(config.data)
     # 2. Run folder: resume or start over, never mix two configs in one folder.
     run_dir = prepare_run_dir(config, RESUMABLE_KEYS)
     # 3. Ray, with the reservation checked before anything waits on it; the real rows, every class usable.
@@ -121,6 +126,10 @@ def run_finetune(config: FinetuneConfig) -> dict:
         "images_per_class": data.images_per_class,
         "skipped_rows": data.skipped,
         "rows_without_caption": data.uncaptioned,
+        # MVC pairs each image with another of its class; a class with one image pairs it with itself.
+        "single_image_classes": (
+            [name for name, n in data.images_per_class.items() if n == 1] if config.method == "mvc" else None
+        ),
         "tokens": state["tokens"],
         "outputs": outputs,
         "checkpoint": result.checkpoint.path,

@@ -749,14 +749,17 @@ def test_full_method_checkpoint_tensors_round_trip_and_name_their_module(tiny_mo
 
 
 def test_captions_file_needs_its_columns(tmp_path):
-    from engine.finetune.data import read_captions
+    from engine.readers.captions import read_captions_file
+
+    def read_captions(path: str) -> dict[str, str]:
+        return read_captions_file(path, "full.captions_file")
 
     good = tmp_path / "captions.csv"
     good.write_text('source_id,caption\ntrain/a/1.png,"a circle, on sand"\ntrain/a/2.png,\n')
     assert read_captions(str(good)) == {"train/a/1.png": "a circle, on sand", "train/a/2.png": ""}
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text\nx,y\n")
-    with pytest.raises(ValueError, match=r"no column\(s\) \['source_id', 'caption'\]"):
+    with pytest.raises(ValueError, match=r"full.captions_file .* no column\(s\) \['source_id', 'caption'\]"):
         read_captions(str(bad))
 
 

@@ -8,9 +8,10 @@ from typing import Annotated, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from engine.config import DataConfig, ModelRef, RayConfig, Strict
+from engine.methods.mvc_mix import DEFAULT_COARSE_STEPS, DEFAULT_FINE_STEPS
 from engine.train.config import ScalingSpec
 
-METHODS = ("textual_inversion", "dreambooth_lora", "full")
+METHODS = ("textual_inversion", "dreambooth_lora", "full", "mvc")
 
 
 class TextualInversionSpec(Strict):
@@ -107,6 +108,58 @@ class FullSpec(Strict):
     )
 
 
+class MvcSpec(Strict):
+    """`method: mvc` (engine.finetune.mvc): the whole UNet, widened to read a real image of the class as 4 more
+    input channels (InstructPix2Pix-style), trained on mixed caption embeddings (MVC's Algorithm 1)."""
+
+    coarse_steps: int = Field(
+        default=DEFAULT_COARSE_STEPS,
+        ge=0,
+        description="P of Algorithm 1: token-row spans copied from another caption of the class (the paper "
+        "gives no value; engine.methods.mvc_mix's default, our choice)",
+    )
+    fine_steps: int = Field(
+        default=DEFAULT_FINE_STEPS,
+        ge=0,
+        description="Q of Algorithm 1: feature spans of one token copied from another caption (the paper "
+        "gives no value; engine.methods.mvc_mix's default, our choice)",
+    )
+    conditioning_dropout_prob: float = Field(
+        default=0.05,
+        ge=0,
+        le=1 / 3,
+        description="p: of the samples, p train without the text, p without the image, p without both, so "
+        "that both guidance scales have something to push against (diffusers' train_instruct_pix2pix "
+        "--conditioning_dropout_prob, 0.05 in its README; InstructPix2Pix section 3.2.1: 5% each); at most "
+        "1/3, as the three shares come from one uniform draw",
+    )
+    prefix: str = Field(
+        default="This is an image of {class_name}. ",
+        description="The text of a row without a caption ({class_name}: its class): MVC's caption prefix "
+        "alone (engine.config CaptionConfig.prefix, the caption run's default)",
+    )
+    learning_rate: float = Field(
+        default=5e-5,
+        gt=0,
+        description="Before scale_lr (diffusers' train_instruct_pix2pix README: 5e-5, without --scale_lr)",
+    )
+    max_grad_norm: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Clip the averaged gradients' global norm to this (diffusers' train_instruct_pix2pix "
+        "--max_grad_norm, default 1.0); None: no clipping",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_names_only_the_class(cls, value: str) -> str:
+        try:
+            value.format(class_name="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"mvc.prefix may only use {{class_name}}: {err!r}") from None
+        return value
+
+
 class FinetuneCheckpointSpec(Strict):
     every_steps: int = Field(
         default=100, ge=1, description="Checkpoint every N optimizer steps (and the last)"
@@ -157,7 +210,9 @@ FinetuneData = Annotated[
 
 
 class FinetuneConfig(Strict):
-    method: Literal["textual_inversion", "dreambooth_lora", "full"] = Field(description="What to train")
+    method: Literal["textual_inversion", "dreambooth_lora", "full", "mvc"] = Field(
+        description="What to train"
+    )
     model: ModelRef = Field(description="Base pipeline (SD1.5 or SDXL, diffusers format)")
     data: FinetuneData = Field(
         description="Real training images: a dataset read by engine.readers (image_folder, parquet), or "
@@ -189,6 +244,7 @@ class FinetuneConfig(Strict):
     textual_inversion: TextualInversionSpec = Field(default_factory=TextualInversionSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     full: FullSpec = Field(default_factory=FullSpec)
+    mvc: MvcSpec = Field(default_factory=MvcSpec)
     log_every: int = Field(default=10, ge=1, description="Progress line every N steps (rank 0)")
     scaling: ScalingSpec = Field(default_factory=lambda: ScalingSpec(num_workers=1))
     checkpoint: FinetuneCheckpointSpec = Field(default_factory=FinetuneCheckpointSpec)
@@ -228,6 +284,20 @@ class FinetuneConfig(Strict):
             raise ValueError(
                 f"full.vae_steps ({self.full.vae_steps}) must be below max_steps ({self.max_steps}): the "
                 "UNet trains after the VAE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mvc_reads_a_caption_run(self) -> FinetuneConfig:
+        # MVC mixes the captions of each class: only a caption run's shards carry them per row.
+        if self.method == "mvc" and self.data.format != "shards":
+            raise ValueError(
+                "method mvc trains on a caption run's rows: set data.format: shards and data.path to its "
+                f"<out>/data (data.format is {self.data.format})"
+            )
+        if self.method == "mvc" and self.subject_only:
+            raise ValueError(
+                "method mvc trains on whole images and their captions: subject_only must be false"
             )
         return self
 

@@ -3,7 +3,8 @@ run's shards), decoded and cropped to the training resolution, with every class 
 before any worker starts.
 
 Rows of the dataset handed to the workers: `pixels` (resolution x resolution x 3 uint8), `label` (int64),
-`caption` (str: the row's caption from `full.captions_file`, "" for none).
+`caption` (str: the row's caption from `full.captions_file`, or for `method: mvc` the `caption` column of a
+caption run's shards; "" for none).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import schema
+from engine.readers.captions import read_captions_file
 from engine.stages.batch import Batch
 
 PIXELS = "pixels"
-CAPTION = "caption"
+CAPTION = schema.CAPTION
 SKIP = "skip"  # working column: "" for a usable row, else why it is not used (counted in finetune.json)
 
 # The 27 prompt templates of the textual-inversion paper's code (diffusers' textual_inversion example).
@@ -101,11 +103,15 @@ def decode_for_training(
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         pixels[i] = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
-    ids = batch.get(schema.SOURCE_ID, np.full(n, "", dtype=object))
+    if CAPTION in batch:  # a caption run's shards: the row's own caption (null: none)
+        row_captions = ["" if is_missing(c) else str(c).strip() for c in batch[CAPTION]]
+    else:
+        ids = batch.get(schema.SOURCE_ID, np.full(n, "", dtype=object))
+        row_captions = [(captions or {}).get(str(i), "") for i in ids]
     return {
         PIXELS: pixels,
         schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
-        CAPTION: np.array([(captions or {}).get(str(i), "") for i in ids], dtype=object),
+        CAPTION: np.array(row_captions, dtype=object),
         SKIP: skip,
     }
 
@@ -133,10 +139,29 @@ class TrainingRows:
     uncaptioned: int | None = None  # usable rows the captions file had no caption for (None: no file)
 
 
-def read_run_shards(data, ray_data, num_cpus: float):
+def require_caption_column(data) -> None:
+    """Raise a ValueError naming the shard files of `data` (a `format: shards` section) that have no `caption`
+    column: MVC trains on a caption run's rows, and a run without the caption stage (or one written before
+    schema 3) has none to mix."""
+    import pyarrow.parquet as pq
+
+    from engine.train.sources import find_sources
+
+    (source,) = find_sources([data.path])
+    missing = [f for f in source.files if schema.CAPTION not in pq.read_schema(f).names]
+    if missing:
+        raise ValueError(
+            f"method mvc needs a caption run's shards, but {len(missing)} of {len(source.files)} shard files in "
+            f"{data.path} have no `{schema.CAPTION}` column (e.g. {missing[0]}): point data.path at the "
+            "<out>/data of a run with the caption stage"
+        )
+
+
+def read_run_shards(data, ray_data, num_cpus: float, with_captions: bool = False):
     """A generation run's real rows (`recipe: real`) of `data.splits` as source rows (image_bytes, mask_bytes,
-    label), and its class names. The shards are validated as training validates them (engine.train.sources:
-    one error naming every unusable file); synthetic rows are not read (Parquet filter)."""
+    label, and with `with_captions` the caption), and its class names. The shards are validated as training
+    validates them (engine.train.sources: one error naming every unusable file); synthetic rows are not read
+    (Parquet filter)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -157,6 +182,8 @@ def read_run_shards(data, ray_data, num_cpus: float):
     # Only the columns decode reads, and only real rows of the splits (Ray pushes the filter into the read).
     real = (col(schema.RECIPE) == schema.RECIPE_REAL) & col(schema.SPLIT).is_in(list(data.splits))
     columns = [schema.IMAGE, schema.MASK, schema.LABEL, schema.RECIPE, schema.SPLIT, schema.SOURCE_ID]
+    if with_captions:
+        columns.append(schema.CAPTION)
     rows = ray_data.read_parquet(source.files, columns=columns, num_cpus=num_cpus).filter(expr=real)
     return rows.map_batches(_as_source_rows, batch_format="numpy", num_cpus=num_cpus), list(class_names)
 
@@ -167,28 +194,17 @@ def _as_source_rows(batch: Batch) -> Batch:
 
     masks = np.empty(len(batch[schema.MASK]), dtype=object)
     masks[:] = [None if is_missing(m) else bytes(m) for m in batch[schema.MASK]]
-    return {
+    rows = {
         schema.IMAGE_BYTES: batch[schema.IMAGE],
         schema.MASK_BYTES: masks,
         schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
         schema.SOURCE_ID: batch[schema.SOURCE_ID],
     }
-
-
-def read_captions(path: str) -> dict[str, str]:
-    """source_id -> caption from a CSV with those two columns (pyarrow's reader: quoting, large files)."""
-    import pyarrow.csv as pcsv
-
-    table = pcsv.read_csv(path)
-    missing = [c for c in (schema.SOURCE_ID, CAPTION) if c not in table.column_names]
-    if missing:
-        raise ValueError(
-            f"full.captions_file {path} has no column(s) {missing} (columns: {table.column_names})"
+    if schema.CAPTION in batch:
+        rows[CAPTION] = np.array(
+            ["" if is_missing(c) else str(c) for c in batch[schema.CAPTION]], dtype=object
         )
-    captions = table[CAPTION].to_pylist()
-    return {
-        str(i): (c or "").strip() for i, c in zip(table[schema.SOURCE_ID].to_pylist(), captions, strict=True)
-    }
+    return rows
 
 
 def load_training_rows(config, ray_data) -> TrainingRows:
@@ -196,14 +212,17 @@ def load_training_rows(config, ray_data) -> TrainingRows:
     every class without a usable image (its token or LoRA prompt would never be trained)."""
     from engine.readers import inspect_source, read_source
 
+    mvc = config.method == "mvc"
     if config.data.format == "shards":
-        source, class_names = read_run_shards(config.data, ray_data, config.ray.task_num_cpus)
+        source, class_names = read_run_shards(
+            config.data, ray_data, config.ray.task_num_cpus, with_captions=mvc
+        )
     else:
         info = inspect_source(config.data)
         source, class_names = read_source(config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info)
     captions = None
     if config.method == "full" and config.full.captions_file:
-        captions = read_captions(config.full.captions_file)
+        captions = read_captions_file(config.full.captions_file, "full.captions_file")
     decoded = source.map_batches(
         decode_for_training,
         fn_kwargs={
@@ -219,7 +238,12 @@ def load_training_rows(config, ray_data) -> TrainingRows:
     labels = decoded.select_columns([schema.LABEL, SKIP, CAPTION]).to_pandas()
     usable = labels[SKIP] == ""
     # Rows without a caption of their own train on the class prompt: counted, as a captioner's misses are.
-    uncaptioned = int((labels[usable][CAPTION] == "").sum()) if captions is not None else None
+    uncaptioned = int((labels[usable][CAPTION] == "").sum()) if captions is not None or mvc else None
+    if mvc and uncaptioned == int(usable.sum()):
+        raise ValueError(
+            f"method mvc: no usable real row of {config.data.path} (splits {config.data.splits}) has a caption: "
+            "its `caption` column is empty (was the caption stage on in that run?)"
+        )
     counts = labels[usable][schema.LABEL].value_counts().to_dict()
     per_class = {name: int(counts.get(label, 0)) for label, name in enumerate(class_names)}
     skipped = {str(reason): int(n) for reason, n in sorted(labels[~usable][SKIP].value_counts().items())}

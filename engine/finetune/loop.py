@@ -1,6 +1,7 @@
 """What runs in each Ray Train worker of `synthray finetune`: load the base pipeline through engine.models.diffusion,
-set up the method (textual inversion or DreamBooth-LoRA), resume from Ray Train's latest checkpoint, then take
-optimizer steps of the denoising loss, averaging gradients across ranks, checkpointing every N steps.
+set up the method (textual inversion, DreamBooth-LoRA, full, MVC), resume from Ray Train's latest checkpoint, then
+take optimizer steps of the denoising loss, averaging gradients across ranks (MVC's UNet: through DDP),
+checkpointing every N steps.
 
 Every draw of a step (images, flips, templates, VAE sample, noise, timesteps) comes from a generator seeded by
 (seed, step, rank, micro-batch), so a resumed run takes the steps an uninterrupted one would. The loop reads
@@ -31,6 +32,7 @@ def learning_rate(config: FinetuneConfig) -> float:
         "textual_inversion": config.textual_inversion.learning_rate,
         "dreambooth_lora": config.lora.learning_rate,
         "full": config.full.learning_rate,
+        "mvc": config.mvc.learning_rate,
     }[config.method]
     if config.scale_lr:
         base *= config.batch_size * config.gradient_accumulation_steps * config.scaling.num_workers
@@ -66,6 +68,7 @@ def loop_config(config: FinetuneConfig, class_names: list[str]) -> dict:
         "textual_inversion": config.textual_inversion.model_dump(mode="json"),
         "lora": lora,
         "full": config.full.model_dump(mode="json", exclude={"captions_file"}),
+        "mvc": config.mvc.model_dump(mode="json"),
         "precision": config.scaling.precision,
         "torch_threads": max(1, math.floor(config.scaling.resources_per_worker.get("CPU", 1.0))),
         "checkpoint_every": config.checkpoint.every_steps,
@@ -122,7 +125,8 @@ def training_step(
     """One optimizer step of the denoising loss over `loop["accumulation"]` micro-batches; returns (the
     step's loss, (lowest, highest) timestep drawn). `pixels`: N x 3 x H x W uint8 tensor, `labels`: N ints,
     `captions`: N strings ("" where a row has none: the method's prompt for its class). A full fine-tune's
-    first `vae_steps` steps take the autoencoder loss instead (engine.finetune.full).
+    first `vae_steps` steps take the autoencoder loss instead (engine.finetune.full); MVC's micro-batches are
+    its own (engine.finetune.mvc: image pairs, mixed captions), and it clips the averaged gradients.
     `all_mean_` averages the gradients (and loss) across ranks in place; None for one process. `scaler`: a
     `torch.amp.GradScaler` (fp16); the gradients are averaged while still scaled, so every rank sees the
     same inf/NaN and skips (or takes) the same steps."""
@@ -139,6 +143,16 @@ def training_step(
     for micro in range(loop["accumulation"]):
         # Every draw from one generator seeded by (seed, step, rank, micro): resumable, rank-distinct.
         g = torch.Generator("cpu").manual_seed(step_seed(loop["seed"], step, rank, micro))
+        if loop["method"] == "mvc":
+            with method.no_sync(accumulating=micro < loop["accumulation"] - 1):
+                loss, timesteps = method.micro_batch_loss(
+                    pixels, labels, captions, g, noise_scheduler, (t_min, t_max), loop, device, autocast
+                )
+                loss = loss / loop["accumulation"]
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            step_loss += loss.detach()
+            low, high = min(low, int(timesteps.min())), max(high, int(timesteps.max()))
+            continue
         index = torch.randint(len(labels), (loop["batch_size"],), generator=g)
         images = pixels[index].float() / 127.5 - 1.0
         if loop["hflip"]:
@@ -185,7 +199,15 @@ def training_step(
         low, high = min(low, int(timesteps.min())), max(high, int(timesteps.max()))
     method.after_backward()
     if all_mean_ is not None:
-        all_mean_([p.grad for p in method.parameters() if p.grad is not None] + [step_loss])
+        # Under DDP (MVC's UNet, several ranks) the last backward pass has averaged the gradients already.
+        synced = getattr(method, "ddp", None) is not None
+        all_mean_(
+            ([] if synced else [p.grad for p in method.parameters() if p.grad is not None]) + [step_loss]
+        )
+    if loop["method"] == "mvc" and loop["mvc"]["max_grad_norm"] is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients; scaler.step then knows they are unscaled
+        torch.nn.utils.clip_grad_norm_(method.parameters(), loop["mvc"]["max_grad_norm"])
     if scaler is None:
         optimizer.step()
     else:
@@ -228,6 +250,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
     from engine.config import AdapterConfig, ModelRef
     from engine.finetune.full import FullFinetune
     from engine.finetune.lora import DreamBoothLora
+    from engine.finetune.mvc import MvcFinetune
     from engine.finetune.textual_inversion import TextualInversion
     from engine.models.diffusion import load_pipeline, read_textual_inversion
     from engine.train.loop import _quiet_report_logs
@@ -263,6 +286,10 @@ def finetune_loop_per_worker(loop: dict) -> None:
         method = TextualInversion(pipe, class_names, loop["textual_inversion"])
     elif loop["method"] == "full":
         method = FullFinetune(pipe, class_names, loop["full"])
+    elif loop["method"] == "mvc":
+        method = MvcFinetune(pipe, class_names, loop["mvc"])
+        if world_size > 1:
+            method.distribute(device)
     else:
         tokens = None
         if ti_ref:
