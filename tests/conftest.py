@@ -153,6 +153,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray4():
+    """A local Ray with 4 logical CPUs on 2 cores for one test module: a training step's workers plus Ray Data
+    tasks (the end-to-end recipe tests)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def demo_overrides(toy: Path, models: Path, out: Path) -> list[str]:
     """Overrides for the demo config (configs/aga_tiny_cpu.yaml): this toy dataset, the tiny models, 32 px
     backgrounds in 2 steps, everything named by absolute path."""

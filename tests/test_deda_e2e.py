@@ -18,16 +18,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray4():
-    import ray
-
-    # 4 logical CPUs on 2 cores: the training step's workers plus Ray Data tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def deda_config(toy: Path, models: Path, out: Path, *extra: str) -> GenerateConfig:
     return load_config(
         GenerateConfig,

@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ray4():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def runs(ray4, toy, tiny_models_dir, tmp_path_factory) -> dict:
     from engine.finetune.config import FinetuneConfig
     from engine.pipeline import run_generate

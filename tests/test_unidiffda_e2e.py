@@ -16,16 +16,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray4():
-    import ray
-
-    # 4 logical CPUs on 2 cores: the training step's worker plus Ray Data tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def generate_config(toy: Path, models: Path, out: Path, mode: str, *extra: str) -> GenerateConfig:
     preset = {
         "txt2img": "real_guidance",

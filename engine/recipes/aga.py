@@ -13,13 +13,12 @@ from collections.abc import Collection
 from actors.background import PROMPT_TRIMMED, BackgroundGenerator
 from actors.compositor import COMPOSITE_PARAMS, Compositor
 from actors.prompt_writer import INSTRUCTION, PROMPT_SOURCE, PromptWriter
-from actors.segmenter import DETECT_SCORE, Segmenter
 from actors.template_prompts import TemplatePromptWriter
 from engine import schema
 from engine.config import GenerateConfig, check_class_keys
 from engine.recipes.aga_vllm_prompts import vllm_prompt_stage
-from engine.recipes.opening import opening_stages
-from engine.stages.expand import Expansion, expand_variants
+from engine.recipes.opening import expand_stage, opening_stages, segment_stage
+from engine.stages.expand import Expansion
 from engine.stages.loop import Stage
 
 logger = logging.getLogger(__name__)
@@ -59,26 +58,9 @@ def aga_stages(
         unmapped = tuple(name for name in class_names if name not in seg.superclasses)
         if unmapped:
             warn_fine_grained_prompts(unmapped)
-        stages.append(
-            Stage(
-                "segment",
-                Segmenter,
-                seg.stage,
-                {"config": seg},
-                reads=(schema.IMAGE, schema.CLASS_NAME),
-                writes=(schema.MASK, schema.BBOX, DETECT_SCORE),
-                only_splits=expansion.expand_splits,
-            )
-        )
+        stages.append(segment_stage(seg, expansion))
     # 2. K synthetic rows per real image, each with its own seed.
-    stages.append(
-        Stage(
-            "expand",
-            expand_variants,
-            kwargs={"expansion": expansion, "done_ids": done_ids},
-            reads=(schema.SOURCE_ID, schema.SPLIT),
-        )
-    )
+    stages.append(expand_stage(expansion, done_ids))
     # 3. A background description per synthetic row, free of class words: the same columns from either
     #    backend (transformers actors, or vLLM through ray.data.llm).
     if config.prompt.backend == "vllm":

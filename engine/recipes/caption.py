@@ -15,10 +15,9 @@ import dataclasses
 from collections.abc import Collection
 
 from actors.captioner import caption_stage
-from engine import schema
 from engine.config import GenerateConfig
-from engine.recipes.opening import opening_stages
-from engine.stages.expand import Expansion, expand_variants
+from engine.recipes.opening import expand_stage, opening_stages
+from engine.stages.expand import Expansion
 from engine.stages.loop import Stage
 
 
@@ -36,10 +35,5 @@ def caption_stages(
     return [
         *opening_stages(config, expansion, done_ids),
         caption_stage(config.caption, only_splits=expansion.expand_splits),
-        Stage(
-            "expand",
-            expand_variants,
-            kwargs={"expansion": expansion, "done_ids": done_ids},
-            reads=(schema.SOURCE_ID, schema.SPLIT),
-        ),
+        expand_stage(expansion, done_ids),
     ]

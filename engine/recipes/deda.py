@@ -20,11 +20,10 @@ from collections.abc import Collection
 
 from actors.decoupler import NUM_PARTS, SOURCE_BOX, Decoupler, check_mask_area
 from actors.generator import PARAMS, DiffusionGenerator
-from actors.segmenter import DETECT_SCORE, Segmenter
 from engine import schema
 from engine.config import GenerateConfig, check_class_keys
-from engine.recipes.opening import opening_stages
-from engine.stages.expand import Expansion, expand_variants
+from engine.recipes.opening import expand_stage, opening_stages, segment_stage
+from engine.stages.expand import Expansion
 from engine.stages.loop import Stage
 
 
@@ -70,17 +69,7 @@ def deda_stages(
     expansion = deda_expansion(config, config_hash)
     stages = opening_stages(config, expansion, done_ids, require_masks=seg.use_dataset_masks)
     if not seg.use_dataset_masks:
-        stages.append(
-            Stage(
-                "segment",
-                Segmenter,
-                seg.stage,
-                {"config": seg},
-                reads=(schema.IMAGE, schema.CLASS_NAME),
-                writes=(schema.MASK, schema.BBOX, DETECT_SCORE),
-                only_splits=expansion.expand_splits,
-            )
-        )
+        stages.append(segment_stage(seg, expansion))
     stages += [
         Stage(
             "mask_area",
@@ -89,12 +78,7 @@ def deda_stages(
             reads=(schema.IMAGE,),
             only_splits=expansion.expand_splits,
         ),
-        Stage(
-            "expand",
-            expand_variants,
-            kwargs={"expansion": expansion, "done_ids": done_ids},
-            reads=(schema.SOURCE_ID, schema.SPLIT),
-        ),
+        expand_stage(expansion, done_ids),
         Stage(
             "decouple",
             Decoupler,

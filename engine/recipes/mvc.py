@@ -24,9 +24,9 @@ from actors.mvc_generator import PARAMS, UNMIXED, MvcGenerator
 from engine import schema, storage
 from engine.config import GenerateConfig
 from engine.output.shards import shard_files
-from engine.recipes.opening import opening_stages
+from engine.recipes.opening import expand_stage, opening_stages
 from engine.stages.class_pools import ClassPool, PoolSpec
-from engine.stages.expand import Expansion, expand_variants
+from engine.stages.expand import Expansion
 from engine.stages.loop import Stage
 
 
@@ -104,12 +104,7 @@ def mvc_stages(
     check_caption_classes(captions, class_names, config.mvc.captions)
     return [
         *opening_stages(config, expansion, done_ids),
-        Stage(
-            "expand",
-            expand_variants,
-            kwargs={"expansion": expansion, "done_ids": done_ids},
-            reads=(schema.SOURCE_ID, schema.SPLIT),
-        ),
+        expand_stage(expansion, done_ids),
         Stage(
             "mvc",
             MvcGenerator,

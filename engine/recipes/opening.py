@@ -1,4 +1,5 @@
-"""The recipe opening: the first stages of every recipe, before anything generates.
+"""The recipe opening: the first stages of every recipe, before anything generates, and the stages several
+recipes share (`segment_stage`, `expand_stage`).
 
 skip_done (drop sources whose every output row is already written: a resumed run) -> read_bytes (an image
 folder's files, read only for the sources still owed rows) -> decode (bytes -> validated RGB arrays and
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from engine.config import GenerateConfig
+from actors.segmenter import DETECT_SCORE, Segmenter
+from engine import schema
+from engine.config import GenerateConfig, SegmentConfig
 from engine.readers import FILE_COLUMNS, defers_bytes, read_file_bytes
 from engine.stages.decode import decode_images
-from engine.stages.expand import Expansion, skip_completed_sources
+from engine.stages.expand import Expansion, expand_variants, skip_completed_sources
 from engine.stages.loop import Stage
 
 
@@ -35,3 +38,26 @@ def opening_stages(
     }
     stages.append(Stage("decode", decode_images, kwargs=decode_kwargs))
     return stages
+
+
+def segment_stage(config: SegmentConfig, expansion: Expansion) -> Stage:
+    """GroundingDINO + SAM on the real rows of the expanded splits (their subjects are what gets reused)."""
+    return Stage(
+        "segment",
+        Segmenter,
+        config.stage,
+        {"config": config},
+        reads=(schema.IMAGE, schema.CLASS_NAME),
+        writes=(schema.MASK, schema.BBOX, DETECT_SCORE),
+        only_splits=expansion.expand_splits,
+    )
+
+
+def expand_stage(expansion: Expansion, done_ids: Collection[str]) -> Stage:
+    """Each real row -> its real row and its synthetic rows (engine.stages.expand), minus those written."""
+    return Stage(
+        "expand",
+        expand_variants,
+        kwargs={"expansion": expansion, "done_ids": done_ids},
+        reads=(schema.SOURCE_ID, schema.SPLIT),
+    )

@@ -14,9 +14,9 @@ from collections.abc import Collection
 from actors.generator import PARAMS, DiffusionGenerator
 from engine import schema
 from engine.config import GenerateConfig, check_class_keys
-from engine.recipes.opening import opening_stages
+from engine.recipes.opening import expand_stage, opening_stages
 from engine.stages.class_pools import ClassPool, PoolSpec
-from engine.stages.expand import Expansion, expand_variants
+from engine.stages.expand import Expansion
 from engine.stages.loop import Stage
 
 
@@ -43,12 +43,7 @@ def unidiffda_stages(
     reads = (schema.CLASS_NAME, schema.LABEL, schema.SOURCE_ID, schema.SEED)
     return [
         *opening_stages(config, expansion, done_ids),
-        Stage(
-            "expand",
-            expand_variants,
-            kwargs={"expansion": expansion, "done_ids": done_ids},
-            reads=(schema.SOURCE_ID, schema.SPLIT),
-        ),
+        expand_stage(expansion, done_ids),
         Stage(
             "generate",
             DiffusionGenerator,
