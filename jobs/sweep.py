@@ -293,9 +293,12 @@ def budget_epochs(config: TrainConfig, train_rows: int) -> int:
     from engine.train.data import load_training_data, plan_epochs
 
     data = load_training_data(config.data, seed=config.seed)
-    one_epoch = config.model_copy(update={"epochs": 1})
-    rows_per_epoch = sum(len(rank) for rank in plan_epochs(data, one_epoch)[0])
-    return max(1, round(train_rows / max(rows_per_epoch, 1)))
+    # two_phase's last phase2_epochs train on real rows only: probe one phase-1 epoch before them (a one-epoch
+    # probe would be all phase 2, and the budget would count real rows only).
+    tail = config.mix.phase2_epochs if config.mix.strategy == "two_phase" else 0
+    plan = plan_epochs(data, config.model_copy(update={"epochs": tail + 1}))
+    first, last = (sum(len(rank) for rank in plan[i]) for i in (0, -1))
+    return tail + max(1, round((train_rows - tail * last) / max(first, 1)))
 
 
 def inputs_fingerprint(config: TrainConfig, legacy: bool = False) -> str:

@@ -574,3 +574,24 @@ def test_shots_per_class_above_a_class_size_keeps_all_and_says_so(shards):
         ShardsConfig(paths=[str(shards)], shots_per_class=0)
     with pytest.raises(ValueError, match="training seed"):
         load_training_data(ShardsConfig(paths=[str(shards)], shots_per_class=2))
+
+
+def test_the_sweeps_budget_counts_two_phases_rows(shards):
+    """`train_rows` buys the same number of samples whatever the strategy: two_phase's last epochs train on real
+    rows only, its first ones on real + synthetic (a one-epoch probe once saw only the real phase and gave
+    two_phase 4x the budget)."""
+    from jobs.sweep import budget_epochs
+
+    real, synthetic = 48, 48 * 3
+
+    def epochs(strategy: str) -> int:
+        config = TrainConfig(
+            data={"paths": [str(shards)]},
+            mix={"strategy": strategy, "phase2_epochs": 2},
+            scaling={"num_workers": 1},
+        )
+        return budget_epochs(config, 1920)
+
+    assert epochs("real") == 1920 // real
+    assert epochs("concat") == round(1920 / (real + synthetic))
+    assert epochs("two_phase") == 2 + round((1920 - 2 * real) / (real + synthetic))
