@@ -276,12 +276,25 @@ def test_the_efficacy_sweep_generates_with_the_domain_generator_and_tests_out_of
     config = load_config(SweepConfig, ROOT / "configs" / "bench_efficacy.yaml")
     domain = "./outputs/bench/domain-generator/runs/full-toy/pipeline"
     generations = {v.name: generation_config(config, v.generate) for v in config.variants if v.generate}
+    mvc = {f"mvc-{g}-two-phase" for g in ("pretrained", "finetuned", "both")} | {
+        "mvc-both-concat",
+        "mvc-both-rsp",
+    }
     assert set(generations) == {
-        "real", "aga-k2", "aga-k5", "unidiffda-txt2img", "unidiffda-sdedit", "unidiffda-diff-ii", "unidiffda-diffmix"
+        "real", "aga-k2", "aga-k5", "deda", "deda-edit", "unidiffda-txt2img", "unidiffda-sdedit",
+        "unidiffda-diff-ii", "unidiffda-diffmix", *mvc,
     }  # fmt: skip
     for name, generate in generations.items():
-        model = generate.background.model if generate.background else generate.generation.model
-        assert model.id == domain, name
+        if (
+            generate.recipe == "deda"
+        ):  # the toy's masks cut the subjects; the edit runs on the domain generator
+            assert generate.segment.use_dataset_masks and (name == "deda") == (generate.generation is None)
+            models = [generate.generation.model] if generate.generation else []
+        elif generate.recipe == "mvc":  # the pre-trained share is the domain generator itself
+            models = [generate.mvc.pretrained] if generate.mvc.pretrained else []
+        else:
+            models = [generate.background.model if generate.background else generate.generation.model]
+        assert all(model.id == domain for model in models), name
     assert generations["aga-k5"].prompt.backend == "template" and generations["aga-k5"].num_variants == 5
     assert config.toy_dataset.ood_per_group > 0 and "data.extra_test_splits=[test_ood]" in config.overrides
     (oracle,) = [v for v in config.variants if v.prepare]
