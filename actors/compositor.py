@@ -31,6 +31,7 @@ import numpy as np
 from engine.config import CompositeConfig
 from engine.methods.paste import CompositeRowError, composite_one
 from engine.schema import BACKGROUND, BBOX, ERROR, ERROR_MESSAGE, IMAGE, MASK, SEED, require_columns
+from engine.stages.batch import error_columns
 
 COMPOSITE_PARAMS = "composite_params"
 READS = (IMAGE, MASK, BACKGROUND, SEED)
@@ -65,8 +66,7 @@ class Compositor:
         images, masks = _object_column(batch[IMAGE], n), _object_column(batch[MASK], n)
         bboxes = _bbox_column(batch, n)
         params = np.full(n, "", dtype=object)
-        errors = np.array([str(e or "") for e in batch.get(ERROR, [""] * n)], dtype=object)
-        messages = np.array([str(m or "") for m in batch.get(ERROR_MESSAGE, [""] * n)], dtype=object)
+        errors, messages = error_columns(batch, n)
         for i in range(n):
             if errors[i]:
                 continue

@@ -27,7 +27,7 @@ import numpy as np
 from engine import schema
 from engine.config import DecoupleConfig
 from engine.methods.decouple import fill_subject
-from engine.stages.batch import Batch, object_array
+from engine.stages.batch import Batch, error_columns, object_array
 
 SOURCE_BOX = "source_box"  # working column (lands in params): the CDP's box in its source image, JSON
 PART_OF_VARIANT = {0: schema.PART_WHOLE, 1: schema.PART_CDP, 2: schema.PART_CIP}
@@ -38,22 +38,16 @@ def deda_part(variant: int) -> str:
     return PART_OF_VARIANT.get(variant, schema.PART_CDP_EDITED)
 
 
-def _errors(batch: Batch, n: int) -> tuple[np.ndarray, np.ndarray]:
-    errors = np.array([str(e or "") for e in batch.get(schema.ERROR, [""] * n)], dtype=object)
-    messages = np.array([str(m or "") for m in batch.get(schema.ERROR_MESSAGE, [""] * n)], dtype=object)
-    return errors, messages
-
-
 def check_mask_area(batch: Batch, min_area: float, max_area: float) -> Batch:
     """Fail rows whose subject mask is missing or covers a share of the image outside [min_area, max_area]."""
     n = len(batch[schema.IMAGE])
-    errors, messages = _errors(batch, n)
+    errors, messages = error_columns(batch, n)
     masks = batch.get(schema.MASK, [None] * n)
     for i in range(n):
         if errors[i]:
             continue
         mask = masks[i]
-        if mask is None or not isinstance(mask, np.ndarray):
+        if not isinstance(mask, np.ndarray):  # None, or NaN after Ray's round trip
             errors[i], messages[i] = "no_mask", "no subject mask: an image without a subject has no CDP"
             continue
         area = float(np.count_nonzero(mask > 127)) / mask.size
@@ -86,7 +80,7 @@ class Decoupler:
         bboxes = object_array(list(batch.get(schema.BBOX, [None] * n)))
         parts = np.array([deda_part(int(v)) for v in batch[schema.VARIANT]], dtype=object)
         source_boxes = np.full(n, "", dtype=object)
-        errors, _ = _errors(batch, n)
+        errors, _ = error_columns(batch, n)
         for i in range(n):
             if errors[i] or parts[i] == schema.PART_WHOLE:
                 continue

@@ -25,6 +25,7 @@ from engine.config import MvcConfig
 from engine.methods.mvc_mix import apply_mix, needed, plan_mix
 from engine.models.diffusion import load_pipeline
 from engine.models.references import resolve_device
+from engine.stages.batch import error_columns
 from engine.stages.decode import decode_image
 
 STAGE = "mvc"
@@ -70,6 +71,7 @@ class MvcGenerator:
                     "image-conditioned mode needs 8 (fine-tune it with synthray finetune, method mvc)"
                 )
             self.finetuned.set_progress_bar_config(disable=True)
+            self.null = self.encode([""])  # Eq. 6's null text, the same for every row: encoded once
         if config.pretrained_share > 0:
             self.pretrained = load_pipeline(
                 config.pretrained,
@@ -107,8 +109,7 @@ class MvcGenerator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         schema.require_columns(batch, (schema.CLASS_NAME, schema.SOURCE_ID, schema.SEED), STAGE)
         n = len(batch[schema.SEED])
-        errors = np.array([str(e or "") for e in batch.get(schema.ERROR, [""] * n)], dtype=object)
-        messages = np.array([str(m or "") for m in batch.get(schema.ERROR_MESSAGE, [""] * n)], dtype=object)
+        errors, messages = error_columns(batch, n)
         seeds = [int(s) for s in batch[schema.SEED]]
         plans = [
             self.plan_row(str(c), str(s), seed)
@@ -164,7 +165,7 @@ class MvcGenerator:
             )
             return output.images
         embeds = torch.stack([self.mixed_embedding(plans[i]) for i in rows])
-        null = self.encode([""]).expand_as(embeds)
+        null = self.null.expand_as(embeds)
         conditions = []
         for i in rows:
             data = self.pool.row(plans[i]["partner"])[schema.IMAGE_BYTES]

@@ -287,13 +287,13 @@ def test_steps_train_the_unet_only_and_a_checkpoint_round_trip_takes_the_same_st
 
 
 def test_mvc_config_needs_a_caption_run_and_keeps_mvc_mix_defaults():
-    from engine.methods import mvc_mix
+    from engine.config import mvc as mvc_defaults
 
     config = load_config(FinetuneConfig, CONFIG)
     default = FinetuneConfig(method="mvc", model={"id": "/m"}, data={"format": "shards", "path": "/d"})
     assert (default.mvc.coarse_steps, default.mvc.fine_steps) == (
-        mvc_mix.DEFAULT_COARSE_STEPS,
-        mvc_mix.DEFAULT_FINE_STEPS,
+        mvc_defaults.DEFAULT_COARSE_STEPS,
+        mvc_defaults.DEFAULT_FINE_STEPS,
     )
     assert default.mvc.conditioning_dropout_prob == 0.05 and config.scaling.num_workers == 2
     with pytest.raises(ValueError, match="data.format: shards"):

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from engine.config import DataConfig, ModelRef, RayConfig, Strict
-from engine.methods.mvc_mix import DEFAULT_COARSE_STEPS, DEFAULT_FINE_STEPS
+from engine.config.mvc import DEFAULT_COARSE_STEPS, DEFAULT_FINE_STEPS
 from engine.train.config import ScalingSpec
 
 METHODS = ("textual_inversion", "dreambooth_lora", "full", "mvc")

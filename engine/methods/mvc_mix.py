@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config.mvc import DEFAULT_COARSE_STEPS, DEFAULT_FINE_STEPS  # noqa: F401  (defaults live with the config)
-
 
 @dataclass(frozen=True)
 class MixPlan:

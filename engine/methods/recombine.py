@@ -17,6 +17,7 @@ the CIPs' encoded bytes in the object store (the toy's 400 CIPs: under 1 MB; Ima
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -55,9 +56,14 @@ class CipBank:
     def __len__(self) -> int:
         return len(self.table)
 
+    @cached_property
+    def labels(self) -> np.ndarray:
+        # Once per bank object (a decode task's batch), not once per composite.
+        return self.table[schema.LABEL].to_numpy()
+
     def draw(self, label: int, rng: np.random.Generator) -> int:
         """A CIP of a class other than `label`, uniform over them; -1 when there is none."""
-        others = np.flatnonzero(self.table[schema.LABEL].to_numpy() != label)
+        others = np.flatnonzero(self.labels != label)
         return int(others[rng.integers(len(others))]) if len(others) else -1
 
     def image(self, position: int) -> np.ndarray:

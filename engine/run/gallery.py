@@ -31,22 +31,18 @@ def _kind(row: dict) -> str:
     return part if part and part != schema.PART_WHOLE else row[schema.RECIPE]
 
 
-def _composites(group: list[dict], rows: list[dict]) -> list[bytes]:
-    """PNGs of the group's CDP pasted onto CIPs of other classes, seeded 0, 1, ... (none without CIPs)."""
-    import cv2
-    import numpy as np
+def _cip_bank(rows: list[dict]):
+    """The run's CIPs as the bank training draws from (engine.methods.recombine); None when it has none."""
     import pyarrow as pa
 
-    from engine.config import PasteConfig
-    from engine.methods.recombine import CipBank, compose
+    from engine.methods.recombine import CipBank
 
-    cdp = next((row for row in group if row.get(schema.PART) == schema.PART_CDP), None)
     cips = sorted(
         (row for row in rows if row.get(schema.PART) == schema.PART_CIP), key=lambda r: r[schema.ID]
     )
-    if cdp is None or cdp[schema.MASK] is None or not cips:
-        return []
-    bank = CipBank(
+    if not cips:
+        return None
+    return CipBank(
         pa.table(
             {
                 schema.ID: [row[schema.ID] for row in cips],
@@ -55,6 +51,19 @@ def _composites(group: list[dict], rows: list[dict]) -> list[bytes]:
             }
         )
     )
+
+
+def _composites(group: list[dict], bank) -> list[bytes]:
+    """PNGs of the group's CDP pasted onto CIPs of other classes in `bank`, seeded 0, 1, ... (none without)."""
+    import cv2
+    import numpy as np
+
+    from engine.config import PasteConfig
+    from engine.methods.recombine import compose
+
+    cdp = next((row for row in group if row.get(schema.PART) == schema.PART_CDP), None)
+    if bank is None or cdp is None or cdp[schema.MASK] is None:
+        return []
     image = cv2.cvtColor(
         cv2.imdecode(np.frombuffer(cdp[schema.IMAGE], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
     )
@@ -96,8 +105,10 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
     if not groups:
         return None
 
-    has_cips = any(row.get(schema.PART) == schema.PART_CIP for row in rows)
-    width = max(len(g) for g in groups) + 1 + (NUM_COMPOSITES if has_cips else 0)  # +1: the mask column
+    bank = _cip_bank(rows)  # built once: every class's composites draw from it
+    width = (
+        max(len(g) for g in groups) + 1 + (NUM_COMPOSITES if bank is not None else 0)
+    )  # +1: the mask column
     sheet = Image.new("RGB", (width * THUMB, len(groups) * (THUMB + 14)), "white")
     draw = ImageDraw.Draw(sheet)
     font = label_font()
@@ -108,7 +119,7 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
         tiles = [("real", real[schema.IMAGE], "")]
         tiles.append(("mask", real[schema.MASK], ""))
         tiles += [(_kind(row), row[schema.IMAGE], row[schema.PROMPT] or "") for row in synthetic]
-        tiles += [("composite", image, "") for image in _composites(synthetic, rows)]
+        tiles += [("composite", image, "") for image in _composites(synthetic, bank)]
         y = r * (THUMB + 14)
         draw.text((2, y), real[schema.CLASS_NAME], fill="black", font=font)
         cells = []

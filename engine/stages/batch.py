@@ -31,6 +31,15 @@ def object_array(values: Sequence) -> np.ndarray:
     return out
 
 
+def error_columns(batch: Batch, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Writable copies of the batch's `error` and `error_message` ("" where absent or None), for a stage that
+    marks rows failed."""
+    return tuple(
+        np.array([str(v or "") for v in batch.get(name, [""] * n)], dtype=object)
+        for name in (schema.ERROR, schema.ERROR_MESSAGE)
+    )
+
+
 def take(batch: Batch, index: np.ndarray) -> Batch:
     return {name: column[index] for name, column in batch.items()}
 
