@@ -26,6 +26,8 @@ from jobs.runner import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_ti_tiny_cpu.yaml"
 ADAPTER_OUTPUTS = ("textual_inversion.safetensors", "lora", "pipeline")
+# How long a run is, and how much of it a checkpoint has done (its reported step counts steps taken).
+PLAN = ("max_steps", lambda reported: reported["step"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +60,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
     """One run: rows -> TorchTrainer.fit -> adapter files + finetune.json + loss.png; returns the report."""
     import ray
 
-    from engine.finetune.data import load_training_rows, require_caption_column
+    from engine.finetune.data import load_training_rows, rank_datasets, require_caption_column
     from engine.finetune.textual_inversion import check_tokenizers, placeholder_tokens
     from engine.models.references import check_local_models, resolve_model
 
@@ -68,7 +70,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
     if config.method == "mvc":
         require_caption_column(config.data)
     # 2. Run folder: resume or start over, never mix two configs in one folder.
-    run_dir = prepare_run_dir(config, RESUMABLE_KEYS)
+    run_dir = prepare_run_dir(config, RESUMABLE_KEYS, plan=PLAN)
     # 3. Ray, with the reservation checked before anything waits on it; the real rows, every class usable.
     check_budget(config, init_ray(config.ray))
     data = load_training_rows(config, ray.data)
@@ -81,8 +83,8 @@ def run_finetune(config: FinetuneConfig) -> dict:
     try:
         result = fit(
             finetune_loop_per_worker,
-            loop_config(config, class_names),
-            {"train": data.rows},
+            loop_config(config, class_names, [len(ids) for ids in data.rank_ids]),
+            rank_datasets(data, config.ray.task_num_cpus),
             run_dir=run_dir,
             config=config,
         )
@@ -124,6 +126,9 @@ def run_finetune(config: FinetuneConfig) -> dict:
         "rank_weight_digests": state["rank_weight_digests"],
         "classes": class_names,
         "images_per_class": data.images_per_class,
+        "rows_per_worker": [len(ids) for ids in data.rank_ids],
+        # Each worker draws from a buffer of at most buffer_rows images; a share that fits is read once.
+        "streamed": any(len(ids) > config.buffer_rows for ids in data.rank_ids),
         "skipped_rows": data.skipped,
         "rows_without_caption": data.uncaptioned,
         # MVC pairs each image with another of its class; a class with one image pairs it with itself.

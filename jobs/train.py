@@ -22,6 +22,8 @@ from engine.train.runner import check_budget, fit, init_ray, prepare_run_dir, re
 from jobs.runner import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_toy_cpu.yaml"
+# How long a run is, and how much of it a checkpoint has done (its reported epoch counts from 0).
+PLAN = ("epochs", lambda reported: reported["epoch"] + 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +48,7 @@ def run_training(config: TrainConfig) -> dict:
         print(f"note: {note}", file=sys.stderr)
     plan_summary = summarize_plan(data, plan, config)
     # 2. Run folder: resume or start over, never mix two configs in one folder.
-    run_dir = prepare_run_dir(config)
+    run_dir = prepare_run_dir(config, plan=PLAN)
     # 3. Ray, with the reservation checked before anything waits on it; the lazy per-(epoch, rank) datasets.
     check_budget(config, init_ray(config.ray))
     datasets = build_datasets(data, plan, config)

@@ -178,10 +178,21 @@ def ti_run(toy, tiny_models_dir, tmp_path_factory, ray_local):
 
     out = tmp_path_factory.mktemp("finetune")
     two_workers = ("scaling.num_workers=2", "scaling.resources_per_worker={CPU: 0.5}")
+    # buffer_rows=4, below each worker's share: the rows stream through the buffer (engine.finetune.stream).
     first = run_finetune(
-        job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=6", *two_workers)
+        job_config(
+            "finetune_ti_tiny_cpu.yaml",
+            toy,
+            tiny_models_dir,
+            out,
+            "max_steps=6",
+            "buffer_rows=4",
+            *two_workers,
+        )
     )
-    second = run_finetune(job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=8"))
+    second = run_finetune(
+        job_config("finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, out, "max_steps=8", "buffer_rows=4")
+    )
     return first, second, Path(second["run_dir"])
 
 
@@ -196,6 +207,9 @@ def test_textual_inversion_job_writes_its_outputs(ti_run):
     assert first["steps"] == 6 and first["resumed_from_step"] is None
     assert len(first["loss_history"]) == 6 and first["steps_per_s"] > 0
     assert first["tokens"] == ["<circle>", "<cross>", "<diamond>"]
+    # Every usable row dealt to one of the two workers, and each worker's share streamed.
+    assert sorted(first["rows_per_worker"]) == [6, 6] and first["streamed"]
+    assert sum(first["rows_per_worker"]) == sum(first["images_per_class"].values())
     for name in ("textual_inversion.safetensors", "finetune.json", "loss.png", "train_config.yaml"):
         assert (run_dir / name).exists(), name
 
@@ -206,6 +220,20 @@ def test_rerun_resumes_from_the_last_checkpoint(ti_run):
     assert second["loss_history"][:6] == first["loss_history"]
     assert [s["from_step"] for s in second["segments"]] == [0, 6]
     assert json.loads((run_dir / "finetune.json").read_text())["steps"] == 8
+
+
+def test_a_rerun_with_fewer_steps_than_trained_is_refused(ti_run, toy, tiny_models_dir):
+    from engine.finetune.config import RESUMABLE_KEYS
+    from engine.train.runner import prepare_run_dir
+    from jobs.finetune import PLAN
+
+    _, _, run_dir = ti_run
+    config = job_config(
+        "finetune_ti_tiny_cpu.yaml", toy, tiny_models_dir, run_dir.parent, "max_steps=5", "buffer_rows=4"
+    )
+    assert config.run_dir() == run_dir
+    with pytest.raises(ValueError, match=r"already trained 8 of max_steps, more than max_steps=5"):
+        prepare_run_dir(config, RESUMABLE_KEYS, plan=PLAN)
 
 
 def test_tokens_load_with_load_textual_inversion_and_change_the_image(ti_run, tiny_models_dir):
@@ -491,7 +519,7 @@ def test_subject_crops_from_a_generation_runs_real_rows(toy, tiny_models_dir, tm
     import ray
 
     from engine import schema
-    from engine.finetune.data import PIXELS, decode_for_training, load_training_rows
+    from engine.finetune.data import PIXELS, decode_for_training, load_training_rows, rank_datasets, rank_key
 
     no_mask = "train/circle/circle_0001.png"
     data = write_run_shards(toy, tmp_path / "gen", no_mask={no_mask})
@@ -523,10 +551,16 @@ def test_subject_crops_from_a_generation_runs_real_rows(toy, tiny_models_dir, tm
             }
             crop = decode_for_training(batch, 64, 10**7, 8, subject_only=True)[PIXELS][0]
             expected.add((label, hashlib.sha1(crop.tobytes()).hexdigest()))
-    got = rows.rows.take_batch(100)
+    # Dealt to two workers: each streams its own rows, together every usable row once.
+    two = rows.__class__(**{**rows.__dict__, "rank_ids": [rows.rank_ids[0][0::2], rows.rank_ids[0][1::2]]})
+    datasets = rank_datasets(two, config.ray.task_num_cpus)
+    assert list(datasets) == [rank_key(0), rank_key(1)]
+    got = [ds.take_batch(100) for ds in datasets.values()]
+    assert [len(batch["label"]) for batch in got] == [6, 5]
     assert {
         (int(label), hashlib.sha1(p.tobytes()).hexdigest())
-        for label, p in zip(got["label"], got[PIXELS], strict=True)
+        for batch in got
+        for label, p in zip(batch["label"], batch[PIXELS], strict=True)
     } == expected
 
     # A class whose real rows all lack masks has no usable image: the job's error names it.

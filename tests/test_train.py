@@ -362,7 +362,7 @@ def test_a_killed_run_resumes_to_the_same_model(shards, tmp_path, uninterrupted,
     import ray
 
     from engine.train.runner import prepare_run_dir
-    from jobs.train import main
+    from jobs.train import PLAN, main
 
     # The job as a user runs it (a driver on this module's Ray, as `ray job submit` would run it), SIGKILLed
     # once Ray Train has registered its first checkpoint; then the same command again, which resumes.
@@ -396,6 +396,10 @@ def test_a_killed_run_resumes_to_the_same_model(shards, tmp_path, uninterrupted,
     # Resuming with another sampling rule would mix two runs in one folder.
     with pytest.raises(ValueError, match=r"different \['mix'\]"):
         prepare_run_dir(make_config(shards, tmp_path, *RANDOM_RUN, "mix.replace_prob=0.9"))
+    # `epochs` is resumable, but not below what the folder has trained (both epochs of this run).
+    with pytest.raises(ValueError, match=r"already trained 2 of epochs, more than epochs=1"):
+        prepare_run_dir(make_config(shards, tmp_path, *RANDOM_RUN, "epochs=1"), plan=PLAN)
+    prepare_run_dir(make_config(shards, tmp_path, *RANDOM_RUN, "epochs=3"), plan=PLAN)  # longer: resumes
 
 
 def write_separable_shards(

@@ -228,6 +228,13 @@ class FinetuneConfig(Strict):
         "without a mask are not used (counted in finetune.json `skipped_rows`)",
     )
     max_steps: int = Field(default=1000, ge=1, description="Optimizer steps")
+    buffer_rows: int = Field(
+        default=256,
+        ge=1,
+        description="Decoded images each worker holds to draw micro-batches from, streamed from its share of "
+        "the rows (engine.finetune.stream); a share that fits is read once. Memory per worker: buffer_rows x "
+        "resolution^2 x 3 bytes (256 at 512 px: 200 MB)",
+    )
     batch_size: int = Field(default=4, ge=1, description="Images per worker per micro-batch")
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     scale_lr: bool = Field(

@@ -2,9 +2,17 @@
 run's shards), decoded and cropped to the training resolution, with every class checked to have usable images
 before any worker starts.
 
-Rows of the dataset handed to the workers: `pixels` (resolution x resolution x 3 uint8), `label` (int64),
-`caption` (str: the row's caption from `full.captions_file`, or for `method: mvc` the `caption` column of a
-caption run's shards; "" for none).
+The check reads and decodes every row once. The usable rows are then dealt to the workers round-robin in
+source-id order, and each worker gets a dataset of its own rows (`rank_key(rank)`) that it streams through its
+sample buffer (engine.finetune.stream). A source that fits the workers' buffers (at most `buffer_rows` x
+workers rows: few-shot sets) keeps its decoded rows from the check in the object store, one copy, and each
+worker reads its share from there once. A larger one keeps only each row's id, label, caption and why it is
+not usable; a worker's dataset then reads and decodes its rows again each time it streams an epoch of them,
+and no image is held anywhere between epochs.
+
+Rows of a worker's dataset: `pixels` (resolution x resolution x 3 uint8), `label` (int64), `caption` (str:
+the row's caption from `full.captions_file`, or for `method: mvc` the `caption` column of a caption run's
+shards; "" for none).
 """
 
 from __future__ import annotations
@@ -103,15 +111,16 @@ def decode_for_training(
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         pixels[i] = np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+    ids = batch.get(schema.SOURCE_ID, np.full(n, "", dtype=object))
     if CAPTION in batch:  # a caption run's shards: the row's own caption (null: none)
         row_captions = ["" if is_missing(c) else str(c).strip() for c in batch[CAPTION]]
     else:
-        ids = batch.get(schema.SOURCE_ID, np.full(n, "", dtype=object))
         row_captions = [(captions or {}).get(str(i), "") for i in ids]
     return {
         PIXELS: pixels,
         schema.LABEL: np.asarray(batch[schema.LABEL], dtype=np.int64),
         CAPTION: np.array(row_captions, dtype=object),
+        schema.SOURCE_ID: np.asarray(ids, dtype=object),
         SKIP: skip,
     }
 
@@ -132,11 +141,21 @@ def subject_square(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
 
 @dataclass
 class TrainingRows:
-    rows: object  # materialized Ray Dataset of usable rows: PIXELS, label
+    # The decoded rows from the check, materialized (`decoded`: a source that fits the buffers), else the
+    # source rows, lazy; an image folder's carry paths, not bytes (`deferred`).
+    source: object
+    decoded: bool
+    deferred: bool
+    decode: dict  # decode_for_training's keyword arguments
     class_names: list[str]
     images_per_class: dict[str, int]  # usable rows per class
     skipped: dict[str, int]  # rows not used, by reason (see decode_for_training)
+    rank_ids: list[np.ndarray]  # the usable source ids each worker trains on, sorted
     uncaptioned: int | None = None  # usable rows the captions file had no caption for (None: no file)
+
+
+def rank_key(rank: int) -> str:
+    return f"train_r{rank}"
 
 
 def require_caption_column(data) -> None:
@@ -208,34 +227,39 @@ def _as_source_rows(batch: Batch) -> Batch:
 
 
 def load_training_rows(config, ray_data) -> TrainingRows:
-    """The usable rows, class names, images per class and skipped rows by reason. Raises ValueError naming
-    every class without a usable image (its token or LoRA prompt would never be trained)."""
-    from engine.readers import inspect_source, read_source
+    """The usable rows (checked by decoding each once), class names, images per class, skipped rows by
+    reason, and each worker's share. Raises ValueError naming every class without a usable image (its token
+    or LoRA prompt would never be trained)."""
+    from engine.readers import defers_bytes, inspect_source, read_source
 
     mvc = config.method == "mvc"
     if config.data.format == "shards":
         source, class_names = read_run_shards(
             config.data, ray_data, config.ray.task_num_cpus, with_captions=mvc
         )
+        deferred = False
     else:
         info = inspect_source(config.data)
-        source, class_names = read_source(config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info)
+        deferred = defers_bytes(config.data)
+        source, class_names = read_source(
+            config.data, ray_data, num_cpus=config.ray.task_num_cpus, info=info, with_bytes=not deferred
+        )
     captions = None
     if config.method == "full" and config.full.captions_file:
         captions = read_captions_file(config.full.captions_file, "full.captions_file")
-    decoded = source.map_batches(
-        decode_for_training,
-        fn_kwargs={
-            "resolution": config.resolution,
-            "max_pixels": config.data.max_pixels,
-            "min_side": config.data.min_side,
-            "subject_only": config.subject_only,
-            "captions": captions,
-        },
-        batch_format="numpy",
-        num_cpus=config.ray.task_num_cpus,
+    decode = {
+        "resolution": config.resolution,
+        "max_pixels": config.data.max_pixels,
+        "min_side": config.data.min_side,
+        "subject_only": config.subject_only,
+        "captions": captions,
+    }
+    # A source that fits the workers' buffers keeps its pixels from this pass (one decode in all).
+    held = source_rows_at_most(config, source) <= config.buffer_rows * config.scaling.num_workers
+    checked = _decoded(
+        source, deferred, decode, config.ray.task_num_cpus, _decoded_rows if held else _row_facts
     ).materialize()
-    labels = decoded.select_columns([schema.LABEL, SKIP, CAPTION]).to_pandas()
+    labels = checked.select_columns([schema.SOURCE_ID, schema.LABEL, CAPTION, SKIP]).to_pandas()
     usable = labels[SKIP] == ""
     # Rows without a caption of their own train on the class prompt: counted, as a captioner's misses are.
     uncaptioned = int((labels[usable][CAPTION] == "").sum()) if captions is not None or mvc else None
@@ -256,10 +280,91 @@ def load_training_rows(config, ray_data) -> TrainingRows:
             + (" and has a non-empty mask (subject_only)" if config.subject_only else "")
             + (f"; rows not used: {skipped}" if skipped else "")
         )
-    rows = decoded.map_batches(
-        _usable_rows, batch_format="numpy", num_cpus=config.ray.task_num_cpus
-    ).materialize()
-    return TrainingRows(rows, class_names, per_class, skipped, uncaptioned)
+    ids = np.array(sorted(labels[usable][schema.SOURCE_ID].astype(str)), dtype=object)
+    workers = config.scaling.num_workers
+    if len(ids) < workers:
+        raise ValueError(
+            f"{len(ids)} usable rows for scaling.num_workers={workers}: every worker needs at least one row"
+        )
+    rank_ids = [ids[rank::workers] for rank in range(workers)]
+    return TrainingRows(
+        checked if held else source,
+        held,
+        deferred,
+        decode,
+        class_names,
+        per_class,
+        skipped,
+        rank_ids,
+        uncaptioned,
+    )
+
+
+def source_rows_at_most(config, source) -> int:
+    """An upper bound of the rows the source reads, without reading them: the dataset's listed images, or
+    the rows of a run's shard files (synthetic rows and other splits included)."""
+    import pyarrow.parquet as pq
+
+    from engine.readers import inspect_source
+    from engine.train.sources import find_sources
+
+    if config.data.format == "shards":
+        (found,) = find_sources([config.data.path])
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in found.files)
+    return inspect_source(config.data).num_images
+
+
+def rank_datasets(rows: TrainingRows, num_cpus: float) -> dict:
+    """One lazy dataset per worker (`rank_key`): its rows, read and decoded each time it is iterated."""
+    import ray
+
+    datasets = {}
+    for rank, ids in enumerate(rows.rank_ids):
+        mine = rows.source.map_batches(
+            _keep_ids, fn_kwargs={"ids": ray.put(ids)}, batch_format="pyarrow", num_cpus=num_cpus
+        )
+        if rows.decoded:  # made here, before the workers start: they then only read blocks
+            datasets[rank_key(rank)] = mine.map_batches(
+                _usable_rows, batch_format="numpy", num_cpus=num_cpus
+            ).materialize()
+        else:
+            datasets[rank_key(rank)] = _decoded(mine, rows.deferred, rows.decode, num_cpus, _usable_rows)
+    return datasets
+
+
+def _decoded(source, deferred: bool, decode: dict, num_cpus: float, then):
+    """`source` decoded for training (its bytes read first when `deferred`), then `then` on each batch."""
+    from engine.readers import read_file_bytes
+
+    if deferred:
+        source = source.map_batches(read_file_bytes, batch_format="numpy", num_cpus=num_cpus)
+    return source.map_batches(
+        _decode_then, fn_kwargs={"decode": decode, "then": then}, batch_format="numpy", num_cpus=num_cpus
+    )
+
+
+def _decode_then(batch: Batch, decode: dict, then) -> Batch:
+    return then(decode_for_training(batch, **decode))
+
+
+def _row_facts(batch: Batch) -> Batch:
+    """What the driver's check keeps of a decoded row of a source too large to hold: not its pixels."""
+    return {name: batch[name] for name in (schema.SOURCE_ID, schema.LABEL, CAPTION, SKIP)}
+
+
+def _decoded_rows(batch: Batch) -> Batch:
+    """A decoded row of a source the buffers hold, as it is."""
+    return batch
+
+
+def _keep_ids(batch, ids):
+    """The rows of a pyarrow batch whose source id is in `ids` (a ref to a sorted array)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
+    return batch.filter(pc.is_in(batch[schema.SOURCE_ID], value_set=pa.array(ids, pa.string())))
 
 
 def _usable_rows(batch: Batch) -> Batch:

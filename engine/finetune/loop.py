@@ -5,7 +5,8 @@ checkpointing every N steps.
 
 Every draw of a step (images, flips, templates, VAE sample, noise, timesteps) comes from a generator seeded by
 (seed, step, rank, micro-batch), so a resumed run takes the steps an uninterrupted one would. The loop reads
-one plain dict (`loop_config`) and the `train` dataset (engine.finetune.data rows, all of them on every rank).
+one plain dict (`loop_config`) and its own dataset (`engine.finetune.data.rank_key(rank)`), streamed through a
+bounded buffer the draws sample from (engine.finetune.stream).
 torch and diffusers are imported inside the functions: the driver imports this module without them.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.finetune.config import FinetuneConfig
-from engine.finetune.data import CAPTION, IMAGENET_TEMPLATES_SMALL, PIXELS
+from engine.finetune.data import CAPTION, IMAGENET_TEMPLATES_SMALL, PIXELS, rank_key
 
 STATE_FILE = "state.json"  # step, loss history, timing: the driver reads it from the last checkpoint
 TRAINABLE_FILE = "trainable.safetensors"
@@ -48,8 +49,9 @@ def _absolute(ref) -> dict | None:
     return ref.model_dump(mode="json")
 
 
-def loop_config(config: FinetuneConfig, class_names: list[str]) -> dict:
-    """What each worker needs, as plain values (it crosses process boundaries)."""
+def loop_config(config: FinetuneConfig, class_names: list[str], rank_rows: list[int] | None = None) -> dict:
+    """What each worker needs, as plain values (it crosses process boundaries). `rank_rows`: how many usable
+    rows each worker's dataset holds (engine.finetune.data.TrainingRows.rank_ids)."""
     lora = config.lora.model_dump(mode="json")
     lora["textual_inversion"] = _absolute(config.lora.textual_inversion)
     return {
@@ -60,6 +62,8 @@ def loop_config(config: FinetuneConfig, class_names: list[str]) -> dict:
         "resolution": config.resolution,
         "hflip": config.hflip,
         "max_steps": config.max_steps,
+        "buffer_rows": config.buffer_rows,
+        "rank_rows": rank_rows,
         "batch_size": config.batch_size,
         "accumulation": config.gradient_accumulation_steps,
         "learning_rate": learning_rate(config),
@@ -251,6 +255,7 @@ def finetune_loop_per_worker(loop: dict) -> None:
     from engine.finetune.full import FullFinetune
     from engine.finetune.lora import DreamBoothLora
     from engine.finetune.mvc import MvcFinetune
+    from engine.finetune.stream import SampleBuffer, epoch_shuffle_seed
     from engine.finetune.textual_inversion import TextualInversion
     from engine.models.diffusion import load_pipeline, read_textual_inversion
     from engine.train.loop import _quiet_report_logs
@@ -313,14 +318,26 @@ def finetune_loop_per_worker(loop: dict) -> None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    # 3. This rank's copy of the rows (fine-tuning sets are few-shot: they fit in memory).
-    pixels, labels, captions = [], [], []
-    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy"):
-        pixels.append(batch[PIXELS])
-        labels.append(batch["label"])
-        captions += [str(c) for c in batch[CAPTION]]
-    pixels = torch.from_numpy(np.concatenate(pixels)).permute(0, 3, 1, 2).contiguous()  # N, 3, H, W uint8
-    labels = np.concatenate(labels)
+    # 3. This rank's rows, streamed through a bounded buffer (engine.finetune.stream).
+    shard = ray.train.get_dataset_shard(rank_key(rank))
+    rows = loop["rank_rows"][rank]
+
+    def read_epoch(epoch: int):
+        return shard.iter_batches(
+            batch_size=64,
+            batch_format="numpy",
+            local_shuffle_buffer_size=min(rows, loop["buffer_rows"]),
+            local_shuffle_seed=epoch_shuffle_seed(loop["seed"], rank, epoch),
+        )
+
+    side = loop["resolution"]
+    buffer = SampleBuffer(
+        read_epoch,
+        rows,
+        capacity=loop["buffer_rows"],
+        refresh=loop["batch_size"] * loop["accumulation"],
+        columns=[(PIXELS, np.uint8, (side, side, 3)), ("label", np.int64, ()), (CAPTION, object, ())],
+    )
 
     # 4. Resume.
     start_step, history, segments, resumed_from = 0, [], [], None
@@ -348,16 +365,22 @@ def finetune_loop_per_worker(loop: dict) -> None:
 
     # 5. Steps.
     started = time.perf_counter()
+    if start_step < loop["max_steps"]:
+        buffer.seek(start_step)
+    # N, 3, H, W uint8 view of the buffer: refilled in place, so it needs making only once.
+    pixels = torch.from_numpy(buffer.data[PIXELS]).permute(0, 3, 1, 2)
     for step in range(start_step, loop["max_steps"]):
+        if step > start_step:
+            buffer.advance()
         step_loss, drawn = training_step(
             pipe,
             noise_scheduler,
             method,
             optimizer,
             pixels,
-            labels,
+            buffer.data["label"],
             loop,
-            captions=captions,
+            captions=[str(c) for c in buffer.data[CAPTION]],
             step=step,
             rank=rank,
             device=device,

@@ -6,8 +6,9 @@ image in, another image of its class out.
 
 Each sample of a micro-batch, every draw from the step's seeded generator (engine.finetune.loop), so a resumed
 run draws what an uninterrupted one would:
-1. an image x of class c and another image x' of c, the condition (`draw_pairs`; a class with a single image
-   pairs it with itself, which the job counts);
+1. an image x of class c and another image x' of c, the condition (`draw_pairs`), both from the worker's buffer
+   (engine.finetune.stream: all of its rows when they fit, else the `buffer_rows` most recently streamed); a
+   class with a single image there pairs it with itself (the job counts the classes with one image in all);
 2. the text: a mixed embedding of c's captions (`plan_mix`; only the captions the plan reads go through the
    frozen text encoder; a row without a caption reads as the class prefix alone);
 3. conditioning dropout (`conditioning_dropout`: diffusers' train_instruct_pix2pix scheme);

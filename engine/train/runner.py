@@ -22,12 +22,20 @@ from engine.train.loop import SUMMARY_FILE
 RESUMABLE_KEYS = ("epochs", "output", "ray", "scaling", "checkpoint")
 
 
-def prepare_run_dir(config, resumable_keys: tuple[str, ...] = RESUMABLE_KEYS) -> Path:
+def prepare_run_dir(
+    config,
+    resumable_keys: tuple[str, ...] = RESUMABLE_KEYS,
+    *,
+    plan: tuple[str, Callable[[dict], int]] | None = None,
+) -> Path:
     """Create the run folder, or check that the checkpoints in it are this config's run (same config but for
     `resumable_keys`), since Ray Train resumes from whatever checkpoint the folder holds.
 
     `config` is a pydantic config with `run_dir()` and `output.overwrite` (TrainConfig, or a fine-tuning
-    job's); it is saved as train_config.yaml in the folder.
+    job's); it is saved as train_config.yaml in the folder. `plan`: (the config key that says how long the run
+    is, a function from the latest checkpoint's reported metrics to how much of that the run has done). A
+    resumable length lowered below what the folder already trained is refused: resuming would train past the
+    new end and report a history longer than the config says.
     """
     run_dir = config.run_dir()
     saved = run_dir / "train_config.yaml"
@@ -42,8 +50,27 @@ def prepare_run_dir(config, resumable_keys: tuple[str, ...] = RESUMABLE_KEYS) ->
                 f"{run_dir} holds a run with different {differs}; pick another output.name or set "
                 "output.overwrite=true"
             )
+        if plan is not None:
+            key, done = plan
+            reported = latest_checkpoint_metrics(run_dir)
+            if reported is not None and done(reported) > getattr(config, key):
+                raise ValueError(
+                    f"{run_dir} has already trained {done(reported)} of {key}, more than {key}="
+                    f"{getattr(config, key)}; raise {key}, pick another output.name or set output.overwrite=true"
+                )
     save_resolved(config, saved)
     return run_dir
+
+
+def latest_checkpoint_metrics(run_dir: Path) -> dict | None:
+    """The metrics reported with the checkpoint Ray Train would resume `run_dir` from; None when Ray Train
+    recorded none (a run killed before its first checkpoint was registered)."""
+    from ray.train import Result
+
+    if not (run_dir / "checkpoint_manager_snapshot.json").exists():  # Ray Train's record of the checkpoints
+        return None
+    result = Result.from_path(str(run_dir.resolve()))
+    return result.metrics if result.checkpoint is not None else None
 
 
 def init_ray(config: RayConfig) -> dict[str, float]:
