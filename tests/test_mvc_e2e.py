@@ -114,3 +114,38 @@ def test_training_runs_mvcs_strategies(runs, tmp_path, strategy):
     assert synthetic[0] > 0, metrics["plan"]
     if strategy == "two_phase":
         assert synthetic[1] == 0  # phase 2: real rows only
+
+
+def test_gallery_shows_each_conditioned_row_after_its_condition(runs, tmp_path):
+    import html
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.run.gallery import _thumbnail, write_gallery
+
+    _, out = runs["mvc"]
+    rows = {r[schema.ID]: r for r in pq.read_table(out / "data").to_pylist()}
+    page = Path(write_gallery(out / "data", tmp_path, max_classes=3)).read_text()
+    # Each tile: (its label, the row id it shows, its image file).
+    tiles = [
+        (
+            f.split("<b>")[1].split("</b>")[0],
+            f.split('title="')[1].split('"')[0],
+            f.split('src="')[1].split('"')[0],
+        )
+        for f in page.split("<figure>")[1:]
+    ]
+    labels = [label for label, _, _ in tiles]
+    assert "mvc finetuned" in labels and "mvc pretrained" in labels
+    assert labels.count("condition") == labels.count("mvc finetuned")
+    for i, (label, row_id, _) in enumerate(tiles):
+        if label != "mvc finetuned":
+            continue
+        partner = json.loads(rows[row_id][schema.PARAMS])["mvc"]["partner"]
+        condition_label, condition_id, image = tiles[i - 1]
+        assert condition_label == "condition" and rows[condition_id][schema.SOURCE_ID] == partner
+        assert rows[condition_id][schema.RECIPE] == schema.RECIPE_REAL
+        shown = np.asarray(Image.open(tmp_path / image).convert("RGB"))
+        assert np.array_equal(shown, np.asarray(_thumbnail(rows[condition_id][schema.IMAGE])))
+        assert html.escape(rows[row_id][schema.PROMPT]) in page  # its caption is the tile's text

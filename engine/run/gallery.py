@@ -2,7 +2,8 @@
 
 A De-DA run's variants are its parts, labelled by part (cdp, cip, cdp_edited), followed by two composites
 of the class's CDP on other classes' CIPs, made as training makes them (engine.train.recombine; training
-never stores them, so this is where a user sees them).
+never stores them, so this is where a user sees them). An MVC row from the image-conditioned model follows
+the real image it was conditioned on (tile "condition"), and its caption is its prompt.
 
 Writes `<gallery>/contact_sheet.png` (one row per class) and `<gallery>/index.html` (the same with
 prompts), reading the shards back with pyarrow, as a user would. Both directories may be URIs.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import html
 import io
+import json
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -26,9 +28,23 @@ NUM_COMPOSITES = 2  # per class, on a De-DA run
 
 
 def _kind(row: dict) -> str:
-    """A tile's label: the part of a De-DA row, else its recipe."""
+    """A tile's label: the part of a De-DA row, the model of an MVC row, else its recipe."""
     part = row.get(schema.PART)
-    return part if part and part != schema.PART_WHOLE else row[schema.RECIPE]
+    if part and part != schema.PART_WHOLE:
+        return part
+    if row[schema.RECIPE] == "mvc" and row[schema.PARAMS]:
+        return f"mvc {json.loads(row[schema.PARAMS]).get('mvc', {}).get('source', '')}".strip()
+    return row[schema.RECIPE]
+
+
+def _condition(row: dict, real_rows: dict[str, dict]) -> tuple[str, bytes] | None:
+    """(id, image) of the real row an MVC row from the image-conditioned model was conditioned on (its
+    `partner`), if the shards hold it."""
+    if row[schema.RECIPE] != "mvc" or not row[schema.PARAMS]:
+        return None
+    partner = json.loads(row[schema.PARAMS]).get("mvc", {}).get("partner")
+    real = real_rows.get(partner) if partner else None
+    return (real[schema.ID], real[schema.IMAGE]) if real else None
 
 
 def _cip_bank(rows: list[dict]):
@@ -106,9 +122,10 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
         return None
 
     bank = _cip_bank(rows)  # built once: every class's composites draw from it
-    width = (
-        max(len(g) for g in groups) + 1 + (NUM_COMPOSITES if bank is not None else 0)
-    )  # +1: the mask column
+    real_rows = {r[schema.SOURCE_ID]: r for r in rows if r[schema.RECIPE] == schema.RECIPE_REAL}
+    # +1: the mask column
+    width = max(len(g) + sum(_condition(r, real_rows) is not None for r in g) for g in groups) + 1
+    width += NUM_COMPOSITES if bank is not None else 0
     sheet = Image.new("RGB", (width * THUMB, len(groups) * (THUMB + 14)), "white")
     draw = ImageDraw.Draw(sheet)
     font = label_font()
@@ -116,14 +133,19 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
     for r, group in enumerate(groups):
         real = next(row for row in group if row[schema.RECIPE] == schema.RECIPE_REAL)
         synthetic = [row for row in group if row is not real]
-        tiles = [("real", real[schema.IMAGE], "")]
-        tiles.append(("mask", real[schema.MASK], ""))
-        tiles += [(_kind(row), row[schema.IMAGE], row[schema.PROMPT] or "") for row in synthetic]
-        tiles += [("composite", image, "") for image in _composites(synthetic, bank)]
+        # (label, image bytes, prompt, the row id the tile shows: a hover title to find it in the shards)
+        tiles = [("real", real[schema.IMAGE], "", real[schema.ID])]
+        tiles.append(("mask", real[schema.MASK], "", real[schema.ID]))
+        for row in synthetic:
+            condition = _condition(row, real_rows)
+            if condition is not None:
+                tiles.append(("condition", condition[1], "", condition[0]))
+            tiles.append((_kind(row), row[schema.IMAGE], row[schema.PROMPT] or "", row[schema.ID]))
+        tiles += [("composite", image, "", "") for image in _composites(synthetic, bank)]
         y = r * (THUMB + 14)
         draw.text((2, y), real[schema.CLASS_NAME], fill="black", font=font)
         cells = []
-        for c, (kind, data, prompt) in enumerate(tiles):
+        for c, (kind, data, prompt, row_id) in enumerate(tiles):
             if data is None:
                 continue
             thumb = _thumbnail(data)
@@ -131,7 +153,7 @@ def write_gallery(data_dir: str | Path, gallery_dir: str | Path, max_classes: in
             name = f"{r:03d}_{c:02d}.png"  # never a class name: output paths stay inside the gallery
             storage.write_bytes(storage.join(gallery_dir, "img", name), _png(thumb))
             cells.append(
-                f'<figure><img src="img/{name}" width="{THUMB}"><figcaption><b>{kind}</b> '
+                f'<figure><img src="img/{name}" width="{THUMB}" title="{html.escape(row_id)}"><figcaption><b>{kind}</b> '
                 f"{html.escape(prompt)}</figcaption></figure>"
             )
         sections.append(
