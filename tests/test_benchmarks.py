@@ -224,3 +224,40 @@ def test_domain_generator_judges_rank_a_right_image_above_a_wrong_one(tmp_path):
         scores = background(to_tensor(image[None]))[0]
     assert scores[backgrounds.index("sand")] > scores[backgrounds.index("grass")]
     assert classes == ["circle", "cross", "diamond", "hexagon"]
+
+
+def test_test_durations_table_sums_each_module_and_compares_two_runs(tmp_path):
+    from benchmarks.test_durations import main, module_times, table
+
+    def junit(path, cases):
+        body = "".join(
+            f'<testcase classname="tests.{module}" name="{name}" time="{seconds}"/>'
+            for module, name, seconds in cases
+        )
+        path.write_text(
+            f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
+        )
+        return str(path)
+
+    before = junit(
+        tmp_path / "before.xml",
+        [("test_a", "test_x", 10.0), ("test_a", "test_y", 5.5), ("test_b", "test_z", 2.0)],
+    )
+    after = junit(
+        tmp_path / "after.xml",
+        [
+            ("test_a", "test_x", 4.0),
+            ("test_a", "test_y", 1.0),
+            ("test_b", "test_z", 2.5),
+            ("test_b", "test_w", 3.0),
+        ],
+    )
+    times = module_times(before)
+    assert times["tests/test_a.py"] == {"tests": 2, "seconds": 15.5, "slowest": (10.0, "test_x")}
+    lines = table(module_times(after), times).splitlines()
+    assert lines[2].startswith(
+        "| tests/test_b.py | 1 | 2 | 2 | 6 | +4 | test_w (3) |"
+    )  # slowest module first
+    assert lines[3].startswith("| tests/test_a.py | 2 | 16 | 2 | 5 | -10 |")
+    assert lines[-1] == "| **total** | 3 | 18 | 4 | 10 | -7 | |"
+    assert main([after]) == 0
