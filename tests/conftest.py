@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -72,9 +73,31 @@ OWN_PROCESS_ENV = "SYNTHRAY_OWN_PROCESS"
 IN_OWN_PROCESS = os.environ.get(OWN_PROCESS_ENV) == "1"
 
 
+# The fixtures of the shared local Ray (below). A test on it is `slow`: `make test-fast` is the pure-Python and
+# single-stage loop, and most of such a test's time is Ray's start-up and its workers importing torch, not
+# the test (measured: these tests were 8.5 of the fast loop's 9.8 minutes).
+SHARED_RAY_FIXTURES = {"ray_local", "ray4", "local_ray"}
+
+
+SHARED_RAY_MODULES = pytest.StashKey[set]()
+
+
+def on_shared_ray(item: pytest.Item) -> bool:
+    return bool(SHARED_RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """The child runs the test under the marker's timeout; here, the parent waits for up to two children."""
+    """Tests on the shared Ray are marked slow, and their modules run after all the others, in one stretch,
+    so the shared Ray starts once (a module in between that needs no Ray or one of its own stops it); the
+    order within each group is pytest's. The child of an own_process test runs it under the marker's timeout;
+    here, the parent waits for up to two children."""
+    shared_modules = {item.module.__name__ for item in items if on_shared_ray(item)}
+    config.stash[SHARED_RAY_MODULES] = shared_modules
+    items.sort(key=lambda item: item.module.__name__ in shared_modules)  # stable: pytest's order otherwise
     for item in items:
+        if on_shared_ray(item):
+            item.add_marker(pytest.mark.slow)
         marker = item.get_closest_marker("own_process")
         if marker is not None:
             timeout = marker.kwargs["timeout"]
@@ -122,6 +145,18 @@ def pytest_pyfunc_call(pyfuncitem):
     pytest.fail("\n\n".join(crashes), pytrace=False)
 
 
+# `SYNTHRAY_TEST_PHASES=<file>`: every test's setup, call and teardown seconds, one JSON line each, for
+# `python -m benchmarks.test_durations` (JUnit XML has only their sum, which hides a module fixture's cost).
+PHASES_ENV = "SYNTHRAY_TEST_PHASES"
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get(PHASES_ENV)
+    if path and not IN_OWN_PROCESS:
+        with open(path, "a") as out:
+            out.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "s": report.duration}) + "\n")
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir() -> Path:
     """The offline tiny models, built once into the repo's cache (the same place `make demo` uses)."""
@@ -143,25 +178,59 @@ def toy(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray (2 CPUs, no dashboard, offline hub clients on the workers) for one test module."""
+# One local Ray for every test module on `ray_local`, `ray4` or test_train's `local_ray`: started by the first
+# such module and kept for the next, since a start costs about 5 s and each module's first tasks would import
+# torch again in fresh workers. 4 logical CPUs on 2 cores, so a training step's workers and Ray Data's tasks
+# schedule without waiting on each other; workers see HF_HUB_OFFLINE. Any other module stops it first
+# (`_no_shared_ray_under_other_modules`): it may start a Ray of its own (other CPUs, env vars, a cluster, a
+# job in a subprocess), and the README walkthrough needs the ports an idle local Ray holds (its dashboard
+# agent's 52365). The collection hook above runs the shared Ray's modules together, after the others.
+SHARED_RAY = {"num_cpus": 4, "include_dashboard": False, "log_to_driver": False}
+_shared = {"up": False}
+
+
+def shared_ray() -> None:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    if _shared["up"] and ray.is_initialized():
+        return
+    if ray.is_initialized():  # a Ray an earlier module's job left running
+        ray.shutdown()
+    ray.init(**SHARED_RAY, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    _shared["up"] = True
+
+
+def release_shared_ray() -> None:
+    if _shared["up"]:
+        import ray
+
+        _shared["up"] = False
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_shared_ray_under_other_modules(request):
+    if request.module.__name__ not in request.config.stash.get(SHARED_RAY_MODULES, set()):
+        release_shared_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_ends_with_the_session():
     yield
-    ray.shutdown()
+    release_shared_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """The shared local Ray (above) for a test module."""
+    shared_ray()
 
 
 @pytest.fixture(scope="module")
 def ray4():
-    """A local Ray with 4 logical CPUs on 2 cores for one test module: a training step's workers plus Ray Data
-    tasks (the end-to-end recipe tests)."""
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """The shared local Ray (above): its 4 logical CPUs fit a training step's workers plus Ray Data tasks (the
+    end-to-end recipe tests)."""
+    shared_ray()
 
 
 def demo_overrides(toy: Path, models: Path, out: Path) -> list[str]:

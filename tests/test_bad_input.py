@@ -71,15 +71,6 @@ def build_corpus(root):
     return good, bad
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def run_job(root, out, tiny, max_error_fraction):
     from jobs import generate
 

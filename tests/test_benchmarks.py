@@ -203,6 +203,7 @@ def test_domain_generator_data_pairs_each_image_with_its_filled_background(tmp_p
         )
 
 
+@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
 def test_domain_generator_judges_rank_a_right_image_above_a_wrong_one(tmp_path):
     """The fidelity scorer: judges trained briefly on real toy images read held-out ones far above chance
     (25%), and a constructed image of the prompt's class and background is scored right."""
@@ -239,25 +240,43 @@ def test_test_durations_table_sums_each_module_and_compares_two_runs(tmp_path):
         )
         return str(path)
 
+    def phases(path, cases):  # what tests/conftest.py writes under SYNTHRAY_TEST_PHASES
+        lines = [
+            json.dumps({"nodeid": f"tests/{module}.py::{name}", "when": when, "s": seconds})
+            for module, name, when, seconds in cases
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
     before = junit(
         tmp_path / "before.xml",
         [("test_a", "test_x", 10.0), ("test_a", "test_y", 5.5), ("test_b", "test_z", 2.0)],
     )
-    after = junit(
-        tmp_path / "after.xml",
+    after = phases(
+        tmp_path / "after.jsonl",
         [
-            ("test_a", "test_x", 4.0),
-            ("test_a", "test_y", 1.0),
-            ("test_b", "test_z", 2.5),
-            ("test_b", "test_w", 3.0),
+            ("test_a", "test_x", "setup", 3.0),
+            ("test_a", "test_x", "call", 1.0),
+            ("test_a", "test_y", "call", 1.0),
+            ("test_b", "test_z", "call", 2.5),
+            ("test_b", "test_w", "setup", 0.5),
+            ("test_b", "test_w", "call", 2.0),
+            ("test_b", "test_w", "teardown", 0.5),
         ],
     )
     times = module_times(before)
-    assert times["tests/test_a.py"] == {"tests": 2, "seconds": 15.5, "slowest": (10.0, "test_x")}
-    lines = table(module_times(after), times).splitlines()
+    assert times["tests/test_a.py"] == {
+        "tests": 2, "seconds": 15.5, "setup": None, "call": None, "slowest": (10.0, "test_x")
+    }  # fmt: skip
+    split = module_times(after)
+    assert split["tests/test_b.py"] == {
+        "tests": 2, "seconds": 5.5, "setup": 0.5, "call": 4.5, "slowest": (3.0, "test_w")
+    }  # fmt: skip
+    lines = table(split, times).splitlines()
     assert lines[2].startswith(
-        "| tests/test_b.py | 1 | 2 | 2 | 6 | +4 | test_w (3) |"
-    )  # slowest module first
-    assert lines[3].startswith("| tests/test_a.py | 2 | 16 | 2 | 5 | -10 |")
-    assert lines[-1] == "| **total** | 3 | 18 | 4 | 10 | -7 | |"
+        "| tests/test_b.py | 1 | 2 | 2 | 6 | 0 | 4 | +4 | test_w (3) |"
+    )  # slowest first
+    assert lines[3].startswith("| tests/test_a.py | 2 | 16 | 2 | 5 | 3 | 2 | -10 |")
+    assert lines[-1] == "| **total** | 3 | 18 | 4 | 10 | 4 | 6 | -7 | |"
+    assert table(times).splitlines()[-1] == "| **total** | 3 | 18 |  |  | |"
     assert main([after]) == 0

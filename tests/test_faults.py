@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_of_its_own():
     import ray
 
     # Workers import this module to rebuild DiesOnBatch. 3 logical CPUs: the exhausted-restarts test leaves its
@@ -56,7 +56,7 @@ def source(n: int):
     return ray.data.from_items(rows, override_num_blocks=8)
 
 
-def test_actor_death_loses_and_duplicates_nothing(ray_local, tmp_path):
+def test_actor_death_loses_and_duplicates_nothing(ray_of_its_own, tmp_path):
     marker = tmp_path / "died"
     spec = StageSpec(batch_size=4, concurrency=1, num_cpus=0.5, max_restarts=2, max_task_retries=2)
     stage = Stage("fragile", DiesOnBatch, spec, {"marker": str(marker), "die_on_batch": 3})
@@ -68,7 +68,7 @@ def test_actor_death_loses_and_duplicates_nothing(ray_local, tmp_path):
     assert len({r["seen_by"] for r in rows}) == 2, "a restarted actor (new process) finished the work"
 
 
-def test_exhausted_restarts_fail_naming_the_stage(ray_local, tmp_path):
+def test_exhausted_restarts_fail_naming_the_stage(ray_of_its_own, tmp_path):
     spec = StageSpec(batch_size=4, concurrency=1, num_cpus=0.5, max_restarts=1, max_task_retries=1)
     stage = Stage(
         "doomed_stage", DiesOnBatch, spec, {"marker": str(tmp_path / "m"), "die_on_batch": 1, "always": True}
@@ -107,7 +107,7 @@ def run_with_fragile_stage(monkeypatch, toy, models, out, *extra: str, **fragile
 
 
 def test_a_run_that_loses_an_actor_starts_over_from_its_shards(
-    ray_local, toy, tiny_models_dir, tmp_path, monkeypatch
+    ray_of_its_own, toy, tiny_models_dir, tmp_path, monkeypatch
 ):
     marker = tmp_path / "died"
     report = run_with_fragile_stage(
@@ -123,7 +123,7 @@ def test_a_run_that_loses_an_actor_starts_over_from_its_shards(
 
 
 def test_a_run_gives_up_after_its_attempts_naming_the_stage(
-    ray_local, toy, tiny_models_dir, tmp_path, monkeypatch
+    ray_of_its_own, toy, tiny_models_dir, tmp_path, monkeypatch
 ):
     with pytest.raises(RunFailed, match=r"stage fragile: .* each of 2 attempts"):
         run_with_fragile_stage(
@@ -138,7 +138,7 @@ def test_a_run_gives_up_after_its_attempts_naming_the_stage(
         )
 
 
-def test_a_pool_that_can_never_start_fails_instead_of_hanging(ray_local, toy, tiny_models_dir, tmp_path):
+def test_a_pool_that_can_never_start_fails_instead_of_hanging(ray_of_its_own, toy, tiny_models_dir, tmp_path):
     """The background pool asks for a resource no node has (say its GPU nodes were lost, on a cluster where
     the up-front check is off for autoscaling): the run fails naming the stage, after the timeout."""
     from ray.data.exceptions import ExecutionTimeoutError

@@ -19,6 +19,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from tests.test_finetune import write_run_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +93,7 @@ def kill_job(job: subprocess.Popen, timeout_s: float = 60) -> None:
     raise AssertionError(f"processes of the killed job still run: {left}")
 
 
+@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
 def test_killed_job_resumes_from_its_last_recorded_checkpoint(toy, tiny_models_dir, tmp_path):
     data = write_run_shards(toy, tmp_path / "gen", no_mask={NO_MASK})
     out = tmp_path / "out"

@@ -38,13 +38,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # 4 logical CPUs on 2 cores: two workers plus Ray Data tasks schedule without waiting on each other.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(ray4):
+    """The shared local Ray (tests/conftest.py): 4 logical CPUs, two workers plus Ray Data tasks."""
 
 
 def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
