@@ -152,7 +152,8 @@ PHASES_ENV = "SYNTHRAY_TEST_PHASES"
 
 def pytest_runtest_logreport(report):
     path = os.environ.get(PHASES_ENV)
-    if path and not IN_OWN_PROCESS:
+    # Not from a child pytest: an own_process test's (its parent records it) or a test's own test session.
+    if path and not IN_OWN_PROCESS and report.nodeid.startswith("tests/"):
         with open(path, "a") as out:
             out.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "s": report.duration}) + "\n")
 
