@@ -43,9 +43,10 @@ demo: $(STAMP)
 
 # `make test`: the main suite (markers `not gpu and not vllm`, from pyproject.toml) and, beside it, the vLLM
 # suite in its own env (make runs the two targets in parallel: MAKEFLAGS above). Each starts as soon as its
-# own environment is installed. The main suite leaves about 18% of the 2 cores idle (measured from
-# /proc/stat on a fresh clone), which the vLLM suite's few minutes fill. Its output goes to a log, printed
-# when it ends, so the main suite's progress stays readable; either failing fails `make test`.
+# own environment is installed. Measured from a fresh clone: 35.5 min in all against about 45 one after the
+# other; the main suite's first modules run slower beside it (benchmarks/results/test_time.md). Its output
+# goes to a log, printed when it ends, so the main suite's progress stays readable; either failing fails
+# `make test`.
 # --durations: the slowest tests in every log, where the time budget is won or lost.
 test: test-main test-vllm
 

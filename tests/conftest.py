@@ -92,12 +92,13 @@ def pytest_collection_modifyitems(config, items):
     so the shared Ray starts once (a module in between that needs no Ray or one of its own stops it); the
     order within each group is pytest's. The child of an own_process test runs it under the marker's timeout;
     here, the parent waits for up to two children."""
-    shared_modules = {item.module.__name__ for item in items if on_shared_ray(item)}
+    on_shared = [item for item in items if on_shared_ray(item)]
+    for item in on_shared:
+        item.add_marker(pytest.mark.slow)
+    shared_modules = {item.module.__name__ for item in on_shared}
     config.stash[SHARED_RAY_MODULES] = shared_modules
     items.sort(key=lambda item: item.module.__name__ in shared_modules)  # stable: pytest's order otherwise
     for item in items:
-        if on_shared_ray(item):
-            item.add_marker(pytest.mark.slow)
         marker = item.get_closest_marker("own_process")
         if marker is not None:
             timeout = marker.kwargs["timeout"]

@@ -203,7 +203,7 @@ def test_domain_generator_data_pairs_each_image_with_its_filled_background(tmp_p
         )
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_domain_generator_judges_rank_a_right_image_above_a_wrong_one(tmp_path):
     """The fidelity scorer: judges trained briefly on real toy images read held-out ones far above chance
     (25%), and a constructed image of the prompt's class and background is scored right."""

@@ -386,7 +386,7 @@ def mvc_run(toy, tiny_models_dir, tmp_path_factory):
     return step, killed_state, rerun, run_dir
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_killed_run_resumes_at_the_recorded_step(mvc_run):
     step, killed_state, rerun, run_dir = mvc_run
     report = json.loads((run_dir / "finetune.json").read_text())
@@ -398,7 +398,7 @@ def test_killed_run_resumes_at_the_recorded_step(mvc_run):
     assert logged and logged[0] == step + 1 and logged[-1] == MAX_STEPS, logged
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_both_workers_end_with_identical_weights_and_the_report_counts(mvc_run):
     _, killed_state, _, run_dir = mvc_run
     report = json.loads((run_dir / "finetune.json").read_text())
@@ -410,7 +410,7 @@ def test_both_workers_end_with_identical_weights_and_the_report_counts(mvc_run):
     assert report["outputs"] == ["pipeline"] and report["method"] == "mvc"
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_pipeline_folder_is_an_instruct_pix2pix_pipeline_that_generates(mvc_run, toy, tiny_models_dir):
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline

@@ -93,7 +93,7 @@ def kill_job(job: subprocess.Popen, timeout_s: float = 60) -> None:
     raise AssertionError(f"processes of the killed job still run: {left}")
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_killed_job_resumes_from_its_last_recorded_checkpoint(toy, tiny_models_dir, tmp_path):
     data = write_run_shards(toy, tmp_path / "gen", no_mask={NO_MASK})
     out = tmp_path / "out"

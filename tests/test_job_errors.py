@@ -57,7 +57,7 @@ def test_user_error_is_one_line_exit_2_before_ray_and_nothing_written(
     assert not out.exists(), "nothing may be written on a user error"
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_stage_that_cannot_load_fails_once_naming_the_stage(toy, tiny_models_dir, tmp_path):
     """background.height=60 is refused by the SDXL actor's constructor (not a multiple of the VAE's 8): the
     run ends at the first attempt with that message, not as 'Ray workers were lost' after 3 attempts."""
@@ -70,7 +70,7 @@ def test_stage_that_cannot_load_fails_once_naming_the_stage(toy, tiny_models_dir
     assert "lost Ray workers" not in result.stderr
 
 
-@pytest.mark.slow  # a job on Ray: see RAY_CLUSTER_FIXTURES in conftest
+@pytest.mark.slow  # a job on a Ray of its own: slow as the shared Ray's tests are (SHARED_RAY_FIXTURES, conftest)
 def test_run_over_max_error_fraction_exits_1_and_a_missing_split_is_a_note(toy, tiny_models_dir, tmp_path):
     """The run itself went (exit 1, not 2): every row is missing its required dataset mask. The split with no
     folder is skipped with a note, not an error (one job for both: each costs a job's start-up)."""
